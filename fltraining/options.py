@@ -1,0 +1,68 @@
+"""Rules for the free-form `options` object of a training."""
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+
+FORBIDDEN_KEY_HINT = "keys may not start with '$' or contain '.' or NUL"
+
+
+class UncertaintyOptions(BaseModel):
+    """The typed `options.uncertainty` object."""
+
+    model_config = ConfigDict(extra="allow")
+
+    N: StrictInt = Field(default=10, ge=1)
+    softmax: StrictBool = False
+
+
+class TrainingOptions(BaseModel):
+    """Training options: known keys are typed, any other JSON key is kept as sent."""
+
+    model_config = ConfigDict(extra="allow")
+
+    daisy_chain_period: StrictInt | None = Field(default=None, ge=0)
+    uncertainty: UncertaintyOptions | None = None
+    skip_model_tests: StrictBool | None = None
+
+    def as_stored(self) -> dict[str, Any]:
+        """Return the object exactly as the client sent it (unset known keys stay absent)."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+def is_forbidden_key(key: str) -> bool:
+    """Whether a key would be read by MongoDB as an operator or a path."""
+    return key.startswith("$") or "." in key or "\x00" in key
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def find_value_problems(
+    value: Any, max_depth: int, path: tuple[str | int, ...] = ()
+) -> list[dict[str, Any]]:
+    """List forbidden keys, over-deep nesting and integers BSON cannot hold in a JSON value."""
+    problems: list[dict[str, Any]] = []
+    depth = len(path) + 1
+    if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
+        return [{"loc": list(path), "msg": "integer does not fit in 64 bits", "type": "int_range"}]
+    if isinstance(value, dict):
+        if depth > max_depth:
+            return [{"loc": list(path), "msg": f"nesting deeper than {max_depth} levels", "type": "too_deep"}]
+        for key, item in value.items():
+            if is_forbidden_key(key):
+                problems.append({"loc": [*path, key], "msg": f"forbidden key: {FORBIDDEN_KEY_HINT}", "type": "forbidden_key"})
+            problems.extend(find_value_problems(item, max_depth, (*path, key)))
+    elif isinstance(value, list):
+        if depth > max_depth:
+            return [{"loc": list(path), "msg": f"nesting deeper than {max_depth} levels", "type": "too_deep"}]
+        for index, item in enumerate(value):
+            problems.extend(find_value_problems(item, max_depth, (*path, index)))
+    return problems
+
+
+def daisy_chained_target(requested: int, period: int | None) -> int:
+    """The seed's post_save rule: the target counts daisy-chain sub-rounds when period > 0."""
+    if period is not None and period > 0:
+        return requested * period
+    return requested

@@ -1,0 +1,1 @@
+"""Wire schemas: one family (create / patch / public) per resource."""

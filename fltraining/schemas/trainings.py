@@ -1,0 +1,94 @@
+"""Training schemas."""
+
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import Field, StrictInt, StrictStr
+
+from fltraining.schemas.common import PublicModel, RequestModel, UtcDatetime
+from fltraining.states import AggregationMethod, TrainingState, UncertaintyMethod
+
+MAX_TARGET = 1_000_000
+MAX_CLIENTS_PER_REQUEST = 1_000
+
+TargetNumUpdates = Annotated[StrictInt, Field(ge=1, le=MAX_TARGET)]
+MetricNames = Annotated[
+    list[Annotated[StrictStr, Field(min_length=1, max_length=64)]], Field(max_length=100)
+]
+ClientIds = Annotated[list[UUID], Field(max_length=MAX_CLIENTS_PER_REQUEST)]
+Options = dict[str, Any]
+
+
+class TrainingCreate(RequestModel):
+    """Body of POST /api/trainings/."""
+
+    model_id: UUID
+    target_num_updates: TargetNumUpdates
+    metric_names: MetricNames = Field(default_factory=list)
+    aggregation_method: AggregationMethod = AggregationMethod.FED_AVG
+    uncertainty_method: UncertaintyMethod = UncertaintyMethod.NONE
+    options: Options = Field(default_factory=dict)
+    clients: ClientIds = Field(default_factory=list)
+
+
+class TrainingPatch(RequestModel):
+    """Body of PATCH /api/trainings/{id}/; `options` replaces the whole object."""
+
+    target_num_updates: TargetNumUpdates | None = None
+    metric_names: MetricNames | None = None
+    aggregation_method: AggregationMethod | None = None
+    uncertainty_method: UncertaintyMethod | None = None
+    options: Options | None = None
+
+
+class ClientsBody(RequestModel):
+    """Body of PUT/DELETE /api/trainings/{id}/clients/."""
+
+    clients: ClientIds
+
+
+class TrainingPublic(PublicModel):
+    """A training as clients see it."""
+
+    id: UUID
+    model: UUID
+    actor: UUID
+    participants: list[UUID]
+    state: TrainingState
+    target_num_updates: int
+    last_update: UtcDatetime
+    created_at: UtcDatetime
+    uncertainty_method: UncertaintyMethod
+    aggregation_method: AggregationMethod
+    options: dict[str, Any]
+    metric_names: list[str]
+    locked: bool
+    state_detail: dict[str, Any] | None
+
+
+class TrainingDetail(TrainingPublic):
+    """GET /api/trainings/{id}/: the training plus the current round's upload count."""
+
+    local_models_arrived: int
+    local_models_expected: int
+
+
+class TrainingCreated(PublicModel):
+    """Answer to POST /api/trainings/."""
+
+    detail: str = "Training created successfully!"
+    training_id: UUID
+
+
+Ordering = Literal["last_update", "-last_update", "created_at", "-created_at"]
+
+
+class TrainingListQuery(RequestModel):
+    """Query of the training lists."""
+
+    state: list[TrainingState] | None = None
+    aggregation_method: AggregationMethod | None = None
+    uncertainty_method: UncertaintyMethod | None = None
+    limit: int = Field(default=100, ge=1, le=1000)
+    offset: int = Field(default=0, ge=0, le=10_000_000)
+    ordering: Ordering = "-last_update"

@@ -1,0 +1,58 @@
+"""User schemas."""
+
+from uuid import UUID
+
+from pydantic import AnyHttpUrl, Field, StrictBool, StrictStr, field_validator
+
+from fltraining.schemas.common import PublicModel, RequestModel, UtcDatetime
+
+USERNAME_PATTERN = r"^[\w.@+-]+$"
+
+
+class UserCreate(RequestModel):
+    """Registration body."""
+
+    username: StrictStr = Field(min_length=1, max_length=150, pattern=USERNAME_PATTERN)
+    password: StrictStr = Field(min_length=8, max_length=1024)
+    email: StrictStr = Field(default="", max_length=254)
+    first_name: StrictStr = Field(default="", max_length=150)
+    last_name: StrictStr = Field(default="", max_length=150)
+    actor: StrictBool = False
+    client: StrictBool = False
+    message_endpoint: AnyHttpUrl | None = None
+
+    @field_validator("username")
+    @classmethod
+    def ascii_username(cls, value: str) -> str:
+        """Usernames are ASCII letters, digits and @.+-_ (as Django's default validator)."""
+        if not value.isascii():
+            raise ValueError("username may contain only ASCII letters, digits and @.+-_")
+        return value
+
+    @field_validator("password")
+    @classmethod
+    def no_nul(cls, value: str) -> str:
+        """Reject NUL characters, which some hashers truncate at."""
+        if "\x00" in value:
+            raise ValueError("password may not contain NUL")
+        return value
+
+
+class UserPublic(PublicModel):
+    """What anyone authenticated may see of a user."""
+
+    id: UUID
+    username: str
+    email: str
+    first_name: str
+    last_name: str
+    actor: bool
+    client: bool
+    message_endpoint: str | None
+    created_at: UtcDatetime
+
+
+class UserRegistered(UserPublic):
+    """The registration answer: the only place the token is ever shown."""
+
+    token: str

@@ -1,0 +1,1 @@
+"""Domain services: every rule of users, models and trainings, independent of HTTP."""

@@ -1,0 +1,98 @@
+"""Models: upload, access rules, download, cloning and deletion."""
+
+from collections.abc import AsyncIterator
+from uuid import UUID, uuid4
+
+from fltraining.documents import Model, Training, User
+from fltraining.errors import NotFound, PermissionDenied
+from fltraining.schemas.models import ModelCreate
+from fltraining.storage.files import ModelFiles, StoredFile
+
+
+class ModelService:
+    """Every model rule; bytes go through GridFS, metadata through the `models` collection."""
+
+    def __init__(self, files: ModelFiles, max_model_bytes: int) -> None:
+        self._files = files
+        self._max_bytes = max_model_bytes
+
+    async def store_file(self, chunks: AsyncIterator[bytes]) -> StoredFile:
+        """Stream an uploaded file into GridFS (413 past the size limit)."""
+        return await self._files.store(chunks, self._max_bytes, "model.pt")
+
+    async def discard_file(self, stored: StoredFile) -> None:
+        """Remove a stored file whose upload was rejected."""
+        await self._files.delete(stored.file_id)
+
+    async def create(self, owner: User, data: ModelCreate, stored: StoredFile) -> Model:
+        """Record the metadata of a stored file as a new model."""
+        model = Model(
+            name=data.name,
+            description=data.description,
+            owner=owner.id,
+            input_shape=data.input_shape,
+            size=stored.size,
+            sha256=stored.sha256,
+            file_id=stored.file_id,
+        )
+        try:
+            await model.insert()
+        except BaseException:
+            await self._files.delete(stored.file_id)
+            raise
+        return model
+
+    async def get(self, model_id: UUID) -> Model:
+        """One model by id, or 404."""
+        model = await Model.get(model_id)
+        if model is None:
+            raise NotFound(f"Model {model_id} not found.")
+        return model
+
+    async def get_accessible(self, user: User, model_id: UUID) -> Model:
+        """A model the user owns or reaches as actor/participant of its training (404, then 403)."""
+        model = await self.get(model_id)
+        if model.owner == user.id:
+            return model
+        reachable = await Training.find(
+            {"model": model.id, "$or": [{"actor": user.id}, {"participants": user.id}]}
+        ).count()
+        if not reachable:
+            raise PermissionDenied()
+        return model
+
+    async def list_accessible(self, user: User) -> list[Model]:
+        """Models the user owns or reaches through a training, newest first."""
+        training_models = await Training.get_pymongo_collection().distinct(
+            "model", {"$or": [{"actor": user.id}, {"participants": user.id}]}
+        )
+        query = {"$or": [{"owner": user.id}, {"_id": {"$in": training_models}}]}
+        return await Model.find(query).sort("-created_at").to_list()
+
+    def read(self, model: Model) -> AsyncIterator[bytes]:
+        """The model's bytes, chunk by chunk."""
+        return self._files.read_chunks(model.file_id)
+
+    async def clone(self, model: Model) -> Model:
+        """A new model document with the same owner and bytes (the file is shared, not copied)."""
+        clone = model.model_copy(update={"id": uuid4(), "cloned_from": model.id})
+        await clone.insert()
+        return clone
+
+    async def delete(self, user: User, model_id: UUID) -> None:
+        """Delete a model (owner, or actor of its training) and, by cascade, its training."""
+        model = await self.get(model_id)
+        if model.owner != user.id:
+            training = await Training.find_one({"model": model.id})
+            if training is None or training.actor != user.id:
+                raise PermissionDenied(
+                    "You are neither the owner of the model nor the actor of the corresponding training."
+                )
+        await self.purge(model)
+
+    async def purge(self, model: Model) -> None:
+        """Remove a model, its training, and its file once no model shares it."""
+        await Training.find({"model": model.id}).delete()
+        await model.delete()
+        if not await Model.find({"file_id": model.file_id}).count():
+            await self._files.delete(model.file_id)

@@ -1,0 +1,228 @@
+"""Trainings: creation with the daisy-chain rule, access, participants and state changes."""
+
+from typing import Any
+from uuid import UUID
+
+from pydantic import ValidationError
+from pymongo.errors import DuplicateKeyError
+
+from fltraining.clock import utcnow
+from fltraining.documents import Training, User
+from fltraining.errors import Conflict, InvalidInput, NotFound, PermissionDenied, PreconditionFailed
+from fltraining.options import TrainingOptions, daisy_chained_target, find_value_problems
+from fltraining.schemas.common import public_errors
+from fltraining.schemas.trainings import TrainingCreate, TrainingListQuery, TrainingPatch
+from fltraining.services.models import ModelService
+from fltraining.services.users import UserService
+from fltraining.states import PARTICIPANTS_EDITABLE, PATCHABLE, TRANSITIONS, TrainingState, Transition
+
+PATCH_RETRIES = 8
+
+
+def _touch() -> dict[str, Any]:
+    """The fields every write to a training sets."""
+    return {"$set": {"last_update": utcnow()}, "$inc": {"version": 1}}
+
+
+class TrainingService:
+    """Every training rule; each change is one conditional update on the stored document."""
+
+    def __init__(self, users: UserService, models: ModelService, max_options_depth: int) -> None:
+        self._users = users
+        self._models = models
+        self._max_depth = max_options_depth
+
+    def check_options(self, options: dict[str, Any], loc: str = "options") -> TrainingOptions:
+        """Apply the option rules: no operator/path keys, bounded depth, typed known keys."""
+        problems = find_value_problems(options, self._max_depth)
+        if problems:
+            for problem in problems:
+                problem["loc"] = [loc, *problem["loc"]]
+            raise InvalidInput("Invalid options.", problems)
+        try:
+            return TrainingOptions.model_validate(options)
+        except ValidationError as error:
+            errors = public_errors(error.errors())
+            for item in errors:
+                item["loc"] = [loc, *item["loc"]]
+            raise InvalidInput("Invalid options.", errors) from error
+
+    async def create(self, actor: User, data: TrainingCreate) -> Training:
+        """Create a training in state I; a model already in use is cloned for it."""
+        self.check_options(data.options)
+        try:
+            model = await self._models.get(data.model_id)
+        except NotFound as error:
+            raise InvalidInput(f"Model {data.model_id} not found.") from error
+        if model.owner != actor.id:
+            raise PermissionDenied()
+        participants = await self._users.require_all_exist(data.clients)
+        training = Training(
+            model=model.id,
+            actor=actor.id,
+            participants=participants,
+            base_target_num_updates=data.target_num_updates,
+            target_num_updates=data.target_num_updates,
+            metric_names=data.metric_names,
+            aggregation_method=data.aggregation_method,
+            uncertainty_method=data.uncertainty_method,
+            options=data.options,
+        )
+        try:
+            await training.insert()
+            return training
+        except DuplicateKeyError:
+            pass  # the model belongs to another training: this one gets a clone (seed rule)
+        clone = await self._models.clone(model)
+        training.model = clone.id
+        try:
+            await training.insert()
+        except BaseException:
+            await self._models.purge(clone)
+            raise
+        return training
+
+    async def get(self, training_id: UUID) -> Training:
+        """One training by id, or 404."""
+        training = await Training.get(training_id)
+        if training is None:
+            raise NotFound(f"Training {training_id} not found.")
+        return training
+
+    async def get_visible(self, user: User, training_id: UUID) -> Training:
+        """A training the user is actor or participant of (404, then 403)."""
+        training = await self.get(training_id)
+        if training.actor != user.id and user.id not in training.participants:
+            raise PermissionDenied()
+        return training
+
+    async def get_as_actor(self, user: User, training_id: UUID) -> Training:
+        """A training the user is the actor of (404, then 403)."""
+        training = await self.get(training_id)
+        if training.actor != user.id:
+            raise PermissionDenied("You are not the actor of this training.")
+        return training
+
+    async def list_for(self, user: User, query: TrainingListQuery, as_participant: bool) -> tuple[list[Training], int]:
+        """The user's trainings (as actor, or also as participant) with filters and paging."""
+        owner: dict[str, Any] = (
+            {"$or": [{"actor": user.id}, {"participants": user.id}]} if as_participant else {"actor": user.id}
+        )
+        filters: dict[str, Any] = {**owner}
+        if query.state:
+            filters["state"] = {"$in": [str(state) for state in query.state]}
+        if query.aggregation_method:
+            filters["aggregation_method"] = str(query.aggregation_method)
+        if query.uncertainty_method:
+            filters["uncertainty_method"] = str(query.uncertainty_method)
+        field = query.ordering.lstrip("-")
+        direction = -1 if query.ordering.startswith("-") else 1
+        found = Training.find(filters)
+        total = await Training.find(filters).count()
+        items = await found.sort([(field, direction), ("_id", direction)]).skip(query.offset).limit(query.limit).to_list()
+        return items, total
+
+    async def patch(self, user: User, training_id: UUID, patch: TrainingPatch, if_match: int | None) -> Training:
+        """Change settings in state I; one conditional update per attempt, 412 on a stale If-Match."""
+        for field in patch.model_fields_set:
+            if getattr(patch, field) is None:
+                raise InvalidInput(f"{field} may not be null.", [{"loc": [field], "msg": "may not be null", "type": "none_forbidden"}])
+        new_options = None if patch.options is None else self.check_options(patch.options)
+        for _ in range(PATCH_RETRIES):
+            training = await self.get_as_actor(user, training_id)
+            if training.state not in PATCHABLE:
+                raise Conflict(f"Training {training_id} is not in state INITIAL!")
+            if if_match is not None and training.version != if_match:
+                raise PreconditionFailed("The training has changed since the version in If-Match.")
+            changes = patch.model_dump(exclude_unset=True, mode="json")
+            old_period = training.options.get("daisy_chain_period")
+            period = old_period if new_options is None else new_options.daisy_chain_period
+            if period != old_period and patch.target_num_updates is None and (period or old_period):
+                raise InvalidInput(
+                    "Changing options.daisy_chain_period requires target_num_updates in the same PATCH."
+                )
+            if not changes:
+                return training
+            update = _touch()
+            for field, value in changes.items():
+                if field == "target_num_updates":
+                    update["$set"]["base_target_num_updates"] = value
+                    update["$set"]["target_num_updates"] = daisy_chained_target(value, period)
+                else:
+                    update["$set"][field] = value
+            result = await Training.get_pymongo_collection().update_one(
+                {"_id": training.id, "version": training.version, "state": str(TrainingState.INITIAL)}, update
+            )
+            if result.modified_count:
+                return await self.get(training_id)
+        raise Conflict("The training kept changing; try again.")
+
+    async def delete(self, user: User, training_id: UUID) -> None:
+        """Delete a training (actor only); its model stays."""
+        training = await self.get_as_actor(user, training_id)
+        await Training.find({"_id": training.id}).delete()
+
+    async def add_participants(self, user: User, training_id: UUID, client_ids: list[UUID]) -> None:
+        """Add users as participants; idempotent, concurrent calls never lose one another."""
+        await self.get_as_actor(user, training_id)
+        clients = await self._users.require_all_exist(client_ids)
+        update = _touch()
+        update["$addToSet"] = {"participants": {"$each": clients}}
+        await self._update_participants(training_id, update)
+
+    async def remove_participants(self, user: User, training_id: UUID, client_ids: list[UUID]) -> None:
+        """Remove users from the participants."""
+        await self.get_as_actor(user, training_id)
+        clients = await self._users.require_all_exist(client_ids)
+        update = _touch()
+        update["$pull"] = {"participants": {"$in": clients}}
+        await self._update_participants(training_id, update)
+
+    async def _update_participants(self, training_id: UUID, update: dict[str, Any]) -> None:
+        """Apply a participant change only while the state allows it."""
+        editable = [str(state) for state in PARTICIPANTS_EDITABLE]
+        result = await Training.get_pymongo_collection().update_one(
+            {"_id": training_id, "state": {"$in": editable}}, update
+        )
+        if not result.matched_count:
+            training = await self.get(training_id)
+            raise Conflict(f"Participants cannot change in state {training.state}.")
+
+    async def transition(
+        self,
+        training_id: UUID,
+        move: Transition,
+        extra_filter: dict[str, Any] | None = None,
+        state_detail: dict[str, Any] | None = None,
+    ) -> Training | None:
+        """Apply one move of the state table as a conditional update; None if the state moved."""
+        sources, target = TRANSITIONS[move]
+        update = _touch()
+        update["$set"]["state"] = str(target)
+        if state_detail is not None:
+            update["$set"]["state_detail"] = state_detail
+        result = await Training.get_pymongo_collection().update_one(
+            {"_id": training_id, "state": {"$in": [str(s) for s in sources]}, **(extra_filter or {})}, update
+        )
+        return await self.get(training_id) if result.modified_count else None
+
+    async def start(self, user: User, training_id: UUID) -> Training:
+        """I -> O, only with at least one participant; 409 for any other state or a lost race."""
+        await self.get_as_actor(user, training_id)
+        started = await self.transition(training_id, Transition.START, {"participants.0": {"$exists": True}})
+        if started is not None:
+            return started
+        training = await self.get(training_id)
+        if training.state != TrainingState.INITIAL:
+            raise Conflict(f"Training {training_id} is not in state INITIAL!")
+        raise Conflict("At least one participant must be registered!")
+
+    async def cancel(self, user: User, training_id: UUID) -> Training:
+        """Any running state -> E with reason "cancelled"; 409 in C or E."""
+        await self.get_as_actor(user, training_id)
+        detail = {"reason": "cancelled", "by": str(user.id), "at": utcnow().isoformat()}
+        cancelled = await self.transition(training_id, Transition.CANCEL, state_detail=detail)
+        if cancelled is not None:
+            return cancelled
+        training = await self.get(training_id)
+        raise Conflict(f"Training {training_id} is in state {training.state} and cannot be cancelled.")

@@ -1,0 +1,87 @@
+"""Users: registration, authentication and deletion with the seed's cascades."""
+
+import asyncio
+from uuid import UUID
+
+from pymongo.errors import DuplicateKeyError
+
+from fltraining.clock import utcnow
+from fltraining.documents import Model, Training, User
+from fltraining.errors import Conflict, InvalidInput, NotFound
+from fltraining.schemas.users import UserCreate
+from fltraining.services.models import ModelService
+from fltraining.security import PasswordHashing, new_token, token_hash, tokens_match
+
+
+class UserService:
+    """Every user rule; password hashing runs off the event loop."""
+
+    def __init__(self, passwords: PasswordHashing, models: ModelService) -> None:
+        self._passwords = passwords
+        self._models = models
+
+    async def register(self, data: UserCreate) -> tuple[User, str]:
+        """Create a user and return it with its token (shown only this once)."""
+        token = new_token()
+        password_hash = await asyncio.to_thread(self._passwords.hash, data.password)
+        user = User(
+            username=data.username,
+            email=data.email,
+            first_name=data.first_name,
+            last_name=data.last_name,
+            actor=data.actor,
+            client=data.client,
+            message_endpoint=str(data.message_endpoint) if data.message_endpoint else None,
+            password_hash=password_hash,
+            token_hash=token_hash(token),
+        )
+        try:
+            await user.insert()
+        except DuplicateKeyError as error:
+            raise Conflict(f"A user with username '{data.username}' already exists.") from error
+        return user, token
+
+    async def by_token(self, token: str) -> User | None:
+        """The user a token belongs to, if any."""
+        user = await User.find_one({"token_hash": token_hash(token)})
+        if user is None or not tokens_match(user.token_hash, token):
+            return None
+        return user
+
+    async def by_password(self, username: str, password: str) -> User | None:
+        """The user these credentials belong to, if any (always one full hash verification)."""
+        user = await User.find_one({"username": username})
+        valid = await asyncio.to_thread(
+            self._passwords.verify, user.password_hash if user else None, password
+        )
+        return user if valid else None
+
+    async def get(self, user_id: UUID) -> User:
+        """One user by id."""
+        user = await User.get(user_id)
+        if user is None:
+            raise NotFound(f"User {user_id} not found.")
+        return user
+
+    async def list_all(self, limit: int = 1000, offset: int = 0) -> list[User]:
+        """All users, by username."""
+        return await User.find_all().sort("username").skip(offset).limit(limit).to_list()
+
+    async def require_all_exist(self, user_ids: list[UUID]) -> list[UUID]:
+        """Return the ids without duplicates, or 400 if any is not a user."""
+        unique = list(dict.fromkeys(user_ids))
+        found = await User.find({"_id": {"$in": unique}}).count() if unique else 0
+        if found != len(unique):
+            raise InvalidInput("Not all provided users were found!")
+        return unique
+
+    async def delete(self, user: User) -> None:
+        """Delete a user with the seed's cascades: its trainings, its models, its participations."""
+        await Training.find({"actor": user.id}).delete()
+        await Training.get_pymongo_collection().update_many(
+            {"participants": user.id},
+            {"$pull": {"participants": user.id}, "$set": {"last_update": utcnow()}, "$inc": {"version": 1}},
+        )
+        for model in await Model.find({"owner": user.id}).to_list():
+            await self._models.purge(model)
+        await user.delete()

@@ -1,0 +1,47 @@
+"""Service configuration, read from `FLTRAINING_*` environment variables."""
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Every setting of the service; each field is `FLTRAINING_<NAME>` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="FLTRAINING_", extra="ignore")
+
+    mongodb_url: str | None = Field(
+        default=None,
+        description="MongoDB URL; unset means the embedded store is started.",
+    )
+    database: str = Field(
+        default="fltraining",
+        description="Database name when the URL names none.",
+    )
+    data_dir: Path = Field(
+        default=Path("./fltraining-data"),
+        description="Where the embedded store keeps its SQLite file.",
+    )
+    embedded_host: str = Field(default="127.0.0.1", description="Embedded store address.")
+    embedded_port: int = Field(
+        default=27018, ge=0, le=65535, description="Embedded store port (0 = any free port)."
+    )
+    host: str = Field(default="127.0.0.1", description="HTTP listen address.")
+    port: int = Field(default=8000, ge=0, le=65535, description="HTTP listen port.")
+    registration_open: bool = Field(
+        default=True, description="Whether POST /api/users/ accepts new users."
+    )
+    max_json_bytes: int = Field(default=1 * MIB, ge=1024, description="Largest JSON body.")
+    max_model_bytes: int = Field(
+        default=512 * MIB, ge=1, description="Largest uploaded model file."
+    )
+    max_options_depth: int = Field(
+        default=8, ge=1, le=64, description="Deepest nesting allowed in training options."
+    )
+    password_hash_time_cost: int = Field(
+        default=2, ge=1, le=10, description="Argon2 time cost for password hashes."
+    )
+    log_level: str = Field(default="INFO", description="Python logging level.")

@@ -1,0 +1,1 @@
+"""Storage: the MongoDB connection, the embedded store and GridFS access."""

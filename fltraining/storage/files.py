@@ -1,0 +1,67 @@
+"""Model bytes in GridFS, streamed in and out in chunks."""
+
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID, uuid4
+
+from gridfs import AsyncGridFSBucket
+from gridfs.errors import NoFile
+from pymongo.asynchronous.database import AsyncDatabase
+
+from fltraining.errors import PayloadTooLarge
+
+BUCKET = "model_files"
+CHUNK_BYTES = 255 * 1024
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """What an upload wrote: its GridFS id, size and SHA-256."""
+
+    file_id: UUID
+    size: int
+    sha256: str
+
+
+class ModelFiles:
+    """GridFS bucket holding model bytes."""
+
+    def __init__(self, database: AsyncDatabase[dict[str, Any]]) -> None:
+        self._bucket = AsyncGridFSBucket(database, bucket_name=BUCKET, chunk_size_bytes=CHUNK_BYTES)
+
+    async def store(self, chunks: AsyncIterator[bytes], max_bytes: int, filename: str) -> StoredFile:
+        """Stream chunks into a new file; over `max_bytes` the partial file is removed and 413 raised."""
+        file_id = uuid4()
+        digest = hashlib.sha256()
+        size = 0
+        stream = self._bucket.open_upload_stream_with_id(file_id, filename)
+        try:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > max_bytes:
+                    raise PayloadTooLarge(f"Model file is larger than {max_bytes} bytes.")
+                digest.update(chunk)
+                await stream.write(chunk)
+        except BaseException:
+            await stream.abort()
+            raise
+        await stream.close()
+        return StoredFile(file_id=file_id, size=size, sha256=digest.hexdigest())
+
+    async def read_chunks(self, file_id: UUID) -> AsyncIterator[bytes]:
+        """Yield a file's bytes chunk by chunk."""
+        stream = await self._bucket.open_download_stream(file_id)
+        try:
+            while chunk := await stream.readchunk():
+                yield chunk
+        finally:
+            await stream.close()
+
+    async def delete(self, file_id: UUID) -> None:
+        """Delete a file; an already deleted one is fine."""
+        try:
+            await self._bucket.delete(file_id)
+        except NoFile:
+            pass

@@ -1,0 +1,1 @@
+"""The aiohttp HTTP layer of fltraining."""

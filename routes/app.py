@@ -1,0 +1,85 @@
+"""The application factory."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from fltraining.security import PasswordHashing
+from fltraining.services.models import ModelService
+from fltraining.services.trainings import TrainingService
+from fltraining.services.users import UserService
+from fltraining.settings import Settings
+from fltraining.storage.database import database_name, init_database, make_client
+from fltraining.storage.embedded import EmbeddedStore
+from fltraining.storage.files import ModelFiles
+from routes import models, service, trainings, users
+from routes.auth import make_auth_middleware
+from routes.errors import error_middleware
+from routes.keys import (
+    database_name_key,
+    models_key,
+    mongo_client_key,
+    openapi_key,
+    settings_key,
+    trainings_key,
+    users_key,
+)
+from routes.openapi import build_openapi
+from routes.table import Endpoint, add_endpoints, is_public
+
+log = logging.getLogger(__name__)
+
+# Fixed routes before parameterised ones: aiohttp matches in registration order.
+ENDPOINTS: list[Endpoint] = [*service.ENDPOINTS, *users.ENDPOINTS, *models.ENDPOINTS, *trainings.ENDPOINTS]
+
+
+async def embedded_store_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Start the embedded store when no MongoDB URL is configured."""
+    settings = app[settings_key]
+    if settings.mongodb_url is not None:
+        yield
+        return
+    store = EmbeddedStore(settings.data_dir, settings.embedded_host, settings.embedded_port)
+    url = await asyncio.to_thread(store.start)
+    log.info("store: embedded (mongoeco on SQLite), data in %s, reachable at %s", store.data_path, url)
+    app[settings_key] = settings.model_copy(update={"mongodb_url": url})
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(store.stop)
+
+
+async def database_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Connect, install validators and indexes, and build the services."""
+    settings = app[settings_key]
+    assert settings.mongodb_url is not None
+    client = make_client(settings.mongodb_url)
+    name = database_name(settings.mongodb_url, settings.database)
+    await init_database(client[name])
+    models_service = ModelService(ModelFiles(client[name]), settings.max_model_bytes)
+    users_service = UserService(PasswordHashing(settings.password_hash_time_cost), models_service)
+    app[mongo_client_key] = client
+    app[database_name_key] = name
+    app[models_key] = models_service
+    app[users_key] = users_service
+    app[trainings_key] = TrainingService(users_service, models_service, settings.max_options_depth)
+    try:
+        yield
+    finally:
+        await client.close()
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the aiohttp application for these settings."""
+    by_handler = {endpoint.handler: endpoint for endpoint in ENDPOINTS}
+    auth = make_auth_middleware(lambda request: is_public(request, by_handler))
+    app = web.Application(middlewares=[error_middleware, auth], client_max_size=settings.max_json_bytes)
+    app[settings_key] = settings
+    app[openapi_key] = build_openapi(ENDPOINTS)
+    app.cleanup_ctx.append(embedded_store_ctx)
+    app.cleanup_ctx.append(database_ctx)
+    add_endpoints(app, ENDPOINTS)
+    service.add_docs_assets(app)
+    return app

@@ -1,0 +1,22 @@
+"""Typed application keys for state shared by the handlers."""
+
+from typing import Any
+
+from aiohttp import web
+from pymongo import AsyncMongoClient
+
+from fltraining.documents import User
+from fltraining.services.models import ModelService
+from fltraining.services.trainings import TrainingService
+from fltraining.services.users import UserService
+from fltraining.settings import Settings
+
+settings_key = web.AppKey("settings", Settings)
+mongo_client_key = web.AppKey("mongo_client", AsyncMongoClient[dict[str, Any]])
+database_name_key = web.AppKey("database_name", str)
+users_key = web.AppKey("users", UserService)
+models_key = web.AppKey("models", ModelService)
+trainings_key = web.AppKey("trainings", TrainingService)
+openapi_key = web.AppKey("openapi", dict[str, Any])
+
+user_key = web.RequestKey("user", User)

@@ -1,0 +1,97 @@
+"""Reading request bodies, path ids, query strings and headers strictly."""
+
+import json
+from typing import Any
+from uuid import UUID
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from fltraining.errors import InvalidInput, NotFound, PayloadTooLarge, PreconditionFailed, UnsupportedMediaType
+from fltraining.schemas.common import public_errors
+from routes.keys import settings_key
+
+JSON_TYPES = {"application/json", ""}
+
+
+def _reject_constant(name: str) -> None:
+    """JSON has no NaN or Infinity; Python's parser would accept them."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """Read a JSON object body within the size limit (415, 413 and 400 otherwise)."""
+    if request.content_type not in JSON_TYPES and not request.content_type.endswith("+json"):
+        raise UnsupportedMediaType(f"Unsupported media type '{request.content_type}'; send application/json.")
+    limit = request.app[settings_key].max_json_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
+    raw = await request.content.read(limit + 1)
+    if len(raw) > limit:
+        raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise InvalidInput(f"Malformed JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise InvalidInput("The request body must be a JSON object.")
+    return data
+
+
+def validate[M: BaseModel](schema: type[M], data: dict[str, Any]) -> M:
+    """Validate data against a request schema (400 with field errors)."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as error:
+        raise InvalidInput("Invalid request body.", public_errors(error.errors())) from error
+
+
+async def read_body[M: BaseModel](request: web.Request, schema: type[M]) -> M:
+    """Read and validate a JSON request body."""
+    return validate(schema, await read_json_object(request))
+
+
+def path_uuid(request: web.Request, name: str) -> UUID:
+    """A UUID path segment; anything else is an unknown resource (404)."""
+    try:
+        return UUID(request.match_info[name])
+    except ValueError as error:
+        raise NotFound(f"No resource with id '{request.match_info[name][:64]}'.") from error
+
+
+def read_query[M: BaseModel](request: web.Request, schema: type[M], repeatable: frozenset[str] = frozenset()) -> M:
+    """Validate a query string: unknown or repeated single-valued parameters are 400."""
+    data: dict[str, Any] = {}
+    known = set(schema.model_fields)
+    for key in request.query.keys():
+        if key in data:
+            continue
+        if key not in known:
+            raise InvalidInput(f"Unknown query parameter '{key[:64]}'.")
+        values = request.query.getall(key)
+        if key in repeatable:
+            data[key] = [part for value in values for part in value.split(",") if part]
+        elif len(values) > 1:
+            raise InvalidInput(f"Query parameter '{key}' may be given once.")
+        else:
+            data[key] = values[0]
+    try:
+        return schema.model_validate(data)
+    except ValidationError as error:
+        raise InvalidInput("Invalid query.", public_errors(error.errors())) from error
+
+
+def if_match_version(request: web.Request) -> int | None:
+    """The version an If-Match header names; None without one or for `*`."""
+    header = request.headers.get("If-Match")
+    if header is None or header.strip() == "*":
+        return None
+    tag = header.strip().removeprefix("W/").strip('"')
+    if not tag.isdigit() or len(tag) > 18:
+        raise PreconditionFailed("If-Match names no version of this training.")
+    return int(tag)
+
+
+def etag(version: int) -> str:
+    """The ETag of a training version."""
+    return f'"{version}"'

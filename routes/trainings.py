@@ -1,0 +1,122 @@
+"""Training endpoints."""
+
+from aiohttp import web
+
+from fltraining.documents import Training
+from fltraining.schemas.common import Message
+from fltraining.schemas.trainings import (
+    ClientsBody,
+    TrainingCreate,
+    TrainingCreated,
+    TrainingDetail,
+    TrainingListQuery,
+    TrainingPatch,
+    TrainingPublic,
+)
+from routes.auth import current_user
+from routes.keys import trainings_key
+from routes.parsing import etag, if_match_version, path_uuid, read_body, read_query
+from routes.responses import detail, json_model, json_models
+from routes.table import Endpoint
+
+
+def _detail_of(training: Training) -> TrainingDetail:
+    """The GET-by-id shape: public fields plus the round's upload counts."""
+    public = TrainingPublic.model_validate(training).model_dump()
+    return TrainingDetail.model_validate(
+        {**public, "local_models_arrived": 0, "local_models_expected": len(training.participants)}
+    )
+
+
+def _training_response(training: Training) -> web.Response:
+    """A training's detail JSON with its ETag."""
+    return json_model(_detail_of(training), headers={"ETag": etag(training.version)})
+
+
+async def create_training(request: web.Request) -> web.Response:
+    """POST /api/trainings/."""
+    data = await read_body(request, TrainingCreate)
+    training = await request.app[trainings_key].create(current_user(request), data)
+    return json_model(TrainingCreated(training_id=training.id), status=201,
+                      headers={"Location": f"/api/trainings/{training.id}/"})
+
+
+async def list_trainings(request: web.Request) -> web.Response:
+    """GET /api/trainings/: the caller's trainings as actor."""
+    query = read_query(request, TrainingListQuery, repeatable=frozenset({"state"}))
+    items, total = await request.app[trainings_key].list_for(current_user(request), query, as_participant=False)
+    return json_models([TrainingPublic.model_validate(t) for t in items], headers={"X-Total-Count": str(total)})
+
+
+async def get_training(request: web.Request) -> web.Response:
+    """GET /api/trainings/{id}/."""
+    training = await request.app[trainings_key].get_visible(current_user(request), path_uuid(request, "training_id"))
+    return _training_response(training)
+
+
+async def patch_training(request: web.Request) -> web.Response:
+    """PATCH /api/trainings/{id}/ with optional If-Match."""
+    training_id = path_uuid(request, "training_id")
+    version = if_match_version(request)
+    patch = await read_body(request, TrainingPatch)
+    training = await request.app[trainings_key].patch(current_user(request), training_id, patch, version)
+    return _training_response(training)
+
+
+async def delete_training(request: web.Request) -> web.Response:
+    """DELETE /api/trainings/{id}/."""
+    await request.app[trainings_key].delete(current_user(request), path_uuid(request, "training_id"))
+    return detail("Training removed!")
+
+
+async def add_clients(request: web.Request) -> web.Response:
+    """PUT /api/trainings/{id}/clients/."""
+    training_id = path_uuid(request, "training_id")
+    body = await read_body(request, ClientsBody)
+    await request.app[trainings_key].add_participants(current_user(request), training_id, body.clients)
+    return detail("Users registered as participants!", status=202)
+
+
+async def remove_clients(request: web.Request) -> web.Response:
+    """DELETE /api/trainings/{id}/clients/."""
+    training_id = path_uuid(request, "training_id")
+    body = await read_body(request, ClientsBody)
+    await request.app[trainings_key].remove_participants(current_user(request), training_id, body.clients)
+    return detail("Users removed from training participants!")
+
+
+async def start_training(request: web.Request) -> web.Response:
+    """POST /api/trainings/{id}/start/."""
+    await request.app[trainings_key].start(current_user(request), path_uuid(request, "training_id"))
+    return detail("Training started!", status=202)
+
+
+async def cancel_training(request: web.Request) -> web.Response:
+    """POST /api/trainings/{id}/cancel/."""
+    await request.app[trainings_key].cancel(current_user(request), path_uuid(request, "training_id"))
+    return detail("Training cancelled!", status=202)
+
+
+_ID = "/api/trainings/{training_id}"
+ENDPOINTS = [
+    Endpoint("POST", "/api/trainings", create_training, "Create a training", "trainings", body=TrainingCreate,
+             responses={201: TrainingCreated}, errors=(400, 403, 413, 415), headers={201: ("Location",)}),
+    Endpoint("GET", "/api/trainings", list_trainings, "The caller's trainings as actor", "trainings",
+             query=TrainingListQuery, responses={200: [TrainingPublic]}, errors=(400,),
+             headers={200: ("X-Total-Count",)}),
+    Endpoint("GET", _ID, get_training, "One training", "trainings", responses={200: TrainingDetail},
+             errors=(403, 404), headers={200: ("ETag",)}),
+    Endpoint("PATCH", _ID, patch_training, "Change a training in state I", "trainings", body=TrainingPatch,
+             responses={200: TrainingDetail}, errors=(400, 403, 404, 409, 412, 413, 415),
+             headers={200: ("ETag",)}, request_headers=("If-Match",)),
+    Endpoint("DELETE", _ID, delete_training, "Delete a training (its model stays)", "trainings",
+             responses={200: Message}, errors=(403, 404)),
+    Endpoint("PUT", _ID + "/clients", add_clients, "Register participants", "trainings", body=ClientsBody,
+             responses={202: Message}, errors=(400, 403, 404, 409, 413, 415)),
+    Endpoint("DELETE", _ID + "/clients", remove_clients, "Remove participants", "trainings", body=ClientsBody,
+             responses={200: Message}, errors=(400, 403, 404, 409, 413, 415)),
+    Endpoint("POST", _ID + "/start", start_training, "Start: I -> O", "trainings",
+             responses={202: Message}, errors=(403, 404, 409)),
+    Endpoint("POST", _ID + "/cancel", cancel_training, "Cancel: -> E", "trainings",
+             responses={202: Message}, errors=(403, 404, 409)),
+]

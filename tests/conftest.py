@@ -1,0 +1,64 @@
+"""Fixtures: one suite, run against the embedded wire store or any MongoDB URL given."""
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from fltraining.settings import Settings
+from fltraining.storage.database import make_client
+from fltraining.storage.embedded import EmbeddedStore
+from routes.app import create_app
+
+TEST_URL_VARIABLE = "FLTRAINING_TEST_MONGODB_URL"
+
+
+def with_database(url: str, name: str) -> str:
+    """The same URL with its path naming another database."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="session")
+def store_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The MongoDB under test: the URL in the environment, else a fresh embedded store."""
+    given = os.environ.get(TEST_URL_VARIABLE)
+    if given:
+        yield given
+        return
+    with EmbeddedStore(tmp_path_factory.mktemp("store")) as store:
+        yield store.url
+
+
+@pytest.fixture(scope="session")
+def backend_name() -> str:
+    """Which backend the suite runs on, for the reasons printed by backend-specific skips."""
+    return "MongoDB at $" + TEST_URL_VARIABLE if os.environ.get(TEST_URL_VARIABLE) else "embedded mongoeco store"
+
+
+@pytest.fixture
+async def database_url(store_url: str) -> AsyncIterator[str]:
+    """A URL naming a fresh database, dropped after the test."""
+    name = f"fltraining_test_{uuid.uuid4().hex[:12]}"
+    url = with_database(store_url, name)
+    yield url
+    client = make_client(store_url)
+    await client.drop_database(name)
+    await client.close()
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    """Test settings on the fresh database (cheap password hashing)."""
+    return Settings(mongodb_url=database_url, data_dir=tmp_path, password_hash_time_cost=1)
+
+
+@pytest.fixture
+async def client(aiohttp_client: Any, settings: Settings) -> TestClient:
+    """An HTTP client for a service built from the test settings."""
+    return await aiohttp_client(create_app(settings))

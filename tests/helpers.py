@@ -1,0 +1,63 @@
+"""Factories that drive the API the way a client would."""
+
+import itertools
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import FormData
+from aiohttp.test_utils import TestClient
+
+_counter = itertools.count()
+PASSWORD = "correct horse battery"
+
+
+@dataclass
+class Account:
+    """A registered user with its token."""
+
+    id: str
+    username: str
+    token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Token authentication headers."""
+        return {"Authorization": f"Token {self.token}"}
+
+
+async def register(client: TestClient, username: str | None = None, **extra: Any) -> Account:
+    """Register a user through the API."""
+    name = username or f"user{next(_counter)}"
+    response = await client.post("/api/users/", json={"username": name, "password": PASSWORD, **extra})
+    assert response.status == 201, await response.text()
+    body = await response.json()
+    return Account(id=body["id"], username=name, token=body["token"])
+
+
+async def upload_model(client: TestClient, owner: Account, content: bytes = b"weights", **fields: str) -> str:
+    """Upload a model through the API and return its id."""
+    form = FormData()
+    form.add_field("name", fields.get("name", "model"))
+    form.add_field("description", fields.get("description", "a model"))
+    if "input_shape" in fields:
+        form.add_field("input_shape", fields["input_shape"])
+    form.add_field("model_file", content, filename="model.pt", content_type="application/octet-stream")
+    response = await client.post("/api/models/", data=form, headers=owner.headers)
+    assert response.status == 201, await response.text()
+    return str((await response.json())["model_id"])
+
+
+async def create_training(client: TestClient, actor: Account, model_id: str | None = None, **body: Any) -> str:
+    """Create a training through the API and return its id."""
+    model_id = model_id or await upload_model(client, actor)
+    payload = {"model_id": model_id, "target_num_updates": 3, **body}
+    response = await client.post("/api/trainings/", json=payload, headers=actor.headers)
+    assert response.status == 201, await response.text()
+    return str((await response.json())["training_id"])
+
+
+async def get_training(client: TestClient, account: Account, training_id: str) -> dict[str, Any]:
+    """Fetch a training as JSON (asserting 200)."""
+    response = await client.get(f"/api/trainings/{training_id}/", headers=account.headers)
+    assert response.status == 200, await response.text()
+    return dict(await response.json())
