@@ -1,0 +1,110 @@
+"""The `fltraining` command: serve, createuser."""
+
+import argparse
+import asyncio
+import getpass
+import socket
+import sys
+
+from pydantic import ValidationError
+
+from fltraining.schemas.users import UserCreate
+from fltraining.security import PasswordHashing
+from fltraining.services.models import ModelService
+from fltraining.services.users import UserService
+from fltraining.settings import Settings
+from fltraining.storage.database import database_name, init_database, make_client
+from fltraining.storage.embedded import EmbeddedStore, store_url
+from fltraining.storage.files import ModelFiles
+from routes.server import serve
+
+
+def _read_password() -> str:
+    """The password from stdin: prompted twice on a terminal, else the first line."""
+    if sys.stdin.isatty():
+        first = getpass.getpass("Password: ")
+        if first != getpass.getpass("Password (again): "):
+            raise SystemExit("passwords differ")
+        return first
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def _embedded_running(settings: Settings) -> bool:
+    """Whether a running service's embedded store already answers on its port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex((settings.embedded_host, settings.embedded_port)) == 0
+
+
+async def _create_user(url: str, settings: Settings, data: UserCreate) -> str:
+    """Register a user in the store at `url`; return its token."""
+    client = make_client(url)
+    try:
+        database = client[database_name(url, settings.database)]
+        await init_database(database)
+        models = ModelService(ModelFiles(database), settings.max_model_bytes)
+        users = UserService(PasswordHashing(settings.password_hash_time_cost), models)
+        _, token = await users.register(data)
+        return token
+    finally:
+        await client.close()
+
+
+def create_user(settings: Settings, args: argparse.Namespace) -> None:
+    """`fltraining createuser USERNAME`: read the password from stdin, print the token."""
+    try:
+        data = UserCreate(
+            username=args.username, password=_read_password(), email=args.email,
+            actor=args.actor, client=args.client, message_endpoint=args.message_endpoint,
+        )
+    except ValidationError as error:
+        raise SystemExit("invalid user: " + "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in error.errors()))
+    store: EmbeddedStore | None = None
+    url = settings.mongodb_url
+    if url is None and _embedded_running(settings):
+        url = store_url(settings.embedded_host, settings.embedded_port)
+    elif url is None:
+        store = EmbeddedStore(settings.data_dir, settings.embedded_host, settings.embedded_port)
+        url = store.start()
+    try:
+        token = asyncio.run(_create_user(url, settings, data))
+    except Exception as error:  # a taken username, an unreachable store: one line, no trace
+        raise SystemExit(f"could not create user: {getattr(error, 'detail', error)}") from None
+    finally:
+        if store is not None:
+            store.stop()
+    print(token)
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line."""
+    root = argparse.ArgumentParser(prog="fltraining", description="Federated learning training management service")
+    commands = root.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("serve", help="run the HTTP service")
+    run.add_argument("--host", help="listen address (FLTRAINING_HOST)")
+    run.add_argument("--port", type=int, help="listen port (FLTRAINING_PORT)")
+    run.add_argument("--workers", type=int, default=1, help="service processes sharing the port")
+    user = commands.add_parser("createuser", help="create a user; password on stdin, token printed")
+    user.add_argument("username")
+    user.add_argument("--email", default="")
+    user.add_argument("--actor", action="store_true")
+    user.add_argument("--client", action="store_true")
+    user.add_argument("--message-endpoint", default=None)
+    return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script."""
+    args = parser().parse_args(argv)
+    settings = Settings()
+    if args.command == "serve":
+        overrides = {key: value for key, value in (("host", args.host), ("port", args.port)) if value is not None}
+        if args.workers < 1:
+            raise SystemExit("--workers must be at least 1")
+        serve(settings.model_copy(update=overrides), args.workers)
+    elif args.command == "createuser":
+        create_user(settings, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Running the service: one process, or a supervisor with N worker processes on one port."""
+
+import logging
+import multiprocessing
+import signal
+import socket
+from multiprocessing.context import SpawnProcess
+from types import FrameType
+
+from aiohttp import web
+
+from fltraining.settings import Settings
+from fltraining.storage.embedded import EmbeddedStore
+from routes.app import create_app
+
+log = logging.getLogger(__name__)
+
+
+def redact_url(url: str) -> str:
+    """A MongoDB URL with any password replaced, safe to log."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
+
+
+def configure_logging(level: str) -> None:
+    """Plain logging to stderr at the configured level."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+
+
+def run_worker(settings: Settings, reuse_port: bool) -> None:
+    """Serve HTTP in this process until SIGTERM or SIGINT."""
+    configure_logging(settings.log_level)
+    if settings.mongodb_url:
+        log.info("store: MongoDB at %s", redact_url(settings.mongodb_url))
+    log.info("fltraining listening on http://%s:%d", settings.host, settings.port)
+    web.run_app(
+        create_app(settings), host=settings.host, port=settings.port, reuse_port=reuse_port,
+        print=None, access_log=None, handle_signals=True,
+    )
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether nothing listens on host:port yet."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        return probe.connect_ex((host, port)) != 0
+
+
+def serve(settings: Settings, workers: int) -> None:
+    """Run the service with `workers` processes sharing one port and one store."""
+    configure_logging(settings.log_level)
+    if workers <= 1:
+        run_worker(settings, reuse_port=False)
+        return
+    if settings.port == 0:
+        raise SystemExit("--workers > 1 needs a fixed --port")
+    if not _port_free(settings.host, settings.port):
+        raise SystemExit(f"port {settings.port} on {settings.host} is already in use")
+    store: EmbeddedStore | None = None
+    if settings.mongodb_url is None:
+        store = EmbeddedStore(settings.data_dir, settings.embedded_host, settings.embedded_port)
+        url = store.start()
+        log.info("store: embedded (mongoeco on SQLite), data in %s, reachable at %s", store.data_path, url)
+        settings = settings.model_copy(update={"mongodb_url": url})
+    context = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def start_worker() -> SpawnProcess:
+        process = context.Process(target=run_worker, args=(settings, True), daemon=False)
+        process.start()
+        return process
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    processes = [start_worker() for _ in range(workers)]
+    log.info("supervisor: %d workers on http://%s:%d", workers, settings.host, settings.port)
+    try:
+        while not stopping:
+            for index, process in enumerate(processes):
+                process.join(timeout=0.2)
+                if process.exitcode is not None and not stopping:
+                    log.warning("worker %d exited with %s; starting a new one", process.pid, process.exitcode)
+                    processes[index] = start_worker()
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join(timeout=15)
+            if process.is_alive():
+                process.kill()
+        if store is not None:
+            store.stop()
+
+
