@@ -44,4 +44,8 @@ class Settings(BaseSettings):
     password_hash_time_cost: int = Field(
         default=2, ge=1, le=10, description="Argon2 time cost for password hashes."
     )
+    auth_cache_seconds: float = Field(
+        default=2.0, ge=0, le=300,
+        description="How long a process trusts verified credentials without asking the database (0 = never).",
+    )
     log_level: str = Field(default="INFO", description="Python logging level.")

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from fltraining.credential_cache import CredentialCache
 from fltraining.security import PasswordHashing
 from fltraining.services.models import ModelService
 from fltraining.services.trainings import TrainingService
@@ -59,7 +60,9 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     name = database_name(settings.mongodb_url, settings.database)
     await init_database(client[name])
     models_service = ModelService(ModelFiles(client[name]), settings.max_model_bytes)
-    users_service = UserService(PasswordHashing(settings.password_hash_time_cost), models_service)
+    users_service = UserService(
+        PasswordHashing(settings.password_hash_time_cost), models_service, CredentialCache(settings.auth_cache_seconds)
+    )
     app[mongo_client_key] = client
     app[database_name_key] = name
     app[models_key] = models_service

@@ -9,6 +9,7 @@ import sys
 from pydantic import ValidationError
 
 from fltraining.schemas.users import UserCreate
+from fltraining.credential_cache import CredentialCache
 from fltraining.security import PasswordHashing
 from fltraining.services.models import ModelService
 from fltraining.services.users import UserService
@@ -43,7 +44,7 @@ async def _create_user(url: str, settings: Settings, data: UserCreate) -> str:
         database = client[database_name(url, settings.database)]
         await init_database(database)
         models = ModelService(ModelFiles(database), settings.max_model_bytes)
-        users = UserService(PasswordHashing(settings.password_hash_time_cost), models)
+        users = UserService(PasswordHashing(settings.password_hash_time_cost), models, CredentialCache(0))
         _, token = await users.register(data)
         return token
     finally:

@@ -68,11 +68,13 @@ class TrainingService:
             uncertainty_method=data.uncertainty_method,
             options=data.options,
         )
-        try:
-            await training.insert()
-            return training
-        except DuplicateKeyError:
-            pass  # the model belongs to another training: this one gets a clone (seed rule)
+        if await Training.find({"model": model.id}).count() == 0:
+            try:
+                await training.insert()
+                return training
+            except DuplicateKeyError:
+                pass  # lost the race for the model to a concurrent creation
+        # The model belongs to another training: this one gets a clone (seed rule).
         clone = await self._models.clone(model)
         training.model = clone.id
         try:

@@ -6,6 +6,7 @@ from uuid import UUID
 from pymongo.errors import DuplicateKeyError
 
 from fltraining.clock import utcnow
+from fltraining.credential_cache import CredentialCache
 from fltraining.documents import Model, Training, User
 from fltraining.errors import Conflict, InvalidInput, NotFound
 from fltraining.schemas.users import UserCreate
@@ -16,9 +17,10 @@ from fltraining.security import PasswordHashing, new_token, token_hash, tokens_m
 class UserService:
     """Every user rule; password hashing runs off the event loop."""
 
-    def __init__(self, passwords: PasswordHashing, models: ModelService) -> None:
+    def __init__(self, passwords: PasswordHashing, models: ModelService, cache: CredentialCache) -> None:
         self._passwords = passwords
         self._models = models
+        self._cache = cache
 
     async def register(self, data: UserCreate) -> tuple[User, str]:
         """Create a user and return it with its token (shown only this once)."""
@@ -43,18 +45,28 @@ class UserService:
 
     async def by_token(self, token: str) -> User | None:
         """The user a token belongs to, if any."""
+        key = self._cache.key("token", token)
+        if (cached := self._cache.get(key)) is not None:
+            return cached
         user = await User.find_one({"token_hash": token_hash(token)})
         if user is None or not tokens_match(user.token_hash, token):
             return None
+        self._cache.put(key, user)
         return user
 
     async def by_password(self, username: str, password: str) -> User | None:
-        """The user these credentials belong to, if any (always one full hash verification)."""
+        """The user these credentials belong to, if any (a miss costs one full hash verification)."""
+        key = self._cache.key("password", username, password)
+        if (cached := self._cache.get(key)) is not None:
+            return cached
         user = await User.find_one({"username": username})
         valid = await asyncio.to_thread(
             self._passwords.verify, user.password_hash if user else None, password
         )
-        return user if valid else None
+        if user is None or not valid:
+            return None
+        self._cache.put(key, user)
+        return user
 
     async def get(self, user_id: UUID) -> User:
         """One user by id."""
@@ -85,3 +97,4 @@ class UserService:
         for model in await Model.find({"owner": user.id}).to_list():
             await self._models.purge(model)
         await user.delete()
+        self._cache.forget_user(user.id)

@@ -1,0 +1,54 @@
+"""A short-lived, per-process memo of verified credentials.
+
+The database stays the source of truth: an entry lives at most `ttl` seconds, so a deleted
+user's credentials stop working within that time on every process (at once on the process
+that deleted it). It spares a database round trip per request and, for Basic auth, a slow
+password verification per request (the DLR frontend sends Basic credentials every time).
+"""
+
+import hashlib
+import hmac
+import secrets
+import time
+from uuid import UUID
+
+from fltraining.documents import User
+
+MAX_ENTRIES = 10_000
+
+
+class CredentialCache:
+    """Maps a keyed hash of presented credentials to the user they proved, for `ttl` seconds."""
+
+    def __init__(self, ttl: float) -> None:
+        self._ttl = ttl
+        self._key = secrets.token_bytes(32)  # per process: entries cannot be precomputed
+        self._entries: dict[str, tuple[float, User]] = {}
+
+    def key(self, *parts: str) -> str:
+        """The cache key of a credential (never the credential itself)."""
+        message = "\0".join(parts).encode("utf-8", "surrogatepass")
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    def get(self, key: str) -> User | None:
+        """The user proven by these credentials within the last `ttl` seconds."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if time.monotonic() - entry[0] > self._ttl:
+            self._entries.pop(key, None)
+            return None
+        return entry[1]
+
+    def put(self, key: str, user: User) -> None:
+        """Remember a successful verification."""
+        if self._ttl <= 0:
+            return
+        if len(self._entries) >= MAX_ENTRIES:
+            self._entries.pop(next(iter(self._entries)))
+        self._entries[key] = (time.monotonic(), user)
+
+    def forget_user(self, user_id: UUID) -> None:
+        """Drop every entry of a user (after it was deleted here)."""
+        for key in [k for k, (_, user) in self._entries.items() if user.id == user_id]:
+            del self._entries[key]
