@@ -5,6 +5,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 FORBIDDEN_KEY_HINT = "keys may not start with '$' or contain '.' or NUL"
+# Keeps target_num_updates x period far inside a 64-bit integer (BSON cannot store more).
+MAX_DAISY_CHAIN_PERIOD = 1_000_000
 
 
 class UncertaintyOptions(BaseModel):
@@ -21,7 +23,7 @@ class TrainingOptions(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    daisy_chain_period: StrictInt | None = Field(default=None, ge=0)
+    daisy_chain_period: StrictInt | None = Field(default=None, ge=0, le=MAX_DAISY_CHAIN_PERIOD)
     uncertainty: UncertaintyOptions | None = None
     skip_model_tests: StrictBool | None = None
 

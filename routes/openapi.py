@@ -8,7 +8,7 @@ from pydantic.json_schema import models_json_schema
 
 import fltraining
 from fltraining.schemas.common import ErrorBody
-from routes.table import Endpoint
+from routes.table import Endpoint, documented_path
 
 REF = "#/components/schemas/{model}"
 _PARAM = re.compile(r"{(\w+)}")
@@ -52,7 +52,7 @@ def build_openapi(endpoints: list[Endpoint]) -> dict[str, Any]:
     refs = {key: value for key, value in keys.items()}
     paths: dict[str, dict[str, Any]] = {}
     for endpoint in endpoints:
-        path = endpoint.path.rstrip("/") + "/" if endpoint.path.startswith("/api/") else endpoint.path
+        path = documented_path(endpoint.path)
         operation: dict[str, Any] = {
             "summary": endpoint.summary,
             "operationId": endpoint.handler.__name__,

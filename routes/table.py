@@ -29,11 +29,19 @@ class Endpoint:
     description: str = ""
 
 
+def documented_path(path: str) -> str:
+    """The form a path is documented in: API paths end in a slash, unless they name a file."""
+    bare = path.rstrip("/") or "/"
+    if not bare.startswith("/api/") or "." in bare.rsplit("/", 1)[-1]:
+        return bare
+    return bare + "/"
+
+
 def add_endpoints(app: web.Application, endpoints: list[Endpoint]) -> None:
     """Register each endpoint with and without a trailing slash."""
     for endpoint in endpoints:
         bare = endpoint.path.rstrip("/") or "/"
-        paths = [bare] if bare == "/" or "." in bare.rsplit("/", 1)[-1] else [bare, bare + "/"]
+        paths = [bare] if bare == "/" else [bare, bare + "/"]
         for path in paths:
             app.router.add_route(endpoint.method, path, endpoint.handler)
 

@@ -3,9 +3,12 @@
 import itertools
 from dataclasses import dataclass
 from typing import Any
+from uuid import UUID
 
 from aiohttp import FormData
 from aiohttp.test_utils import TestClient
+
+from fltraining.storage.database import database_name, make_client
 
 _counter = itertools.count()
 PASSWORD = "correct horse battery"
@@ -61,3 +64,31 @@ async def get_training(client: TestClient, account: Account, training_id: str) -
     response = await client.get(f"/api/trainings/{training_id}/", headers=account.headers)
     assert response.status == 200, await response.text()
     return dict(await response.json())
+
+
+async def training_total(client: TestClient, account: Account, path: str = "/api/trainings/") -> int:
+    """The X-Total-Count of a training list (asserting 200)."""
+    response = await client.get(path, headers=account.headers)
+    assert response.status == 200, await response.text()
+    return int(response.headers["X-Total-Count"])
+
+
+async def stored_training(database_url: str, training_id: str) -> dict[str, Any] | None:
+    """A training document exactly as MongoDB holds it, read with PyMongo."""
+    mongo = make_client(database_url)
+    try:
+        collection = mongo[database_name(database_url, "fltraining")]["trainings"]
+        return await collection.find_one({"_id": UUID(training_id)})
+    finally:
+        await mongo.close()
+
+
+async def update_stored_training(database_url: str, training_id: str, **fields: Any) -> None:
+    """Set fields of a stored training directly with PyMongo (states and times the API cannot reach)."""
+    mongo = make_client(database_url)
+    try:
+        collection = mongo[database_name(database_url, "fltraining")]["trainings"]
+        result = await collection.update_one({"_id": UUID(training_id)}, {"$set": fields})
+        assert result.matched_count == 1
+    finally:
+        await mongo.close()

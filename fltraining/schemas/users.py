@@ -4,7 +4,7 @@ from uuid import UUID
 
 from pydantic import AnyHttpUrl, Field, StrictBool, StrictStr, field_validator
 
-from fltraining.schemas.common import PublicModel, RequestModel, UtcDatetime
+from fltraining.schemas.common import PublicModel, RequestModel
 
 USERNAME_PATTERN = r"^[\w.@+-]+$"
 
@@ -49,7 +49,6 @@ class UserPublic(PublicModel):
     actor: bool
     client: bool
     message_endpoint: str | None
-    created_at: UtcDatetime
 
 
 class UserRegistered(UserPublic):

@@ -10,7 +10,7 @@ from fltraining.clock import utcnow
 from fltraining.documents import Training, User
 from fltraining.errors import Conflict, InvalidInput, NotFound, PermissionDenied, PreconditionFailed
 from fltraining.options import TrainingOptions, daisy_chained_target, find_value_problems
-from fltraining.schemas.common import public_errors
+from fltraining.schemas.common import iso_z, public_errors
 from fltraining.schemas.trainings import TrainingCreate, TrainingListQuery, TrainingPatch
 from fltraining.services.models import ModelService
 from fltraining.services.users import UserService
@@ -222,7 +222,7 @@ class TrainingService:
     async def cancel(self, user: User, training_id: UUID) -> Training:
         """Any running state -> E with reason "cancelled"; 409 in C or E."""
         await self.get_as_actor(user, training_id)
-        detail = {"reason": "cancelled", "by": str(user.id), "at": utcnow().isoformat()}
+        detail = {"reason": "cancelled", "by": str(user.id), "at": iso_z(utcnow())}
         cancelled = await self.transition(training_id, Transition.CANCEL, state_detail=detail)
         if cancelled is not None:
             return cancelled

@@ -59,7 +59,7 @@ def apply() -> None:
             f"written for {SUPPORTED_VERSION} only. Install mongoeco[wire]=={SUPPORTED_VERSION}."
         )
     from mongoeco.engines import memory, sqlite
-    from mongoeco.wire import protocol
+    from mongoeco.wire import bson_bridge, protocol
 
     sqlite.SQLiteEngine._validate_document_against_unique_indexes = _numeric_id_only(
         sqlite.SQLiteEngine._validate_document_against_unique_indexes, lambda doc: doc.get("_id")
@@ -67,5 +67,9 @@ def apply() -> None:
     memory.MemoryEngine._ensure_unique_indexes = _numeric_id_only(
         memory.MemoryEngine._ensure_unique_indexes, lambda doc: doc.get("_id")
     )
-    protocol.encode_wire_value = _encode_bson_dbref(protocol.encode_wire_value)
+    # Patch both names: protocol calls its imported copy, and the encoder recurses into nested
+    # values (where every DBRef sits) through its own module's global.
+    encoder = _encode_bson_dbref(bson_bridge.encode_wire_value)
+    bson_bridge.encode_wire_value = encoder
+    protocol.encode_wire_value = encoder
     _applied = True

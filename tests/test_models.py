@@ -1,0 +1,380 @@
+"""Models: multipart upload into GridFS, metadata, download, access rules and deletion."""
+
+import hashlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import FormData
+from aiohttp.test_utils import TestClient
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+
+from fltraining.settings import Settings
+from fltraining.storage.database import database_name, make_client
+from routes.app import create_app
+from tests.helpers import Account, create_training, register, upload_model
+
+METADATA_KEYS = {"id", "name", "description", "owner", "round", "input_shape", "size", "sha256", "created_at"}
+
+
+@pytest.fixture
+async def raw_db(database_url: str) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
+    """The test database through a plain PyMongo client, to see what is stored."""
+    mongo: AsyncMongoClient[dict[str, Any]] = make_client(database_url)
+    yield mongo[database_name(database_url, "fltraining")]
+    await mongo.close()
+
+
+def model_form(content: bytes | None = b"weights", **fields: str) -> FormData:
+    """A multipart body; `content=None` leaves out the file."""
+    form = FormData(default_to_multipart=True)
+    for name, value in fields.items():
+        form.add_field(name, value)
+    if content is not None:
+        form.add_field("model_file", content, filename="model.pt", content_type="application/octet-stream")
+    return form
+
+
+async def metadata(client: TestClient, account: Account, model_id: str) -> dict[str, Any]:
+    """GET a model's metadata, asserting 200."""
+    response = await client.get(f"/api/models/{model_id}/metadata/", headers=account.headers)
+    assert response.status == 200, await response.text()
+    return dict(await response.json())
+
+
+async def test_upload_is_accepted(client: TestClient) -> None:
+    owner = await register(client)
+    form = model_form(
+        b"\x00\x01weights", name="mnist", description="a small CNN", input_shape="[null, 1, 28, 28]"
+    )
+    response = await client.post("/api/models/", data=form, headers=owner.headers)
+    assert response.status == 201, await response.text()
+    body = await response.json()
+    assert set(body) == {"detail", "model_id"}
+    assert body["detail"] == "Model Upload Accepted"
+    assert str(uuid.UUID(body["model_id"])) == body["model_id"]
+    assert response.headers["Location"] == f"/api/models/{body['model_id']}/metadata/"
+
+
+async def test_metadata(client: TestClient) -> None:
+    owner = await register(client)
+    content = os.urandom(5000)
+    model_id = await upload_model(
+        client, owner, content, name="mnist", description="CNN", input_shape="[null, 1, 28, 28]"
+    )
+    body = await metadata(client, owner, model_id)
+    assert set(body) == METADATA_KEYS
+    assert body["id"] == model_id
+    assert (body["name"], body["description"], body["owner"]) == ("mnist", "CNN", owner.id)
+    assert body["round"] == 0
+    assert body["input_shape"] == [None, 1, 28, 28]
+    assert body["size"] == len(content)
+    assert body["sha256"] == hashlib.sha256(content).hexdigest()
+    assert body["created_at"].endswith("Z")
+
+
+async def test_download_returns_the_exact_bytes(client: TestClient) -> None:
+    owner = await register(client)
+    content = bytes(range(256)) * 3
+    model_id = await upload_model(client, owner, content)
+    response = await client.get(f"/api/models/{model_id}/", headers=owner.headers)
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "application/octet-stream"
+    assert response.headers["Content-Disposition"] == f'attachment; filename="model-{model_id}.pt"'
+    assert await response.read() == content
+
+
+async def test_download_without_trailing_slash(client: TestClient) -> None:
+    owner = await register(client)
+    model_id = await upload_model(client, owner, b"abc")
+    response = await client.get(f"/api/models/{model_id}", headers=owner.headers)
+    assert response.status == 200
+    assert await response.read() == b"abc"
+
+
+async def test_empty_file_round_trips(client: TestClient) -> None:
+    owner = await register(client)
+    model_id = await upload_model(client, owner, b"")
+    assert (await metadata(client, owner, model_id))["size"] == 0
+    response = await client.get(f"/api/models/{model_id}/", headers=owner.headers)
+    assert response.status == 200
+    assert await response.read() == b""
+
+
+async def test_multi_mib_file_round_trips_through_gridfs(
+    client: TestClient, raw_db: AsyncDatabase[dict[str, Any]]
+) -> None:
+    owner = await register(client)
+    content = os.urandom(3 * 1024 * 1024 + 12345)
+    model_id = await upload_model(client, owner, content)
+    response = await client.get(f"/api/models/{model_id}/", headers=owner.headers)
+    assert response.status == 200
+    downloaded = await response.read()
+    assert len(downloaded) == len(content)
+    assert downloaded == content
+    body = await metadata(client, owner, model_id)
+    assert body["size"] == len(content)
+    assert body["sha256"] == hashlib.sha256(content).hexdigest()
+
+    # The bytes live in GridFS; the model document only points at them.
+    document = await raw_db["models"].find_one({"_id": uuid.UUID(model_id)})
+    assert document is not None
+    assert len(repr(document)) < 2000
+    gridfs_file = await raw_db["model_files.files"].find_one({"_id": document["file_id"]})
+    assert gridfs_file is not None
+    assert gridfs_file["length"] == len(content)
+    chunks = await raw_db["model_files.chunks"].find({"files_id": document["file_id"]}).sort("n").to_list()
+    assert len(chunks) > 1
+    assert b"".join(chunk["data"] for chunk in chunks) == content
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [
+        ("[1, 28, 28]", [1, 28, 28]),
+        ("[None, 3]", [None, 3]),
+        ("null", None),
+        ("None", None),
+        ("", None),
+        ("[]", []),
+    ],
+)
+async def test_input_shape_forms(client: TestClient, sent: str, stored: Any) -> None:
+    owner = await register(client)
+    model_id = await upload_model(client, owner, input_shape=sent)
+    assert (await metadata(client, owner, model_id))["input_shape"] == stored
+
+
+async def test_input_shape_is_optional(client: TestClient) -> None:
+    owner = await register(client)
+    model_id = await upload_model(client, owner)
+    assert (await metadata(client, owner, model_id))["input_shape"] is None
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"name": "m", "input_shape": "[1, 2"},
+        {"name": "m", "input_shape": "abc"},
+        {"name": "m", "input_shape": "[1.5, 2]"},
+        {"name": "m", "input_shape": '["a"]'},
+        {"name": "m", "input_shape": "[true]"},
+        {"name": "m", "input_shape": '{"a": 1}'},
+        {"name": "m", "input_shape": "7"},
+        {"name": "m", "input_shape": "[" + ", ".join(["1"] * 33) + "]"},
+        {"name": ""},
+        {"name": "x" * 257},
+        {"description": "no name"},
+    ],
+    ids=[
+        "unclosed list",
+        "not json",
+        "float",
+        "string item",
+        "bool item",
+        "object",
+        "scalar",
+        "too many dims",
+        "empty name",
+        "long name",
+        "missing name",
+    ],
+)
+async def test_invalid_upload_fields_are_400(
+    client: TestClient, raw_db: AsyncDatabase[dict[str, Any]], fields: dict[str, str]
+) -> None:
+    owner = await register(client)
+    response = await client.post("/api/models/", data=model_form(**fields), headers=owner.headers)
+    assert response.status == 400, await response.text()
+    assert "detail" in await response.json()
+    # A rejected upload leaves neither a model nor its bytes behind.
+    assert await raw_db["models"].count_documents({}) == 0
+    assert await raw_db["model_files.files"].count_documents({}) == 0
+    assert await raw_db["model_files.chunks"].count_documents({}) == 0
+
+
+async def test_missing_model_file_is_400(client: TestClient) -> None:
+    owner = await register(client)
+    response = await client.post(
+        "/api/models/", data=model_form(None, name="m", description="d"), headers=owner.headers
+    )
+    assert response.status == 400
+    assert "model_file" in (await response.json())["detail"]
+
+
+async def test_two_model_files_are_400(client: TestClient, raw_db: AsyncDatabase[dict[str, Any]]) -> None:
+    owner = await register(client)
+    form = model_form(b"one", name="m")
+    form.add_field("model_file", b"two", filename="second.pt", content_type="application/octet-stream")
+    response = await client.post("/api/models/", data=form, headers=owner.headers)
+    assert response.status == 400
+    assert await raw_db["model_files.files"].count_documents({}) == 0
+
+
+async def test_unknown_multipart_field_is_400(
+    client: TestClient, raw_db: AsyncDatabase[dict[str, Any]]
+) -> None:
+    owner = await register(client)
+    response = await client.post(
+        "/api/models/", data=model_form(name="m", surprise="x"), headers=owner.headers
+    )
+    assert response.status == 400
+    assert "surprise" in (await response.json())["detail"]
+    assert await raw_db["models"].count_documents({}) == 0
+    assert await raw_db["model_files.files"].count_documents({}) == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs"),
+    [
+        {"json": {"name": "m", "model_file": "AAAA"}},
+        {"data": b"raw bytes", "headers": {"Content-Type": "application/octet-stream"}},
+        {"data": {"name": "m"}},  # application/x-www-form-urlencoded
+    ],
+    ids=["json", "octet-stream", "urlencoded"],
+)
+async def test_non_multipart_upload_is_415(client: TestClient, kwargs: dict[str, Any]) -> None:
+    owner = await register(client)
+    headers = {**owner.headers, **kwargs.pop("headers", {})}
+    response = await client.post("/api/models/", headers=headers, **kwargs)
+    assert response.status == 415
+    assert "detail" in await response.json()
+
+
+@pytest.mark.parametrize("size", [1001, 600_000], ids=["just over", "many chunks over"])
+async def test_file_over_the_limit_is_413_and_leaves_nothing(
+    aiohttp_client: Any, settings: Settings, raw_db: AsyncDatabase[dict[str, Any]], size: int
+) -> None:
+    client = await aiohttp_client(create_app(settings.model_copy(update={"max_model_bytes": 1000})))
+    owner = await register(client)
+    response = await client.post(
+        "/api/models/", data=model_form(os.urandom(size), name="big"), headers=owner.headers
+    )
+    assert response.status == 413
+    assert "detail" in await response.json()
+    assert await raw_db["models"].count_documents({}) == 0
+    assert await raw_db["model_files.files"].count_documents({}) == 0
+    assert await raw_db["model_files.chunks"].count_documents({}) == 0
+    # A file at the limit is still accepted.
+    await upload_model(client, owner, os.urandom(1000))
+
+
+async def test_declared_body_far_over_the_limit_is_413(aiohttp_client: Any, settings: Settings) -> None:
+    client = await aiohttp_client(create_app(settings.model_copy(update={"max_model_bytes": 1000})))
+    owner = await register(client)
+    response = await client.post(
+        "/api/models/", data=model_form(b"\x00" * (3 * 1024 * 1024), name="huge"), headers=owner.headers
+    )
+    assert response.status == 413
+
+
+async def test_access_rules(client: TestClient, raw_db: AsyncDatabase[dict[str, Any]]) -> None:
+    owner = await register(client)
+    participant = await register(client)
+    stranger = await register(client)
+    model_id = await upload_model(client, owner, b"secret weights")
+    await create_training(client, owner, model_id, clients=[participant.id])
+
+    for account in (owner, participant):
+        assert (await metadata(client, account, model_id))["id"] == model_id
+        response = await client.get(f"/api/models/{model_id}/", headers=account.headers)
+        assert response.status == 200
+        assert await response.read() == b"secret weights"
+
+    for path in (f"/api/models/{model_id}/metadata/", f"/api/models/{model_id}/"):
+        response = await client.get(path, headers=stranger.headers)
+        assert response.status == 403
+        assert response.content_type == "application/json"
+        assert "detail" in await response.json()
+
+    # An actor who does not own the model (written directly, as a MongoDB-native tool could) reaches it too.
+    await raw_db["trainings"].update_one(
+        {"model": uuid.UUID(model_id)}, {"$set": {"actor": uuid.UUID(stranger.id)}}
+    )
+    assert (await metadata(client, stranger, model_id))["id"] == model_id
+
+
+@pytest.mark.parametrize("path", ["/api/models/{id}/metadata/", "/api/models/{id}/"])
+@pytest.mark.parametrize("model_id", [str(uuid.uuid4()), "not-a-uuid"], ids=["unknown", "malformed"])
+async def test_unknown_model_is_404(client: TestClient, path: str, model_id: str) -> None:
+    me = await register(client)
+    response = await client.get(path.format(id=model_id), headers=me.headers)
+    assert response.status == 404
+    assert "detail" in await response.json()
+
+
+async def test_list_shows_owned_and_reachable_models_only(client: TestClient) -> None:
+    alice = await register(client)
+    bob = await register(client)
+    carol = await register(client)
+    shared = await upload_model(client, alice, name="shared")
+    private = await upload_model(client, alice, name="private")
+    await create_training(client, alice, shared, clients=[bob.id])
+    bobs = await upload_model(client, bob, name="bobs")
+    carols = await upload_model(client, carol, name="carols")
+
+    async def listed(account: Account) -> set[str]:
+        response = await client.get("/api/models/", headers=account.headers)
+        assert response.status == 200
+        items = await response.json()
+        assert all(set(item) == METADATA_KEYS for item in items)
+        return {item["id"] for item in items}
+
+    assert await listed(alice) == {shared, private}
+    assert await listed(bob) == {shared, bobs}
+    assert await listed(carol) == {carols}
+
+
+async def test_owner_deletes_a_model_and_its_training(
+    client: TestClient, raw_db: AsyncDatabase[dict[str, Any]]
+) -> None:
+    owner = await register(client)
+    model_id = await upload_model(client, owner)
+    training_id = await create_training(client, owner, model_id)
+    stored = await raw_db["models"].find_one({"_id": uuid.UUID(model_id)})
+    assert stored is not None
+    file_id = stored["file_id"]
+
+    response = await client.delete(f"/api/models/{model_id}/", headers=owner.headers)
+    assert response.status == 200
+    assert await response.json() == {"detail": "Model removed!"}
+    assert (await client.get(f"/api/models/{model_id}/metadata/", headers=owner.headers)).status == 404
+    assert (await client.get(f"/api/trainings/{training_id}/", headers=owner.headers)).status == 404
+    assert await raw_db["model_files.files"].count_documents({"_id": file_id}) == 0
+    assert await raw_db["model_files.chunks"].count_documents({"files_id": file_id}) == 0
+    response = await client.delete(f"/api/models/{model_id}/", headers=owner.headers)
+    assert response.status == 404
+
+
+async def test_stranger_and_participant_cannot_delete(client: TestClient) -> None:
+    owner = await register(client)
+    participant = await register(client)
+    stranger = await register(client)
+    model_id = await upload_model(client, owner, b"keep me")
+    training_id = await create_training(client, owner, model_id, clients=[participant.id])
+    for account in (stranger, participant):
+        response = await client.delete(f"/api/models/{model_id}/", headers=account.headers)
+        assert response.status == 403
+        assert "detail" in await response.json()
+    response = await client.get(f"/api/models/{model_id}/", headers=owner.headers)
+    assert await response.read() == b"keep me"
+    assert (await client.get(f"/api/trainings/{training_id}/", headers=owner.headers)).status == 200
+
+
+async def test_actor_of_its_training_may_delete(
+    client: TestClient, raw_db: AsyncDatabase[dict[str, Any]]
+) -> None:
+    owner = await register(client)
+    actor = await register(client)
+    model_id = await upload_model(client, owner)
+    await create_training(client, owner, model_id)
+    await raw_db["trainings"].update_one(
+        {"model": uuid.UUID(model_id)}, {"$set": {"actor": uuid.UUID(actor.id)}}
+    )
+    response = await client.delete(f"/api/models/{model_id}/", headers=actor.headers)
+    assert response.status == 200
+    assert await raw_db["models"].count_documents({"_id": uuid.UUID(model_id)}) == 0
+    assert await raw_db["trainings"].count_documents({"model": uuid.UUID(model_id)}) == 0

@@ -1,0 +1,509 @@
+"""Stored documents, the collection validator, the daisy-chain hook, indexes and the mongoeco fixes."""
+
+import copy
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import bson
+import pytest
+from aiohttp.test_utils import TestClient
+from bson import Binary, Int64, ObjectId
+from bson.dbref import DBRef
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import DuplicateKeyError, WriteError
+
+from fltraining.documents import Training
+from fltraining.storage import mongoeco_fixes
+from fltraining.storage.database import database_name, init_database, make_client
+from tests.helpers import create_training, register, upload_model
+
+Raw = dict[str, Any]
+
+
+def db_name(url: str) -> str:
+    """The database a test URL names."""
+    return database_name(url, "fltraining")
+
+
+@pytest.fixture
+async def raw_db(database_url: str) -> AsyncIterator[AsyncDatabase[Raw]]:
+    """The test database through PyMongo with fltraining's codec options."""
+    mongo: AsyncMongoClient[Raw] = make_client(database_url)
+    yield mongo[db_name(database_url)]
+    await mongo.close()
+
+
+@pytest.fixture
+async def plain_db(database_url: str) -> AsyncIterator[AsyncDatabase[Raw]]:
+    """The test database through PyMongo with default codecs: UUIDs come back as raw Binary."""
+    mongo: AsyncMongoClient[Raw] = AsyncMongoClient(database_url, tz_aware=True)
+    yield mongo[db_name(database_url)]
+    await mongo.close()
+
+
+@pytest.fixture
+async def beanie_db(raw_db: AsyncDatabase[Raw]) -> AsyncDatabase[Raw]:
+    """The test database with validators, indexes and Beanie bound to it (no HTTP service)."""
+    await init_database(raw_db)
+    return raw_db
+
+
+def new_training(base: int = 42, period: int | None = 5, **fields: Any) -> Training:
+    """An unsaved training whose options carry the given daisy-chain period."""
+    options = {} if period is None else {"daisy_chain_period": period}
+    return Training(
+        model=uuid.uuid4(),
+        actor=uuid.uuid4(),
+        base_target_num_updates=base,
+        target_num_updates=base,
+        options=options,
+        **fields,
+    )
+
+
+async def stored_target(training: Training) -> int:
+    """The target_num_updates stored for a training, read raw."""
+    document = await Training.get_pymongo_collection().find_one({"_id": training.id})
+    assert document is not None
+    return int(document["target_num_updates"])
+
+
+# --- the stored training document -----------------------------------------------------------
+
+OPTIONS = {
+    "daisy_chain_period": 5,
+    "uncertainty": {"N": 3, "softmax": True},
+    "lr": 0.01,
+    "layers": [64, {"kind": "dense"}],
+    "note": None,
+    "nested": {"deep": {"er": [1, 2]}},
+}
+
+
+async def test_stored_training_document(client: TestClient, plain_db: AsyncDatabase[Raw]) -> None:
+    actor = await register(client)
+    participant = await register(client)
+    model_id = await upload_model(client, actor)
+    training_id = await create_training(
+        client,
+        actor,
+        model_id,
+        clients=[participant.id],
+        options=OPTIONS,
+        target_num_updates=42,
+        metric_names=["accuracy"],
+    )
+    document = await plain_db["trainings"].find_one({})
+    assert document is not None
+
+    def is_uuid(value: Any, expected: str) -> bool:
+        return isinstance(value, Binary) and value.subtype == 4 and value.as_uuid() == uuid.UUID(expected)
+
+    assert is_uuid(document["_id"], training_id)
+    assert is_uuid(document["model"], model_id)
+    assert is_uuid(document["actor"], actor.id)
+    assert len(document["participants"]) == 1 and is_uuid(document["participants"][0], participant.id)
+    for value in (document["model"], document["actor"], *document["participants"]):
+        assert not isinstance(value, DBRef)
+    for field, code in (("state", "I"), ("aggregation_method", "FedAvg"), ("uncertainty_method", "NONE")):
+        assert type(document[field]) is str and document[field] == code
+    assert document["options"] == OPTIONS
+    assert document["target_num_updates"] == 210
+    assert document["metric_names"] == ["accuracy"]
+    assert document["locked"] is False
+    assert document["state_detail"] is None
+    assert isinstance(document["created_at"], datetime) and isinstance(document["last_update"], datetime)
+    # References join on plain fields: $lookup from trainings to models and users works.
+    cursor = await plain_db["trainings"].aggregate(
+        [
+            {"$lookup": {"from": "models", "localField": "model", "foreignField": "_id", "as": "model_doc"}},
+            {"$lookup": {"from": "users", "localField": "actor", "foreignField": "_id", "as": "actor_doc"}},
+        ]
+    )
+    joined = await cursor.to_list()
+    assert joined[0]["model_doc"][0]["name"] == "model"
+    assert joined[0]["actor_doc"][0]["username"] == actor.username
+
+
+# --- the $jsonSchema validator --------------------------------------------------------------
+
+
+@pytest.fixture
+async def enforcing_backend(raw_db: AsyncDatabase[Raw], backend_name: str) -> None:
+    """Skip, on this backend only, when it does not enforce `$jsonSchema` validators at all."""
+    await raw_db.create_collection("validator_probe", validator={"$jsonSchema": {"required": ["x"]}})
+    try:
+        await raw_db["validator_probe"].insert_one({"y": 1})
+    except WriteError:
+        return
+    finally:
+        await raw_db.drop_collection("validator_probe")
+    reason = f"{backend_name} does not enforce $jsonSchema validators"
+    print(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+async def valid_training_document(beanie_db: AsyncDatabase[Raw]) -> Raw:
+    """A raw training document that the validator accepts, as a template."""
+    training = new_training()
+    await training.insert()
+    document = await beanie_db["trainings"].find_one({"_id": training.id})
+    assert document is not None
+    return document
+
+
+def fresh(document: Raw) -> Raw:
+    """A copy with a new id and a new model, so unique indexes do not interfere."""
+    clone = copy.deepcopy(document)
+    clone["_id"] = uuid.uuid4()
+    clone["model"] = uuid.uuid4()
+    return clone
+
+
+def without(field: str) -> Callable[[Raw], None]:
+    """A mutation removing a field."""
+    return lambda document: document.pop(field)
+
+
+def setting(field: str, value: Any) -> Callable[[Raw], None]:
+    """A mutation setting a field."""
+    return lambda document: document.__setitem__(field, value)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        setting("state", "X"),
+        setting("state", "TrainingState.INITIAL"),
+        setting("aggregation_method", "fedavg"),
+        setting("uncertainty_method", None),
+        setting("target_num_updates", 0),
+        setting("target_num_updates", "42"),
+        setting("model", "not a uuid"),
+        setting("actor", DBRef("users", uuid.uuid4())),
+        setting("participants", ["someone"]),
+        setting("options", "not an object"),
+        setting("options", {"daisy_chain_period": "5"}),
+        setting("options", {"uncertainty": {"N": 0}}),
+        setting("locked", "no"),
+        setting("last_update", "2026-11-27T10:00:00Z"),
+        without("state"),
+        without("actor"),
+        without("target_num_updates"),
+        without("options"),
+    ],
+    ids=[
+        "state X",
+        "state python repr",
+        "aggregation lower-case",
+        "uncertainty null",
+        "target 0",
+        "target string",
+        "model string",
+        "actor dbref",
+        "participant string",
+        "options string",
+        "period string",
+        "uncertainty N 0",
+        "locked string",
+        "last_update string",
+        "no state",
+        "no actor",
+        "no target",
+        "no options",
+    ],
+)
+async def test_validator_rejects_a_broken_raw_training(
+    enforcing_backend: None,
+    beanie_db: AsyncDatabase[Raw],
+    valid_training_document: Raw,
+    mutate: Callable[[Raw], None],
+) -> None:
+    trainings = beanie_db["trainings"]
+    await trainings.insert_one(fresh(valid_training_document))  # the template itself is accepted
+    broken = fresh(valid_training_document)
+    mutate(broken)
+    with pytest.raises(WriteError) as raised:
+        await trainings.insert_one(broken)
+    assert not isinstance(raised.value, DuplicateKeyError)
+    assert await trainings.count_documents({"_id": broken["_id"]}) == 0
+
+
+async def test_validator_rejects_a_broken_raw_update(
+    enforcing_backend: None, beanie_db: AsyncDatabase[Raw], valid_training_document: Raw
+) -> None:
+    trainings = beanie_db["trainings"]
+    with pytest.raises(WriteError):
+        await trainings.update_one({"_id": valid_training_document["_id"]}, {"$set": {"state": "X"}})
+    stored = await trainings.find_one({"_id": valid_training_document["_id"]})
+    assert stored is not None and stored["state"] == "I"
+
+
+# --- the daisy-chain hook -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("base", "period", "stored"), [(42, 5, 210), (42, 0, 42), (42, None, 42), (7, 1, 7)])
+async def test_insert_applies_daisy_chain(
+    beanie_db: AsyncDatabase[Raw], base: int, period: int | None, stored: int
+) -> None:
+    training = new_training(base, period)
+    await training.insert()
+    assert await stored_target(training) == stored
+    assert training.target_num_updates == stored
+
+
+async def test_save_of_a_new_training_applies_daisy_chain(beanie_db: AsyncDatabase[Raw]) -> None:
+    training = new_training(42, 5)
+    await training.save()
+    assert await stored_target(training) == 210
+
+
+async def test_insert_many_applies_daisy_chain(beanie_db: AsyncDatabase[Raw]) -> None:
+    trainings = [new_training(42, 5), new_training(10, 3), new_training(8, None)]
+    await Training.insert_many(trainings)
+    assert [await stored_target(training) for training in trainings] == [210, 30, 8]
+
+
+async def test_retried_insert_is_rejected_and_not_doubled(beanie_db: AsyncDatabase[Raw]) -> None:
+    training = new_training(42, 5)
+    await training.insert()
+    with pytest.raises(DuplicateKeyError):
+        await training.insert()
+    assert await stored_target(training) == 210
+    assert training.target_num_updates == 210
+    assert await Training.find({"_id": training.id}).count() == 1
+
+
+async def test_saving_an_existing_training_does_not_multiply_again(beanie_db: AsyncDatabase[Raw]) -> None:
+    training = new_training(42, 5)
+    await training.insert()
+    training.metric_names = ["loss"]
+    await training.save()
+    loaded = await Training.get(training.id)
+    assert loaded is not None
+    await loaded.save()
+    await loaded.replace()
+    assert await stored_target(training) == 210
+    reloaded = await Training.get(training.id)
+    assert reloaded is not None and reloaded.target_num_updates == 210 and reloaded.metric_names == ["loss"]
+
+
+async def test_changing_the_period_and_saving_recomputes_from_the_requested_target(
+    beanie_db: AsyncDatabase[Raw],
+) -> None:
+    training = new_training(42, 5)
+    await training.insert()
+    training.options = {"daisy_chain_period": 2}
+    await training.save()
+    assert await stored_target(training) == 84
+
+
+# --- unique indexes -------------------------------------------------------------------------
+
+
+async def test_one_training_per_model(beanie_db: AsyncDatabase[Raw], valid_training_document: Raw) -> None:
+    trainings = beanie_db["trainings"]
+    same_model = fresh(valid_training_document)
+    same_model["model"] = valid_training_document["model"]
+    with pytest.raises(DuplicateKeyError):
+        await trainings.insert_one(same_model)
+    await trainings.insert_one(fresh(valid_training_document))  # another model is fine
+    assert await trainings.count_documents({"model": valid_training_document["model"]}) == 1
+
+
+async def test_usernames_are_unique(client: TestClient, raw_db: AsyncDatabase[Raw]) -> None:
+    await register(client, "unique-name")
+    users = raw_db["users"]
+    original = await users.find_one({"username": "unique-name"})
+    assert original is not None
+    duplicate = {**original, "_id": uuid.uuid4(), "token_hash": "f" * 64}
+    with pytest.raises(DuplicateKeyError):
+        await users.insert_one(duplicate)
+    await users.insert_one({**duplicate, "username": "other-name"})
+    assert await users.count_documents({"username": "unique-name"}) == 1
+
+
+# --- the mongoeco 4.11.0 fixes --------------------------------------------------------------
+
+
+def test_apply_refuses_another_mongoeco_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mongoeco import _version
+    from mongoeco.engines import memory, sqlite
+    from mongoeco.wire import bson_bridge, protocol
+
+    monkeypatch.setattr(mongoeco_fixes, "_applied", False)
+    monkeypatch.setattr(_version, "__version__", "4.12.0")
+    patched = (
+        memory.MemoryEngine._ensure_unique_indexes,
+        sqlite.SQLiteEngine._validate_document_against_unique_indexes,
+        protocol.encode_wire_value,
+        bson_bridge.encode_wire_value,
+    )
+    with pytest.raises(mongoeco_fixes.UnsupportedMongoecoVersion, match="4.12.0"):
+        mongoeco_fixes.apply()
+    assert mongoeco_fixes._applied is False
+    assert patched == (
+        memory.MemoryEngine._ensure_unique_indexes,
+        sqlite.SQLiteEngine._validate_document_against_unique_indexes,
+        protocol.encode_wire_value,
+        bson_bridge.encode_wire_value,
+    )
+
+
+@pytest.fixture(scope="module")
+def fixed_mongoeco() -> None:
+    """Apply the fixes in this process too, for the in-process engine tests."""
+    mongoeco_fixes.apply()
+
+
+def test_apply_is_idempotent(fixed_mongoeco: None) -> None:
+    from mongoeco.engines import memory
+    from mongoeco.wire import protocol
+
+    before = (memory.MemoryEngine._ensure_unique_indexes, protocol.encode_wire_value)
+    mongoeco_fixes.apply()
+    assert (memory.MemoryEngine._ensure_unique_indexes, protocol.encode_wire_value) == before
+
+
+ENGINES = ["memory", "sqlite"]
+
+
+@pytest.fixture
+async def engine_collection(
+    request: pytest.FixtureRequest, fixed_mongoeco: None, tmp_path: Path
+) -> AsyncIterator[Any]:
+    """A collection on an in-process mongoeco engine (`request.param`: memory or sqlite)."""
+    import mongoeco
+    from mongoeco.engines.memory import MemoryEngine
+    from mongoeco.engines.sqlite import SQLiteEngine
+
+    engine = MemoryEngine() if request.param == "memory" else SQLiteEngine(str(tmp_path / "engine.sqlite3"))
+    client = mongoeco.AsyncMongoClient(engine)
+    async with client:
+        yield client["db"]["things"]
+
+
+SAME_UUID = uuid.uuid4()
+SAME_OBJECT_ID = ObjectId()
+DUPLICATE_IDS = [
+    (SAME_UUID, SAME_UUID),
+    ("name", "name"),
+    (SAME_OBJECT_ID, SAME_OBJECT_ID),
+    (1, 1),
+    (1, 1.0),
+    (1, Int64(1)),
+    (1.0, Int64(1)),
+    (Int64(1), 1),
+]
+DUPLICATE_IDS_NAMES = [
+    "uuid",
+    "string",
+    "objectid",
+    "int",
+    "int-double",
+    "int-int64",
+    "double-int64",
+    "int64-int",
+]
+
+
+@pytest.mark.parametrize("engine_collection", ENGINES, indirect=True)
+@pytest.mark.parametrize(("first", "second"), DUPLICATE_IDS, ids=DUPLICATE_IDS_NAMES)
+async def test_duplicate_id_is_rejected_in_process(engine_collection: Any, first: Any, second: Any) -> None:
+    await engine_collection.insert_one({"_id": uuid.uuid4()})  # not alone in the collection
+    await engine_collection.insert_one({"_id": first, "n": 1})
+    with pytest.raises(DuplicateKeyError):
+        await engine_collection.insert_one({"_id": second, "n": 2})
+    assert await engine_collection.count_documents({}) == 2
+    assert (await engine_collection.find_one({"_id": first}))["n"] == 1
+
+
+@pytest.mark.parametrize(("first", "second"), DUPLICATE_IDS, ids=DUPLICATE_IDS_NAMES)
+async def test_duplicate_id_is_rejected_over_the_wire(
+    raw_db: AsyncDatabase[Raw], first: Any, second: Any
+) -> None:
+    collection = raw_db["things"]
+    await collection.insert_one({"_id": uuid.uuid4()})
+    await collection.insert_one({"_id": first, "n": 1})
+    with pytest.raises(DuplicateKeyError):
+        await collection.insert_one({"_id": second, "n": 2})
+    assert await collection.count_documents({}) == 2
+
+
+@pytest.fixture
+def scanned_documents(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Count the stored documents either engine decodes for a full-collection scan."""
+    from mongoeco.engines.memory import MemoryEngine
+    from mongoeco.engines.sqlite import SQLiteEngine
+
+    counter = [0]
+    load_documents = SQLiteEngine._load_documents
+    borrow = MemoryEngine._borrow_storage_document
+
+    def counting_load(self: Any, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        for row in load_documents(self, *args, **kwargs):
+            counter[0] += 1
+            yield row
+
+    def counting_borrow(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counter[0] += 1
+        return borrow(self, *args, **kwargs)
+
+    monkeypatch.setattr(SQLiteEngine, "_load_documents", counting_load)
+    monkeypatch.setattr(MemoryEngine, "_borrow_storage_document", counting_borrow)
+    yield counter
+
+
+STORED = 60
+
+
+@pytest.mark.parametrize("engine_collection", ENGINES, indirect=True)
+@pytest.mark.parametrize(
+    "make_id", [uuid.uuid4, ObjectId, lambda: uuid.uuid4().hex], ids=["uuid", "objectid", "string"]
+)
+async def test_insert_does_not_scan_the_collection(
+    engine_collection: Any, scanned_documents: list[int], make_id: Callable[[], Any]
+) -> None:
+    await engine_collection.create_index("name", unique=True)
+    await engine_collection.insert_many([{"_id": make_id(), "name": f"n{i}"} for i in range(STORED)])
+    scanned_documents[0] = 0
+    await engine_collection.insert_one({"_id": make_id(), "name": "new"})
+    assert scanned_documents[0] == 0
+    # A numeric _id still needs the scan (1, 1.0 and Int64(1) are one key): the counter sees it.
+    await engine_collection.insert_one({"_id": 7, "name": "numeric"})
+    assert scanned_documents[0] >= STORED
+
+
+def test_wire_encoder_handles_nested_dbrefs_with_uuid_ids(fixed_mongoeco: None) -> None:
+    from mongoeco.wire import protocol
+
+    target = uuid.uuid4()
+    document = {
+        "_id": 1,
+        "ref": DBRef("models", target),
+        "refs": [{"deep": DBRef("users", target, extra=target)}],
+    }
+    decoded = bson.decode(
+        bson.encode(protocol.encode_wire_value(document)), bson.CodecOptions(uuid_representation=4)
+    )
+    assert decoded["ref"] == DBRef("models", target)
+    assert decoded["refs"][0]["deep"].id == target
+
+
+async def test_dbref_with_uuid_id_round_trips_over_the_wire(raw_db: AsyncDatabase[Raw]) -> None:
+    collection = raw_db["references"]
+    document_id, target = uuid.uuid4(), uuid.uuid4()
+    document = {
+        "_id": document_id,
+        "model": DBRef("models", target),
+        "many": [DBRef("users", uuid.uuid4(), "other")],
+    }
+    await collection.insert_one(document)
+    read = await collection.find_one({"_id": document_id})
+    assert read == document
+    assert await collection.find({}).to_list() == [document]

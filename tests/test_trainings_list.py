@@ -1,0 +1,187 @@
+"""The training lists: who sees what, filters, paging, ordering and strict query parsing."""
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from aiohttp.test_utils import TestClient
+
+from tests.helpers import Account, create_training, register, update_stored_training
+
+LISTS = ("/api/trainings/", "/api/users/trainings/")
+BASE = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@dataclass
+class World:
+    """Three users and five trainings in several states and methods."""
+
+    actor: Account
+    participant: Account
+    stranger: Account
+    initial: str  # actor's, I, FedAvg/NONE
+    ongoing: str  # actor's, O, FedProx/SWAG, participant takes part
+    failed: str  # actor's, E, FedDC/MC_DROPOUT
+    participants_own: str  # participant's, I, FedAvg/ENSEMBLE
+    strangers: str  # stranger's, I, FedProx/NONE, actor takes part
+
+
+async def build_world(client: TestClient) -> World:
+    """Create the trainings of the list tests through the API."""
+    actor, participant, stranger = await register(client), await register(client), await register(client)
+    initial = await create_training(client, actor)
+    ongoing = await create_training(
+        client, actor, clients=[participant.id], aggregation_method="FedProx", uncertainty_method="SWAG"
+    )
+    assert (await client.post(f"/api/trainings/{ongoing}/start/", headers=actor.headers)).status == 202
+    failed = await create_training(client, actor, aggregation_method="FedDC", uncertainty_method="MC_DROPOUT")
+    assert (await client.post(f"/api/trainings/{failed}/cancel/", headers=actor.headers)).status == 202
+    participants_own = await create_training(client, participant, uncertainty_method="ENSEMBLE")
+    strangers = await create_training(client, stranger, clients=[actor.id], aggregation_method="FedProx")
+    return World(actor, participant, stranger, initial, ongoing, failed, participants_own, strangers)
+
+
+async def listed(client: TestClient, account: Account, path: str, query: str = "") -> tuple[list[str], int]:
+    """The ids a list answers with, in order, and its X-Total-Count."""
+    response = await client.get(path + query, headers=account.headers)
+    assert response.status == 200, (path, query, await response.text())
+    body = await response.json()
+    return [training["id"] for training in body], int(response.headers["X-Total-Count"])
+
+
+async def test_lists_show_trainings_as_actor_or_also_as_participant(client: TestClient) -> None:
+    world = await build_world(client)
+    mine = {world.initial, world.ongoing, world.failed}
+    ids, total = await listed(client, world.actor, "/api/trainings/")
+    assert (set(ids), total, len(ids)) == (mine, 3, 3)
+    ids, total = await listed(client, world.actor, "/api/users/trainings/")
+    assert (set(ids), total, len(ids)) == (mine | {world.strangers}, 4, 4)
+    ids, total = await listed(client, world.participant, "/api/trainings/")
+    assert (ids, total) == ([world.participants_own], 1)
+    ids, total = await listed(client, world.participant, "/api/users/trainings/")
+    assert (set(ids), total) == ({world.ongoing, world.participants_own}, 2)
+    ids, total = await listed(client, world.stranger, "/api/trainings/")
+    assert (ids, total) == ([world.strangers], 1)
+    newcomer = await register(client)
+    for path in LISTS:
+        response = await client.get(path, headers=newcomer.headers)
+        assert response.status == 200
+        assert await response.json() == []
+        assert response.headers["X-Total-Count"] == "0"
+
+    response = await client.get("/api/trainings/", headers=world.actor.headers)
+    item = next(t for t in await response.json() if t["id"] == world.ongoing)
+    assert item["participants"] == [world.participant.id]
+    assert (item["state"], item["aggregation_method"], item["uncertainty_method"]) == ("O", "FedProx", "SWAG")
+    assert item["actor"] == world.actor.id
+    assert item["created_at"].endswith("Z") and item["last_update"].endswith("Z")
+
+
+async def test_lists_filter_by_state_and_methods(client: TestClient) -> None:
+    world = await build_world(client)
+    cases = {
+        "?state=I": {world.initial, world.strangers},
+        "?state=O": {world.ongoing},
+        "?state=E": {world.failed},
+        "?state=C": set(),
+        "?state=I&state=O": {world.initial, world.ongoing, world.strangers},
+        "?state=O,E": {world.ongoing, world.failed},
+        "?state=I,E&state=O": {world.initial, world.ongoing, world.failed, world.strangers},
+        "?aggregation_method=FedProx": {world.ongoing, world.strangers},
+        "?aggregation_method=FedAvg": {world.initial},
+        "?uncertainty_method=MC_DROPOUT": {world.failed},
+        "?uncertainty_method=NONE": {world.initial, world.strangers},
+        "?uncertainty_method=ENSEMBLE": set(),
+        "?state=I&aggregation_method=FedProx": {world.strangers},
+        "?state=O,E&uncertainty_method=SWAG&aggregation_method=FedProx": {world.ongoing},
+    }
+    for query, expected in cases.items():
+        ids, total = await listed(client, world.actor, "/api/users/trainings/", query)
+        assert (set(ids), total) == (expected, len(expected)), query
+        ids, total = await listed(client, world.actor, "/api/trainings/", query)
+        as_actor = expected - {world.strangers}
+        assert (set(ids), total) == (as_actor, len(as_actor)), query
+    ids, total = await listed(
+        client, world.participant, "/api/users/trainings/", "?uncertainty_method=ENSEMBLE"
+    )
+    assert (ids, total) == ([world.participants_own], 1)
+
+
+async def test_lists_order_and_page(client: TestClient, database_url: str) -> None:
+    actor, other = await register(client), await register(client)
+    first = await create_training(client, actor)
+    second = await create_training(client, actor)
+    third = await create_training(client, other, clients=[actor.id])
+    # Distinct, known times (the API stores milliseconds; quick creations may share one).
+    for minutes, (training_id, touched) in enumerate([(first, 30), (second, 10), (third, 20)], start=1):
+        await update_stored_training(
+            database_url,
+            training_id,
+            created_at=BASE + timedelta(minutes=minutes),
+            last_update=BASE + timedelta(minutes=touched),
+        )
+    orders = {
+        "": [first, third, second],
+        "?ordering=-last_update": [first, third, second],
+        "?ordering=last_update": [second, third, first],
+        "?ordering=created_at": [first, second, third],
+        "?ordering=-created_at": [third, second, first],
+    }
+    for query, expected in orders.items():
+        assert await listed(client, actor, "/api/users/trainings/", query) == (expected, 3), query
+        as_actor = [training_id for training_id in expected if training_id != third]
+        assert await listed(client, actor, "/api/trainings/", query) == (as_actor, 2), query
+    pages = {
+        "?limit=1": [first],
+        "?limit=2": [first, third],
+        "?limit=2&offset=2": [second],
+        "?limit=1&offset=1&ordering=created_at": [second],
+        "?offset=1": [third, second],
+        "?offset=3": [],
+        "?offset=100": [],
+        "?limit=1000": [first, third, second],
+        "?limit=1&state=I&ordering=last_update": [second],
+    }
+    for query, expected in pages.items():
+        assert await listed(client, actor, "/api/users/trainings/", query) == (expected, 3), query
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "?foo=1",
+        "?state[$ne]=I",
+        "?state%5B%24ne%5D=I",
+        "?state[]=I",
+        "?$where=1",
+        "?page=2",
+        "?limit=1&limit=2",
+        "?offset=0&offset=1",
+        "?ordering=created_at&ordering=last_update",
+        "?aggregation_method=FedAvg&aggregation_method=FedDC",
+        "?limit=0",
+        "?limit=1001",
+        "?limit=-1",
+        "?limit=abc",
+        "?limit=1.5",
+        "?limit=",
+        "?offset=-1",
+        "?offset=x",
+        "?ordering=foo",
+        "?ordering=id",
+        "?ordering=-state",
+        "?state=X",
+        "?state=i",
+        "?state=I,X",
+        "?aggregation_method=fedavg",
+        "?uncertainty_method=none",
+    ],
+)
+async def test_lists_reject_bad_queries(client: TestClient, query: str) -> None:
+    actor = await register(client)
+    await create_training(client, actor)
+    for path in LISTS:
+        response = await client.get(path + query, headers=actor.headers)
+        assert response.status == 400, (path, query, await response.text())
+        assert response.headers["Content-Type"].startswith("application/json")
+        assert isinstance((await response.json())["detail"], str)
