@@ -3,7 +3,7 @@
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import Field, StrictInt, StrictStr
+from pydantic import AliasChoices, Field, StrictInt, StrictStr
 
 from fltraining.schemas.common import PublicModel, RequestModel, UtcDatetime
 from fltraining.states import AggregationMethod, TrainingState, UncertaintyMethod
@@ -48,9 +48,9 @@ class ClientsBody(RequestModel):
 
 
 class TrainingPublic(PublicModel):
-    """A training as clients see it."""
+    """A training as clients see it (built from a Document or a raw stored document)."""
 
-    id: UUID
+    id: UUID = Field(validation_alias=AliasChoices("id", "_id"))
     model: UUID
     actor: UUID
     participants: list[UUID]
