@@ -1,6 +1,5 @@
 """The application factory."""
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -43,13 +42,15 @@ async def embedded_store_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
         return
     store = EmbeddedStore(settings.data_dir, settings.embedded_host, settings.embedded_port)
-    url = await asyncio.to_thread(store.start)
+    # Started from the main thread on purpose: Linux ties the child's parent-death signal to
+    # the thread that forked it, and a pool thread may exit while the service runs on.
+    url = store.start()
     log.info("store: embedded (mongoeco on SQLite), data in %s, reachable at %s", store.data_path, url)
     app[settings_key] = settings.model_copy(update={"mongodb_url": url})
     try:
         yield
     finally:
-        await asyncio.to_thread(store.stop)
+        store.stop()
 
 
 async def database_ctx(app: web.Application) -> AsyncIterator[None]:
