@@ -4,6 +4,7 @@ from collections.abc import AsyncIterator
 from uuid import UUID, uuid4
 
 from fltraining.documents import Model, Training, User
+from fltraining.storage.queries import find_document
 from fltraining.errors import NotFound, PermissionDenied
 from fltraining.schemas.models import ModelCreate
 from fltraining.storage.files import ModelFiles, StoredFile
@@ -44,7 +45,7 @@ class ModelService:
 
     async def get(self, model_id: UUID) -> Model:
         """One model by id, or 404."""
-        model = await Model.get(model_id)
+        model = await find_document(Model, {"_id": model_id})
         if model is None:
             raise NotFound(f"Model {model_id} not found.")
         return model
@@ -83,7 +84,7 @@ class ModelService:
         """Delete a model (owner, or actor of its training) and, by cascade, its training."""
         model = await self.get(model_id)
         if model.owner != user.id:
-            training = await Training.find_one({"model": model.id})
+            training = await find_document(Training, {"model": model.id})
             if training is None or training.actor != user.id:
                 raise PermissionDenied(
                     "You are neither the owner of the model nor the actor of the corresponding training."

@@ -4,10 +4,12 @@ from typing import Any
 from uuid import UUID
 
 from pydantic import ValidationError
+from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
 from fltraining.clock import utcnow
 from fltraining.documents import Training, User
+from fltraining.storage.queries import find_document
 from fltraining.errors import Conflict, InvalidInput, NotFound, PermissionDenied, PreconditionFailed
 from fltraining.options import TrainingOptions, daisy_chained_target, find_value_problems
 from fltraining.schemas.common import iso_z, public_errors
@@ -22,6 +24,14 @@ PATCH_RETRIES = 8
 def _touch() -> dict[str, Any]:
     """The fields every write to a training sets."""
     return {"$set": {"last_update": utcnow()}, "$inc": {"version": 1}}
+
+
+async def _update_and_return(query: dict[str, Any], update: dict[str, Any]) -> Training | None:
+    """One conditional update; the training as written, or None when the condition failed."""
+    written = await Training.get_pymongo_collection().find_one_and_update(
+        query, update, return_document=ReturnDocument.AFTER
+    )
+    return None if written is None else Training.model_validate(written)
 
 
 class TrainingService:
@@ -87,7 +97,7 @@ class TrainingService:
 
     async def get(self, training_id: UUID) -> Training:
         """One training by id, or 404."""
-        training = await Training.get(training_id)
+        training = await find_document(Training, {"_id": training_id})
         if training is None:
             raise NotFound(f"Training {training_id} not found.")
         return training
@@ -159,11 +169,11 @@ class TrainingService:
                     update["$set"]["target_num_updates"] = daisy_chained_target(value, period)
                 else:
                     update["$set"][field] = value
-            result = await Training.get_pymongo_collection().update_one(
+            patched = await _update_and_return(
                 {"_id": training.id, "version": training.version, "state": str(TrainingState.INITIAL)}, update
             )
-            if result.modified_count:
-                return await self.get(training_id)
+            if patched is not None:
+                return patched
         raise Conflict("The training kept changing; try again.")
 
     async def delete(self, user: User, training_id: UUID) -> None:
@@ -210,10 +220,9 @@ class TrainingService:
         update["$set"]["state"] = str(target)
         if state_detail is not None:
             update["$set"]["state_detail"] = state_detail
-        result = await Training.get_pymongo_collection().update_one(
+        return await _update_and_return(
             {"_id": training_id, "state": {"$in": [str(s) for s in sources]}, **(extra_filter or {})}, update
         )
-        return await self.get(training_id) if result.modified_count else None
 
     async def start(self, user: User, training_id: UUID) -> Training:
         """I -> O, only with at least one participant; 409 for any other state or a lost race."""

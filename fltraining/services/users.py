@@ -8,6 +8,7 @@ from pymongo.errors import DuplicateKeyError
 from fltraining.clock import utcnow
 from fltraining.credential_cache import CredentialCache
 from fltraining.documents import Model, Training, User
+from fltraining.storage.queries import find_document
 from fltraining.errors import Conflict, InvalidInput, NotFound
 from fltraining.schemas.users import UserCreate
 from fltraining.services.models import ModelService
@@ -48,7 +49,7 @@ class UserService:
         key = self._cache.key("token", token)
         if (cached := self._cache.get(key)) is not None:
             return cached
-        user = await User.find_one({"token_hash": token_hash(token)})
+        user = await find_document(User, {"token_hash": token_hash(token)})
         if user is None or not tokens_match(user.token_hash, token):
             return None
         self._cache.put(key, user)
@@ -59,7 +60,7 @@ class UserService:
         key = self._cache.key("password", username, password)
         if (cached := self._cache.get(key)) is not None:
             return cached
-        user = await User.find_one({"username": username})
+        user = await find_document(User, {"username": username})
         valid = await asyncio.to_thread(
             self._passwords.verify, user.password_hash if user else None, password
         )
@@ -70,7 +71,7 @@ class UserService:
 
     async def get(self, user_id: UUID) -> User:
         """One user by id."""
-        user = await User.get(user_id)
+        user = await find_document(User, {"_id": user_id})
         if user is None:
             raise NotFound(f"User {user_id} not found.")
         return user
