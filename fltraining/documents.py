@@ -31,7 +31,12 @@ class User(Document):
     message_endpoint: str | None = Field(default=None, max_length=2048)
     password_hash: str = Field(min_length=1)
     token_hash: str = Field(min_length=64, max_length=64)
+    token_expires_at: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
+
+    def token_expired(self, now: datetime) -> bool:
+        """Whether the token's lifetime has run out."""
+        return self.token_expires_at is not None and self.token_expires_at <= now
 
     class Settings:
         name = "users"
@@ -118,4 +123,18 @@ class Training(Document):
         return await super().insert_many(documents, session=session, **pymongo_kwargs)
 
 
-DOCUMENT_MODELS: list[type[Document]] = [User, Model, Training]
+class LoginFailures(Document):
+    """Failed logins from one address in one time window (shared by every service process)."""
+
+    id: str = Field(max_length=200)  # type: ignore[assignment]  # "<address>@<window start>"
+    failures: int = Field(ge=1)
+    expires_at: datetime
+
+    class Settings:
+        name = "login_failures"
+        indexes: ClassVar[list[IndexModel]] = [
+            IndexModel("expires_at", expireAfterSeconds=0, name="expires_at_ttl"),
+        ]
+
+
+DOCUMENT_MODELS: list[type[Document]] = [User, Model, Training, LoginFailures]

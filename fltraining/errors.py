@@ -68,6 +68,10 @@ class UnsupportedMediaType(FLTrainingError):
 
 
 class TooManyRequests(FLTrainingError):
-    """The client sent too many requests (e.g. failed logins)."""
+    """The client sent too many requests (e.g. failed logins); retry after `retry_after` seconds."""
 
     status = 429
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after

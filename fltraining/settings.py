@@ -48,4 +48,24 @@ class Settings(BaseSettings):
         default=2.0, ge=0, le=300,
         description="How long a process trusts verified credentials without asking the database (0 = never).",
     )
+    token_lifetime_days: float = Field(
+        default=0, ge=0, description="Days a new user's token stays valid (0 = no expiry, as DLR)."
+    )
+    login_failure_limit: int = Field(
+        default=20, ge=0, description="Failed logins per address and window before 429 (0 = no limit)."
+    )
+    login_failure_window_seconds: int = Field(
+        default=60, ge=1, le=86_400, description="Length of the failed-login window."
+    )
+    body_timeout_seconds: float = Field(
+        default=30.0, gt=0, le=3600,
+        description="Longest wait for a whole JSON body, or for the next bytes of a model upload (408).",
+    )
+    upload_timeout_seconds: float = Field(
+        default=3600.0, gt=0, description="Longest a model upload may take in full (408)."
+    )
+    keepalive_timeout_seconds: float = Field(
+        default=75.0, gt=0, le=3600,
+        description="Longest a connection may stay without a complete request: idle, or headers arriving slowly.",
+    )
     log_level: str = Field(default="INFO", description="Python logging level.")

@@ -5,15 +5,10 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from fltraining.credential_cache import CredentialCache
-from fltraining.security import PasswordHashing
-from fltraining.services.models import ModelService
-from fltraining.services.trainings import TrainingService
-from fltraining.services.users import UserService
+from fltraining.services.factory import build_services
 from fltraining.settings import Settings
 from fltraining.storage.database import database_name, init_database, make_client
 from fltraining.storage.embedded import EmbeddedStore
-from fltraining.storage.files import ModelFiles
 from routes import models, service, trainings, users
 from routes.auth import make_auth_middleware
 from routes.errors import error_middleware
@@ -60,15 +55,12 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     client = make_client(settings.mongodb_url)
     name = database_name(settings.mongodb_url, settings.database)
     await init_database(client[name])
-    models_service = ModelService(ModelFiles(client[name]), settings.max_model_bytes)
-    users_service = UserService(
-        PasswordHashing(settings.password_hash_time_cost), models_service, CredentialCache(settings.auth_cache_seconds)
-    )
+    services = build_services(client[name], settings)
     app[mongo_client_key] = client
     app[database_name_key] = name
-    app[models_key] = models_service
-    app[users_key] = users_service
-    app[trainings_key] = TrainingService(users_service, models_service, settings.max_options_depth)
+    app[models_key] = services.models
+    app[users_key] = services.users
+    app[trainings_key] = services.trainings
     try:
         yield
     finally:

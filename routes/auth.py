@@ -8,7 +8,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from fltraining.documents import User
-from fltraining.errors import NotAuthenticated
+from fltraining.errors import NotAuthenticated, TooManyRequests
 from fltraining.services.users import UserService
 from routes.keys import user_key, users_key
 
@@ -19,7 +19,7 @@ MAX_HEADER = 4096
 PublicCheck = Callable[[web.Request], bool]
 
 
-async def authenticate(users: UserService, header: str) -> User:
+async def authenticate(users: UserService, header: str, address: str) -> User:
     """Resolve an Authorization header to a user, or raise 401."""
     if len(header) > MAX_HEADER:
         raise NotAuthenticated(INVALID)
@@ -28,7 +28,7 @@ async def authenticate(users: UserService, header: str) -> User:
     credentials = credentials.strip()
     user: User | None = None
     if scheme in {"token", "bearer"} and credentials:
-        user = await users.by_token(credentials)
+        user = await users.by_token(credentials, address)
     elif scheme == "basic" and credentials:
         try:
             decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
@@ -37,7 +37,7 @@ async def authenticate(users: UserService, header: str) -> User:
         name, colon, password = decoded.partition(":")
         if not colon or not name:
             raise NotAuthenticated(INVALID)
-        user = await users.by_token(name) if password == "" else await users.by_password(name, password)
+        user = await users.by_token(name, address) if password == "" else await users.by_password(name, password, address)
     if user is None:
         raise NotAuthenticated(INVALID)
     return user
@@ -58,13 +58,13 @@ def make_auth_middleware(public_check: PublicCheck) -> Middleware:
             if header:
                 # Public routes still know the caller when credentials come along.
                 try:
-                    request[user_key] = await authenticate(request.app[users_key], header)
-                except NotAuthenticated:
+                    request[user_key] = await authenticate(request.app[users_key], header, request.remote or "unknown")
+                except (NotAuthenticated, TooManyRequests):
                     pass
             return await handler(request)
         if not header:
             raise NotAuthenticated(MISSING)
-        request[user_key] = await authenticate(request.app[users_key], header)
+        request[user_key] = await authenticate(request.app[users_key], header, request.remote or "unknown")
         return await handler(request)
 
     return auth_middleware

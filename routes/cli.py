@@ -9,14 +9,10 @@ import sys
 from pydantic import ValidationError
 
 from fltraining.schemas.users import UserCreate
-from fltraining.credential_cache import CredentialCache
-from fltraining.security import PasswordHashing
-from fltraining.services.models import ModelService
-from fltraining.services.users import UserService
+from fltraining.services.factory import build_services
 from fltraining.settings import Settings
 from fltraining.storage.database import database_name, init_database, make_client
 from fltraining.storage.embedded import EmbeddedStore, store_url
-from fltraining.storage.files import ModelFiles
 from routes.server import serve
 
 
@@ -43,9 +39,7 @@ async def _create_user(url: str, settings: Settings, data: UserCreate) -> str:
     try:
         database = client[database_name(url, settings.database)]
         await init_database(database)
-        models = ModelService(ModelFiles(database), settings.max_model_bytes)
-        users = UserService(PasswordHashing(settings.password_hash_time_cost), models, CredentialCache(0))
-        _, token = await users.register(data)
+        _, token = await build_services(database, settings).users.register(data)
         return token
     finally:
         await client.close()

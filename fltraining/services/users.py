@@ -1,6 +1,7 @@
 """Users: registration, authentication and deletion with the seed's cascades."""
 
 import asyncio
+from datetime import timedelta
 from uuid import UUID
 
 from pymongo.errors import DuplicateKeyError
@@ -11,6 +12,7 @@ from fltraining.documents import Model, Training, User
 from fltraining.storage.queries import find_document
 from fltraining.errors import Conflict, InvalidInput, NotFound
 from fltraining.schemas.users import UserCreate
+from fltraining.services.login_throttle import LoginThrottle
 from fltraining.services.models import ModelService
 from fltraining.security import PasswordHashing, new_token, token_hash, tokens_match
 
@@ -18,10 +20,19 @@ from fltraining.security import PasswordHashing, new_token, token_hash, tokens_m
 class UserService:
     """Every user rule; password hashing runs off the event loop."""
 
-    def __init__(self, passwords: PasswordHashing, models: ModelService, cache: CredentialCache) -> None:
+    def __init__(
+        self,
+        passwords: PasswordHashing,
+        models: ModelService,
+        cache: CredentialCache,
+        throttle: LoginThrottle,
+        token_lifetime: timedelta | None = None,
+    ) -> None:
         self._passwords = passwords
         self._models = models
         self._cache = cache
+        self._throttle = throttle
+        self._token_lifetime = token_lifetime
 
     async def register(self, data: UserCreate) -> tuple[User, str]:
         """Create a user and return it with its token (shown only this once)."""
@@ -37,6 +48,7 @@ class UserService:
             message_endpoint=str(data.message_endpoint) if data.message_endpoint else None,
             password_hash=password_hash,
             token_hash=token_hash(token),
+            token_expires_at=utcnow() + self._token_lifetime if self._token_lifetime else None,
         )
         try:
             await user.insert()
@@ -44,27 +56,32 @@ class UserService:
             raise Conflict(f"A user with username '{data.username}' already exists.") from error
         return user, token
 
-    async def by_token(self, token: str) -> User | None:
-        """The user a token belongs to, if any."""
+    async def by_token(self, token: str, address: str) -> User | None:
+        """The user a valid, unexpired token belongs to, if any."""
         key = self._cache.key("token", token)
-        if (cached := self._cache.get(key)) is not None:
-            return cached
-        user = await find_document(User, {"token_hash": token_hash(token)})
-        if user is None or not tokens_match(user.token_hash, token):
-            return None
-        self._cache.put(key, user)
-        return user
+        user = self._cache.get(key)
+        if user is None:
+            await self._throttle.check(address)
+            user = await find_document(User, {"token_hash": token_hash(token)})
+            if user is None or not tokens_match(user.token_hash, token):
+                await self._throttle.record_failure(address)
+                return None
+            self._cache.put(key, user)
+        return None if user.token_expired(utcnow()) else user
 
-    async def by_password(self, username: str, password: str) -> User | None:
+    async def by_password(self, username: str, password: str, address: str) -> User | None:
         """The user these credentials belong to, if any (a miss costs one full hash verification)."""
         key = self._cache.key("password", username, password)
         if (cached := self._cache.get(key)) is not None:
             return cached
+        # Checked before verifying: past the limit even a right guess is refused.
+        await self._throttle.check(address)
         user = await find_document(User, {"username": username})
         valid = await asyncio.to_thread(
             self._passwords.verify, user.password_hash if user else None, password
         )
         if user is None or not valid:
+            await self._throttle.record_failure(address)
             return None
         self._cache.put(key, user)
         return user

@@ -1,0 +1,39 @@
+"""Building the services for one database from the settings."""
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from pymongo.asynchronous.database import AsyncDatabase
+
+from fltraining.credential_cache import CredentialCache
+from fltraining.security import PasswordHashing
+from fltraining.services.login_throttle import LoginThrottle
+from fltraining.services.models import ModelService
+from fltraining.services.trainings import TrainingService
+from fltraining.services.users import UserService
+from fltraining.settings import Settings
+from fltraining.storage.files import ModelFiles
+
+
+@dataclass(frozen=True)
+class Services:
+    """Every domain service, wired together."""
+
+    users: UserService
+    models: ModelService
+    trainings: TrainingService
+
+
+def build_services(database: AsyncDatabase[dict[str, Any]], settings: Settings) -> Services:
+    """Wire the services of one process to one database."""
+    models = ModelService(ModelFiles(database), settings.max_model_bytes)
+    lifetime = timedelta(days=settings.token_lifetime_days) if settings.token_lifetime_days else None
+    users = UserService(
+        PasswordHashing(settings.password_hash_time_cost),
+        models,
+        CredentialCache(settings.auth_cache_seconds),
+        LoginThrottle(settings.login_failure_limit, settings.login_failure_window_seconds),
+        lifetime,
+    )
+    return Services(users, models, TrainingService(users, models, settings.max_options_depth))
