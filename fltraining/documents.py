@@ -137,4 +137,19 @@ class LoginFailures(Document):
         ]
 
 
-DOCUMENT_MODELS: list[type[Document]] = [User, Model, Training, LoginFailures]
+class MetricsSnapshot(Document):
+    """One service process's cumulative request metrics, so /metrics can sum every process."""
+
+    id: str = Field(max_length=200)  # type: ignore[assignment]  # "<host>:<pid>:<random>"
+    series: list[dict[str, Any]]
+    updated_at: datetime
+    expires_at: datetime
+
+    class Settings:
+        name = "service_metrics"
+        indexes: ClassVar[list[IndexModel]] = [
+            IndexModel("expires_at", expireAfterSeconds=0, name="expires_at_ttl"),
+        ]
+
+
+DOCUMENT_MODELS: list[type[Document]] = [User, Model, Training, LoginFailures, MetricsSnapshot]

@@ -14,6 +14,7 @@ from routes.auth import make_auth_middleware
 from routes.errors import error_middleware
 from routes.keys import (
     database_name_key,
+    metrics_key,
     models_key,
     mongo_client_key,
     openapi_key,
@@ -21,6 +22,8 @@ from routes.keys import (
     trainings_key,
     users_key,
 )
+from routes.metrics import RequestMetrics, flush_periodically
+from routes.observability import add_request_id, observability_middleware
 from routes.openapi import build_openapi
 from routes.table import Endpoint, add_endpoints, is_public
 
@@ -67,15 +70,26 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
         await client.close()
 
 
+async def metrics_flush_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Share this process's request metrics through the database while the app runs."""
+    async for _ in flush_periodically(app[metrics_key]):
+        yield
+
+
 def create_app(settings: Settings) -> web.Application:
     """Build the aiohttp application for these settings."""
     by_handler = {endpoint.handler: endpoint for endpoint in ENDPOINTS}
     auth = make_auth_middleware(lambda request: is_public(request, by_handler))
-    app = web.Application(middlewares=[error_middleware, auth], client_max_size=settings.max_json_bytes)
+    app = web.Application(
+        middlewares=[observability_middleware, error_middleware, auth], client_max_size=settings.max_json_bytes
+    )
     app[settings_key] = settings
+    app[metrics_key] = RequestMetrics()
+    app.on_response_prepare.append(add_request_id)
     app[openapi_key] = build_openapi(ENDPOINTS)
     app.cleanup_ctx.append(embedded_store_ctx)
     app.cleanup_ctx.append(database_ctx)
+    app.cleanup_ctx.append(metrics_flush_ctx)
     add_endpoints(app, ENDPOINTS)
     service.add_docs_assets(app)
     return app

@@ -10,6 +10,7 @@ from fltraining.services.models import ModelService
 from fltraining.services.trainings import TrainingService
 from fltraining.services.users import UserService
 from fltraining.settings import Settings
+from routes.metrics import RequestMetrics
 
 settings_key = web.AppKey("settings", Settings)
 mongo_client_key = web.AppKey("mongo_client", AsyncMongoClient[dict[str, Any]])
@@ -19,4 +20,7 @@ models_key = web.AppKey("models", ModelService)
 trainings_key = web.AppKey("trainings", TrainingService)
 openapi_key = web.AppKey("openapi", dict[str, Any])
 
+metrics_key = web.AppKey("metrics", RequestMetrics)
+
 user_key = web.RequestKey("user", User)
+request_id_key = web.RequestKey("request_id", str)

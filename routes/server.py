@@ -12,6 +12,7 @@ from aiohttp import web
 from fltraining.settings import Settings
 from fltraining.storage.embedded import EmbeddedStore
 from routes.app import create_app
+from routes.observability import JsonFormatter
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +28,10 @@ def redact_url(url: str) -> str:
 
 
 def configure_logging(level: str) -> None:
-    """Plain logging to stderr at the configured level."""
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    """JSON lines on stderr at the configured level."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def run_worker(settings: Settings, reuse_port: bool) -> None:
@@ -40,6 +43,9 @@ def run_worker(settings: Settings, reuse_port: bool) -> None:
     web.run_app(
         create_app(settings), host=settings.host, port=settings.port, reuse_port=reuse_port,
         print=None, access_log=None, handle_signals=True,
+        # aiohttp's keep-alive timer also runs from connect until a request's headers are complete,
+        # so it bounds clients that send headers slowly as well as idle connections.
+        keepalive_timeout=settings.keepalive_timeout_seconds,
     )
 
 

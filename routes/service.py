@@ -9,6 +9,7 @@ from pymongo.errors import PyMongoError
 from swagger_ui_bundle import swagger_ui_path
 
 from routes.keys import database_name_key, mongo_client_key, openapi_key
+from routes.observability import metrics
 from routes.table import Endpoint
 
 DOCS_ASSETS = "/api/docs/assets"
@@ -73,6 +74,8 @@ ENDPOINTS = [
              responses={200: Health}, errors=(503,)),
     Endpoint("GET", "/api/openapi.json", openapi, "This OpenAPI document", "service", public=True,
              responses={200: None}),
+    Endpoint("GET", "/metrics", metrics, "Prometheus metrics of every service process", "service",
+             public=True, responses={200: "text/plain"}),
     Endpoint("GET", "/api/docs", docs, "Interactive API docs", "service", public=True,
              responses={200: "text/html"}),
 ]

@@ -1,6 +1,7 @@
 """The `fltraining` command: serve on the embedded store, workers, createuser, restarts."""
 
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -74,7 +75,8 @@ async def test_two_workers_share_one_port_and_one_store(tmp_path: Path) -> None:
             statuses = await asyncio.gather(*(register(i) for i in range(20)))
             assert statuses == [201] * 20
             # Each worker process logs its start; two distinct pids served.
-            pids = set(re.findall(r"\s(\d+) INFO routes.server: fltraining listening", service.log()))
+            lines = [json.loads(line) for line in service.log().splitlines() if line.startswith("{")]
+            pids = {line["pid"] for line in lines if line["msg"].startswith("fltraining listening")}
             assert len(pids) == 2
             async with session.post(service.base_url + "/api/users/", json={"username": "w0", "password": PASSWORD}) as r:
                 assert r.status == 409
