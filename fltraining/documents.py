@@ -59,6 +59,8 @@ class Model(Document):
     sha256: str = Field(min_length=64, max_length=64)
     file_id: UUID  # GridFS file id; a clone shares its original's file
     cloned_from: UUID | None = None
+    # Set while a clone waits for its training's insert; a crash in between leaves it for the sweeper.
+    pending_training: UUID | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
     class Settings:
@@ -66,6 +68,7 @@ class Model(Document):
         indexes: ClassVar[list[IndexModel]] = [
             IndexModel([("owner", pymongo.ASCENDING), ("created_at", pymongo.DESCENDING)], name="owner_created"),
             IndexModel("file_id", name="file_id"),
+            IndexModel("pending_training", name="pending_training", sparse=True),
         ]
 
 

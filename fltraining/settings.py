@@ -68,4 +68,10 @@ class Settings(BaseSettings):
         default=75.0, gt=0, le=3600,
         description="Longest a connection may stay without a complete request: idle, or headers arriving slowly.",
     )
+    sweep_interval_seconds: float = Field(
+        default=60, gt=0, description="How often each process looks for leftovers of crashed writes."
+    )
+    orphan_grace_seconds: float = Field(
+        default=300, ge=0, description="Age after which a pending clone or an unreferenced file is a leftover."
+    )
     log_level: str = Field(default="INFO", description="Python logging level.")

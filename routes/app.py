@@ -1,10 +1,15 @@
 """The application factory."""
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
+from datetime import timedelta
 
 from aiohttp import web
+from pymongo.errors import PyMongoError
 
+from fltraining.clock import utcnow
 from fltraining.services.factory import build_services
 from fltraining.settings import Settings
 from fltraining.storage.database import database_name, init_database, make_client
@@ -76,6 +81,30 @@ async def metrics_flush_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def maintenance_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Every process sweeps leftovers of crashed writes now and then (deletions are conditional)."""
+    settings = app[settings_key]
+
+    async def loop() -> None:
+        while True:
+            try:
+                older_than = utcnow() - timedelta(seconds=settings.orphan_grace_seconds)
+                removed = await app[models_key].sweep(older_than)
+                if removed:
+                    log.info("sweeper removed %d leftovers of interrupted writes", removed)
+            except PyMongoError:
+                log.warning("sweeper could not reach the database; trying again later")
+            await asyncio.sleep(settings.sweep_interval_seconds)
+
+    task = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def create_app(settings: Settings) -> web.Application:
     """Build the aiohttp application for these settings."""
     by_handler = {endpoint.handler: endpoint for endpoint in ENDPOINTS}
@@ -90,6 +119,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(embedded_store_ctx)
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(metrics_flush_ctx)
+    app.cleanup_ctx.append(maintenance_ctx)
     add_endpoints(app, ENDPOINTS)
     service.add_docs_assets(app)
     return app

@@ -1,8 +1,10 @@
 """Models: upload, access rules, download, cloning and deletion."""
 
 from collections.abc import AsyncIterator
+from datetime import datetime
 from uuid import UUID, uuid4
 
+from fltraining.clock import utcnow
 from fltraining.documents import Model, Training, User
 from fltraining.storage.queries import find_document
 from fltraining.errors import NotFound, PermissionDenied
@@ -74,11 +76,38 @@ class ModelService:
         """The model's bytes, chunk by chunk."""
         return self._files.read_chunks(model.file_id)
 
-    async def clone(self, model: Model) -> Model:
-        """A new model document with the same owner and bytes (the file is shared, not copied)."""
-        clone = model.model_copy(update={"id": uuid4(), "cloned_from": model.id})
+    async def clone(self, model: Model, training_id: UUID) -> Model:
+        """A new model with the same owner and bytes (shared file), marked as waiting for its training."""
+        clone = model.model_copy(
+            update={"id": uuid4(), "cloned_from": model.id, "pending_training": training_id, "created_at": utcnow()}
+        )
         await clone.insert()
         return clone
+
+    async def confirm_clone(self, clone: Model) -> None:
+        """The clone's training exists: it is an ordinary model from now on."""
+        await Model.get_pymongo_collection().update_one({"_id": clone.id}, {"$set": {"pending_training": None}})
+
+    async def sweep(self, older_than: datetime) -> int:
+        """Settle clones left pending by a crash, and delete files no model points at; returns removals."""
+        removed = 0
+        pending = Model.get_pymongo_collection().find(
+            {"pending_training": {"$ne": None}, "created_at": {"$lt": older_than}}
+        )
+        async for raw in pending:
+            clone = Model.model_validate(raw)
+            if await Training.get_pymongo_collection().find_one({"_id": clone.pending_training}, {"_id": 1}):
+                await self.confirm_clone(clone)
+            elif await Model.get_pymongo_collection().find_one_and_delete(
+                {"_id": clone.id, "pending_training": clone.pending_training}
+            ):
+                removed += 1
+                await self._drop_unshared_file(clone.file_id)
+        async for file_id in self._files.ids_older_than(older_than):
+            if not await Model.get_pymongo_collection().find_one({"file_id": file_id}, {"_id": 1}):
+                await self._files.delete(file_id)
+                removed += 1
+        return removed
 
     async def delete(self, user: User, model_id: UUID) -> None:
         """Delete a model (owner, or actor of its training) and, by cascade, its training."""
@@ -95,5 +124,9 @@ class ModelService:
         """Remove a model, its training, and its file once no model shares it."""
         await Training.find({"model": model.id}).delete()
         await model.delete()
-        if not await Model.find({"file_id": model.file_id}).count():
-            await self._files.delete(model.file_id)
+        await self._drop_unshared_file(model.file_id)
+
+    async def _drop_unshared_file(self, file_id: UUID) -> None:
+        """Delete a file once no model points at it any more."""
+        if not await Model.get_pymongo_collection().find_one({"file_id": file_id}, {"_id": 1}):
+            await self._files.delete(file_id)

@@ -86,13 +86,14 @@ class TrainingService:
             except DuplicateKeyError:
                 pass  # lost the race for the model to a concurrent creation
         # The model belongs to another training: this one gets a clone (seed rule).
-        clone = await self._models.clone(model)
+        clone = await self._models.clone(model, training.id)
         training.model = clone.id
         try:
             await training.insert()
         except BaseException:
             await self._models.purge(clone)
             raise
+        await self._models.confirm_clone(clone)
         return training
 
     async def get(self, training_id: UUID) -> Training:

@@ -3,6 +3,7 @@
 import hashlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -58,6 +59,11 @@ class ModelFiles:
                 yield chunk
         finally:
             await stream.close()
+
+    async def ids_older_than(self, moment: datetime) -> AsyncIterator[UUID]:
+        """Ids of complete files uploaded before a moment."""
+        async for entry in self._bucket.find({"uploadDate": {"$lt": moment}}):
+            yield entry._id
 
     async def delete(self, file_id: UUID) -> None:
         """Delete a file; an already deleted one is fine."""

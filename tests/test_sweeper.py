@@ -1,0 +1,63 @@
+"""Leftovers of interrupted writes (a crash between two inserts) are settled by the sweeper."""
+
+from datetime import timedelta
+from typing import Any
+from uuid import UUID, uuid4
+
+from aiohttp.test_utils import TestClient
+
+from fltraining.clock import utcnow
+from fltraining.documents import Model, Training
+from routes.keys import models_key
+from tests.helpers import create_training, register, upload_model
+
+
+async def anything() -> Any:
+    """An async iterator of one chunk."""
+    yield b"orphan bytes"
+
+
+async def test_a_clone_whose_training_never_arrived_is_removed(client: TestClient) -> None:
+    owner = await register(client)
+    model_id = await upload_model(client, owner, b"shared")
+    await create_training(client, owner, model_id)
+    service = client.server.app[models_key]
+    original = await service.get(UUID(model_id))
+    # What a crash after the clone's insert and before its training's insert leaves behind.
+    orphan = await service.clone(original, training_id=uuid4())
+    later = utcnow() + timedelta(seconds=1)
+    assert await service.sweep(older_than=utcnow() - timedelta(minutes=5)) == 0  # still within grace
+    assert await service.sweep(older_than=later) == 1
+    assert await Model.find({"_id": orphan.id}).count() == 0
+    # The original and its file are untouched: the training still downloads its bytes.
+    response = await client.get(f"/api/models/{model_id}/", headers=owner.headers)
+    assert response.status == 200 and await response.read() == b"shared"
+
+
+async def test_a_pending_clone_whose_training_exists_is_kept(client: TestClient) -> None:
+    owner = await register(client)
+    model_id = await upload_model(client, owner)
+    first = await create_training(client, owner, model_id)
+    second = await create_training(client, owner, model_id)
+    training = await Training.find_one({"_id": UUID(second)})
+    assert training is not None and str(training.model) != model_id
+    clone = await Model.find_one({"_id": training.model})
+    assert clone is not None and clone.pending_training is None  # confirmed on the normal path
+    # A crash between the training's insert and the confirmation leaves the marker set.
+    await Model.get_pymongo_collection().update_one({"_id": clone.id}, {"$set": {"pending_training": training.id}})
+    service = client.server.app[models_key]
+    assert await service.sweep(older_than=utcnow() + timedelta(seconds=1)) == 0
+    kept = await Model.find_one({"_id": clone.id})
+    assert kept is not None and kept.pending_training is None
+    assert (await client.get(f"/api/trainings/{first}/", headers=owner.headers)).status == 200
+
+
+async def test_a_file_without_a_model_is_removed(client: TestClient) -> None:
+    owner = await register(client)
+    model_id = await upload_model(client, owner)
+    service = client.server.app[models_key]
+    stored = await service.store_file(anything())  # an upload interrupted before its model was written
+    assert await service.sweep(older_than=utcnow() + timedelta(seconds=1)) == 1
+    files = Model.get_pymongo_collection().database["model_files.files"]
+    assert await files.count_documents({"_id": stored.file_id}) == 0
+    assert (await client.get(f"/api/models/{model_id}/", headers=owner.headers)).status == 200
