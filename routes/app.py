@@ -1,13 +1,10 @@
 """The application factory."""
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
 from aiohttp import web
-from pymongo.errors import PyMongoError
 
 from fltraining.clock import utcnow
 from fltraining.services.factory import build_services
@@ -27,7 +24,9 @@ from routes.keys import (
     trainings_key,
     users_key,
 )
-from routes.metrics import RequestMetrics, flush_periodically
+from routes.background import periodic
+from routes.metrics import FLUSH_SECONDS as METRICS_FLUSH_SECONDS
+from routes.metrics import RequestMetrics
 from routes.observability import add_request_id, observability_middleware
 from routes.openapi import build_openapi
 from routes.table import Endpoint, add_endpoints, is_public
@@ -75,34 +74,16 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
         await client.close()
 
 
-async def metrics_flush_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Share this process's request metrics through the database while the app runs."""
-    async for _ in flush_periodically(app[metrics_key]):
-        yield
+async def sweep_leftovers(app: web.Application) -> None:
+    """Settle what crashed writes left behind (every deletion is conditional, so processes agree)."""
+    older_than = utcnow() - timedelta(seconds=app[settings_key].orphan_grace_seconds)
+    if removed := await app[models_key].sweep(older_than):
+        log.info("sweeper removed %d leftovers of interrupted writes", removed)
 
 
-async def maintenance_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Every process sweeps leftovers of crashed writes now and then (deletions are conditional)."""
-    settings = app[settings_key]
-
-    async def loop() -> None:
-        while True:
-            try:
-                older_than = utcnow() - timedelta(seconds=settings.orphan_grace_seconds)
-                removed = await app[models_key].sweep(older_than)
-                if removed:
-                    log.info("sweeper removed %d leftovers of interrupted writes", removed)
-            except PyMongoError:
-                log.warning("sweeper could not reach the database; trying again later")
-            await asyncio.sleep(settings.sweep_interval_seconds)
-
-    task = asyncio.create_task(loop())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+async def flush_metrics(app: web.Application) -> None:
+    """Share this process's request metrics with the other processes through the database."""
+    await app[metrics_key].flush()
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -118,8 +99,8 @@ def create_app(settings: Settings) -> web.Application:
     app[openapi_key] = build_openapi(ENDPOINTS)
     app.cleanup_ctx.append(embedded_store_ctx)
     app.cleanup_ctx.append(database_ctx)
-    app.cleanup_ctx.append(metrics_flush_ctx)
-    app.cleanup_ctx.append(maintenance_ctx)
+    app.cleanup_ctx.append(periodic("metrics-flush", lambda _: METRICS_FLUSH_SECONDS, flush_metrics, run_at_exit=True))
+    app.cleanup_ctx.append(periodic("sweeper", lambda a: a[settings_key].sweep_interval_seconds, sweep_leftovers))
     add_endpoints(app, ENDPOINTS)
     service.add_docs_assets(app)
     return app

@@ -1,12 +1,10 @@
 """Request metrics in Prometheus' text format, summed over every service process."""
 
-import asyncio
-import contextlib
 import os
 import socket
 import uuid
 from bisect import bisect_left
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -114,23 +112,3 @@ async def collect(metrics: RequestMetrics) -> str:
     others = MetricsSnapshot.get_pymongo_collection().find({"_id": {"$ne": metrics.process_id}})
     snapshots = [document["series"] async for document in others]
     return render(_merge([*snapshots, metrics.as_documents()]), await trainings_per_state())
-
-
-async def flush_periodically(metrics: RequestMetrics) -> AsyncIterator[None]:
-    """Cleanup-context body: flush every few seconds while the app runs, and once at the end."""
-
-    async def loop() -> None:
-        while True:
-            await asyncio.sleep(FLUSH_SECONDS)
-            with contextlib.suppress(Exception):  # a store hiccup must not stop the loop
-                await metrics.flush()
-
-    task = asyncio.create_task(loop())
-    try:
-        yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        with contextlib.suppress(Exception):
-            await metrics.flush()
