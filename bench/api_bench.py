@@ -23,10 +23,10 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fltraining.clock import utcnow  # noqa: E402
-from fltraining.storage.database import init_database, make_client  # noqa: E402
-from fltraining.storage.embedded import EmbeddedStore  # noqa: E402
-from tests.processes import ServiceProcess, free_port  # noqa: E402
+from fltraining.clock import utcnow
+from fltraining.storage.database import init_database, make_client
+from fltraining.storage.embedded import EmbeddedStore
+from tests.processes import ServiceProcess, free_port
 
 PASSWORD = "benchmark password"
 Request = Callable[[aiohttp.ClientSession], Awaitable[int]]

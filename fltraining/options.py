@@ -5,6 +5,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 FORBIDDEN_KEY_HINT = "keys may not start with '$' or contain '.' or NUL"
+UNPAIRED_SURROGATE = "string holds an unpaired surrogate, which is not Unicode text"
 # Keeps target_num_updates x period far inside a 64-bit integer (BSON cannot store more).
 MAX_DAISY_CHAIN_PERIOD = 1_000_000
 
@@ -40,20 +41,33 @@ def is_forbidden_key(key: str) -> bool:
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
+def is_unicode_text(text: str) -> bool:
+    """Whether a string is Unicode text BSON can hold (JSON escapes can carry lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def find_value_problems(
     value: Any, max_depth: int, path: tuple[str | int, ...] = ()
 ) -> list[dict[str, Any]]:
-    """List forbidden keys, over-deep nesting and integers BSON cannot hold in a JSON value."""
+    """List forbidden keys, over-deep nesting, and integers or strings BSON cannot hold in a JSON value."""
     problems: list[dict[str, Any]] = []
     depth = len(path) + 1
     if isinstance(value, int) and not isinstance(value, bool) and not INT64_MIN <= value <= INT64_MAX:
         return [{"loc": list(path), "msg": "integer does not fit in 64 bits", "type": "int_range"}]
+    if isinstance(value, str) and not is_unicode_text(value):
+        return [{"loc": list(path), "msg": UNPAIRED_SURROGATE, "type": "string_unicode"}]
     if isinstance(value, dict):
         if depth > max_depth:
             return [{"loc": list(path), "msg": f"nesting deeper than {max_depth} levels", "type": "too_deep"}]
         for key, item in value.items():
             if is_forbidden_key(key):
                 problems.append({"loc": [*path, key], "msg": f"forbidden key: {FORBIDDEN_KEY_HINT}", "type": "forbidden_key"})
+            if not is_unicode_text(key):
+                problems.append({"loc": [*path, key], "msg": UNPAIRED_SURROGATE, "type": "string_unicode"})
             problems.extend(find_value_problems(item, max_depth, (*path, key)))
     elif isinstance(value, list):
         if depth > max_depth:

@@ -62,11 +62,12 @@ class Settings(BaseSettings):
         description="Longest wait for a whole JSON body, or for the next bytes of a model upload (408).",
     )
     upload_timeout_seconds: float = Field(
-        default=3600.0, gt=0, description="Longest a model upload may take in full (408)."
+        default=3600.0, gt=0,
+        description="Longest a model upload may keep the service waiting for its bytes, in all (408).",
     )
     keepalive_timeout_seconds: float = Field(
         default=75.0, gt=0, le=3600,
-        description="Longest a connection may stay without a complete request: idle, or headers arriving slowly.",
+        description="Longest a connection may stay without a complete request (idle, or slow headers).",
     )
     sweep_interval_seconds: float = Field(
         default=60, gt=0, description="How often each process looks for leftovers of crashed writes."

@@ -13,6 +13,7 @@ from fltraining.storage.database import database_name, init_database, make_clien
 from fltraining.storage.embedded import EmbeddedStore
 from routes import models, service, trainings, users
 from routes.auth import make_auth_middleware
+from routes.background import periodic
 from routes.errors import error_middleware
 from routes.keys import (
     database_name_key,
@@ -24,7 +25,6 @@ from routes.keys import (
     trainings_key,
     users_key,
 )
-from routes.background import periodic
 from routes.metrics import FLUSH_SECONDS as METRICS_FLUSH_SECONDS
 from routes.metrics import RequestMetrics
 from routes.observability import add_request_id, observability_middleware

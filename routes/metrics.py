@@ -8,8 +8,6 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
-from aiohttp import web
-
 from fltraining.clock import utcnow
 from fltraining.documents import MetricsSnapshot, Training
 from fltraining.states import TrainingState

@@ -1,9 +1,10 @@
 """Model endpoints: multipart upload streamed into GridFS, download, metadata, delete."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from fltraining.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from fltraining.schemas.common import Message
@@ -11,7 +12,7 @@ from fltraining.schemas.models import ModelCreate, ModelMetadata, ModelUploadAcc
 from fltraining.storage.files import StoredFile
 from routes.auth import current_user
 from routes.keys import models_key, settings_key
-from routes.parsing import path_uuid, validate
+from routes.parsing import BodyDeadline, path_uuid, validate
 from routes.responses import detail, json_model, json_models
 from routes.table import Endpoint
 
@@ -23,16 +24,26 @@ TEXT_FIELDS = {"name", "description", "input_shape"}
 IGNORED_FIELDS = {"round", "type", "owner"}
 
 
-async def _part_chunks(part: BodyPartReader) -> AsyncIterator[bytes]:
+async def _read[T](deadline: BodyDeadline, pending: Awaitable[T]) -> T:
+    """Await one read of the multipart body; a malformed body is the client's error (400)."""
+    try:
+        return await deadline.read(pending)
+    except HttpProcessingError as error:
+        raise InvalidInput(f"Malformed multipart body: {error.message}") from error
+    except (ValueError, RuntimeError) as error:  # how aiohttp's multipart parser reports bad framing
+        raise InvalidInput(f"Malformed multipart body: {error}") from error
+
+
+async def _part_chunks(part: BodyPartReader, deadline: BodyDeadline) -> AsyncIterator[bytes]:
     """Yield a multipart part's bytes as they arrive."""
-    while chunk := await part.read_chunk(256 * 1024):
+    while chunk := await _read(deadline, part.read_chunk(256 * 1024)):
         yield chunk
 
 
-async def _part_text(part: BodyPartReader) -> str:
+async def _part_text(part: BodyPartReader, deadline: BodyDeadline) -> str:
     """Read a small text field (400 past its limit)."""
     data = bytearray()
-    while chunk := await part.read_chunk(8192):
+    while chunk := await _read(deadline, part.read_chunk(8192)):
         data += chunk
         if len(data) > FIELD_BYTES:
             raise InvalidInput(f"Field '{part.name}' is longer than {FIELD_BYTES} bytes.")
@@ -47,29 +58,31 @@ async def upload_model(request: web.Request) -> web.Response:
     if request.content_type != "multipart/form-data":
         raise UnsupportedMediaType("Upload a model as multipart/form-data.")
     service = request.app[models_key]
-    limit = request.app[settings_key].max_model_bytes
+    settings = request.app[settings_key]
+    limit = settings.max_model_bytes
     if request.content_length is not None and request.content_length > limit + MULTIPART_OVERHEAD:
         raise PayloadTooLarge(f"Model file is larger than {limit} bytes.")
     fields: dict[str, Any] = {}
     stored: StoredFile | None = None
+    deadline = BodyDeadline(settings.body_timeout_seconds, settings.upload_timeout_seconds)
     try:
         try:
             reader = await request.multipart()
         except (ValueError, AssertionError) as error:
             raise InvalidInput(f"Malformed multipart body: {error}") from error
-        async for part in reader:
+        while (part := await _read(deadline, reader.next())) is not None:
             if not isinstance(part, BodyPartReader) or part.name is None:
                 raise InvalidInput("Nested or unnamed multipart parts are not accepted.")
             if part.name == FILE_FIELD:
                 if stored is not None:
                     raise InvalidInput("Send one model_file only.")
-                stored = await service.store_file(_part_chunks(part))
+                stored = await service.store_file(_part_chunks(part, deadline))
             elif part.name in TEXT_FIELDS:
                 if part.name in fields:
                     raise InvalidInput(f"Field '{part.name}' may be sent once.")
-                fields[part.name] = await _part_text(part)
+                fields[part.name] = await _part_text(part, deadline)
             elif part.name in IGNORED_FIELDS:
-                await part.release()
+                await _read(deadline, part.release())
             else:
                 raise InvalidInput(f"Unknown field '{part.name[:64]}'.")
         if "name" not in fields:
@@ -129,7 +142,8 @@ ENDPOINTS = [
     Endpoint("GET", "/api/models/{model_id}/metadata", metadata, "Model metadata", "models",
              responses={200: ModelMetadata}, errors=(403, 404)),
     Endpoint("GET", "/api/models/{model_id}", download, "Download model bytes", "models",
-             responses={200: "application/octet-stream"}, errors=(403, 404)),
+             responses={200: "application/octet-stream"}, errors=(403, 404),
+             headers={200: ("Content-Disposition", "ETag")}),
     Endpoint("DELETE", "/api/models/{model_id}", delete_model, "Delete a model and its training", "models",
              responses={200: Message}, errors=(403, 404)),
 ]

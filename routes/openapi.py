@@ -8,17 +8,30 @@ from pydantic.json_schema import models_json_schema
 
 import fltraining
 from fltraining.schemas.common import ErrorBody
+from routes.models import FILE_FIELD
 from routes.table import Endpoint, documented_path
 
 REF = "#/components/schemas/{model}"
 _PARAM = re.compile(r"{(\w+)}")
 _STATUS_TEXT = {
     200: "OK", 201: "Created", 202: "Accepted", 400: "Invalid body or query", 401: "No or bad credentials",
-    403: "Not allowed", 404: "Unknown resource", 409: "Conflict with the current state",
-    412: "If-Match does not match", 413: "Body too large", 415: "Wrong content type",
-    429: "Too many requests", 503: "Database unreachable",
+    403: "Not allowed", 404: "Unknown resource", 408: "Body did not arrive in time",
+    409: "Conflict with the current state", 412: "If-Match does not match", 413: "Body too large",
+    415: "Wrong content type", 429: "Too many requests", 503: "Database unreachable",
 }
 SECURITY = [{"tokenAuth": []}, {"bearerAuth": []}, {"basicAuth": []}]
+_ERROR_HEADERS = {401: "WWW-Authenticate", 429: "Retry-After"}
+_HEADER_SCHEMAS: dict[str, dict[str, Any]] = {
+    "ETag": {"type": "string", "pattern": '^(W/)?"[^"]*"$'},
+    "Retry-After": {"type": "integer", "minimum": 0},
+    "WWW-Authenticate": {"type": "string", "const": "Token"},
+    "X-Total-Count": {"type": "integer", "minimum": 0},
+}
+
+
+def _header(name: str) -> dict[str, Any]:
+    """A response header the service always sends."""
+    return {"required": True, "schema": _HEADER_SCHEMAS.get(name, {"type": "string"})}
 
 
 def _models(endpoints: list[Endpoint]) -> list[tuple[type[BaseModel], str]]:
@@ -44,6 +57,23 @@ def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
         params.append({"name": name, "in": "query", "required": False, "schema": prop,
                        "style": "form", "explode": True})
     return params
+
+
+def _definition(schema: dict[str, Any], ref: dict[str, str]) -> dict[str, Any]:
+    """The component schema a `$ref` names."""
+    return dict(schema["$defs"][ref["$ref"].rsplit("/", 1)[-1]])
+
+
+def _multipart(form: dict[str, Any]) -> dict[str, Any]:
+    """A multipart media type: the form's fields plus the model file; non-string fields are JSON text."""
+    # One object, not allOf with the form's schema: that forbids extra keys, so would forbid model_file too.
+    file = {"type": "string", "contentMediaType": "application/octet-stream"}
+    properties = {**form["properties"], FILE_FIELD: file}
+    encoding = {name: {"contentType": "application/json"} for name, prop in form["properties"].items()
+                if prop.get("type") != "string"}
+    encoding[FILE_FIELD] = {"contentType": "application/octet-stream"}
+    return {"schema": {**form, "properties": properties, "required": [*form.get("required", []), FILE_FIELD]},
+            "encoding": encoding}
 
 
 def build_openapi(endpoints: list[Endpoint]) -> dict[str, Any]:
@@ -77,10 +107,9 @@ def build_openapi(endpoints: list[Endpoint]) -> dict[str, Any]:
             operation["requestBody"] = {"required": True, "content": {
                 "application/json": {"schema": refs[(endpoint.body, "validation")]}}}
         if endpoint.multipart is not None:
-            form = dict(refs[(endpoint.multipart, "validation")])
-            operation["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {
-                "allOf": [form, {"type": "object", "required": ["model_file"],
-                                 "properties": {"model_file": {"type": "string", "contentMediaType": "application/octet-stream"}}}]}}}}
+            form = _definition(schema, refs[(endpoint.multipart, "validation")])
+            operation["requestBody"] = {"required": True,
+                                        "content": {"multipart/form-data": _multipart(form)}}
         for status, answer in endpoint.responses.items():
             response: dict[str, Any] = {"description": _STATUS_TEXT.get(status, "OK")}
             if isinstance(answer, list):
@@ -91,17 +120,19 @@ def build_openapi(endpoints: list[Endpoint]) -> dict[str, Any]:
             elif isinstance(answer, str):
                 response["content"] = {answer: {"schema": {"type": "string", "contentMediaType": answer}}}
             if status in endpoint.headers:
-                response["headers"] = {h: {"schema": {"type": "string"}} for h in endpoint.headers[status]}
+                response["headers"] = {name: _header(name) for name in endpoint.headers[status]}
             operation["responses"][str(status)] = response
         errors = set(endpoint.errors)
+        if endpoint.body is not None or endpoint.multipart is not None:
+            errors.add(408)  # a client that stops sending its body
         if not endpoint.public:
-            errors.add(401)
+            errors.update({401, 429})  # 429: too many failed logins from the caller's address
             operation["security"] = SECURITY
         error_ref = refs[(ErrorBody, "serialization")]
         for status in sorted(errors):
             response = {"description": _STATUS_TEXT[status], "content": {"application/json": {"schema": error_ref}}}
-            if status == 401:
-                response["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+            if status in _ERROR_HEADERS:
+                response["headers"] = {_ERROR_HEADERS[status]: _header(_ERROR_HEADERS[status])}
             operation["responses"][str(status)] = response
         paths.setdefault(path, {})[endpoint.method.lower()] = operation
     return {

@@ -1,17 +1,64 @@
 """Reading request bodies, path ids, query strings and headers strictly."""
 
+import asyncio
 import json
+from collections.abc import Awaitable
 from typing import Any
 from uuid import UUID
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from fltraining.errors import InvalidInput, NotFound, PayloadTooLarge, PreconditionFailed, UnsupportedMediaType
+from fltraining.errors import (
+    FLTrainingError,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    PreconditionFailed,
+    UnsupportedMediaType,
+)
 from fltraining.schemas.common import public_errors
 from routes.keys import settings_key
 
 JSON_TYPES = {"application/json", ""}
+
+
+class RequestTimeout(FLTrainingError):
+    """The client stopped sending its request body, or sent it too slowly."""
+
+    status = 408
+
+
+class ClientClosedRequest(FLTrainingError):
+    """The client closed the connection before its body arrived; logged as nginx's 499, sent to no one."""
+
+    status = 499
+
+
+class BodyDeadline:
+    """Bounds waiting for one request body: at most `idle` seconds per read, `total` over all reads."""
+
+    def __init__(self, idle: float, total: float) -> None:
+        self._idle = idle
+        # Only time spent waiting for the client counts: storing what arrived is the service's own time.
+        self._left = total
+
+    async def read[T](self, pending: Awaitable[T]) -> T:
+        """Await one read of the body (408 when the client is too slow)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        timeout = asyncio.timeout(min(self._idle, self._left))
+        try:
+            async with timeout:
+                return await pending
+        except TimeoutError as error:
+            if not timeout.expired():
+                raise
+            raise RequestTimeout("The request body did not arrive in time.") from error
+        except ConnectionResetError as error:
+            raise ClientClosedRequest("The client closed the connection before its body arrived.") from error
+        finally:
+            self._left -= loop.time() - started
 
 
 def _reject_constant(name: str) -> None:
@@ -26,9 +73,11 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     limit = request.app[settings_key].max_json_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
+    seconds = request.app[settings_key].body_timeout_seconds
+    deadline = BodyDeadline(seconds, seconds)
     raw = bytearray()
     # read(n) returns what has arrived so far, so read until the end (or past the limit).
-    while chunk := await request.content.read(limit + 1 - len(raw)):
+    while chunk := await deadline.read(request.content.read(limit + 1 - len(raw))):
         raw += chunk
         if len(raw) > limit:
             raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")

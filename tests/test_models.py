@@ -165,6 +165,7 @@ async def test_input_shape_is_optional(client: TestClient) -> None:
         {"name": "m", "input_shape": '{"a": 1}'},
         {"name": "m", "input_shape": "7"},
         {"name": "m", "input_shape": "[" + ", ".join(["1"] * 33) + "]"},
+        {"name": "m", "input_shape": "[1, 99999999999999999999999999]"},
         {"name": ""},
         {"name": "x" * 257},
         {"description": "no name"},
@@ -178,6 +179,7 @@ async def test_input_shape_is_optional(client: TestClient) -> None:
         "object",
         "scalar",
         "too many dims",
+        "dim past 64 bits",
         "empty name",
         "long name",
         "missing name",
@@ -223,6 +225,29 @@ async def test_unknown_multipart_field_is_400(
     )
     assert response.status == 400
     assert "surprise" in (await response.json())["detail"]
+    assert await raw_db["models"].count_documents({}) == 0
+    assert await raw_db["model_files.files"].count_documents({}) == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"--B\r\nNone--B--\r\n",
+        b"no boundary here",
+        b'--B\r\nContent-Disposition: form-data; name="name"\r\n\r\nm\r\n--X\r\n',
+        b'--B\r\nContent-Disposition: form-data; name="model_file"; filename="m.pt"\r\n\r\nabc',
+        b'--B\r\nContent-Disposition: form-data; name="_charset_"\r\n\r\n' + b"x" * 40 + b"\r\n--B--\r\n",
+    ],
+    ids=["bad part header", "no boundary", "wrong boundary", "truncated file", "long charset"],
+)
+async def test_malformed_multipart_is_400_and_leaves_nothing(
+    client: TestClient, raw_db: AsyncDatabase[dict[str, Any]], body: bytes
+) -> None:
+    owner = await register(client)
+    headers = {**owner.headers, "Content-Type": "multipart/form-data; boundary=B"}
+    response = await client.post("/api/models/", data=body, headers=headers)
+    assert response.status == 400, await response.text()
+    assert (await response.json())["detail"].startswith("Malformed multipart body")
     assert await raw_db["models"].count_documents({}) == 0
     assert await raw_db["model_files.files"].count_documents({}) == 0
 

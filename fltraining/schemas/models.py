@@ -1,11 +1,15 @@
 """Model schemas."""
 
 import json
+from typing import Annotated
 from uuid import UUID
 
 from pydantic import Field, StrictInt, StrictStr, field_validator
 
 from fltraining.schemas.common import PublicModel, RequestModel, UtcDatetime
+
+# An integer column in DLR's schema; anything past 64 bits could not even be stored (BSON).
+Dimension = Annotated[StrictInt, Field(ge=-(2**31), le=2**31 - 1)]
 
 
 class ModelCreate(RequestModel):
@@ -13,7 +17,7 @@ class ModelCreate(RequestModel):
 
     name: StrictStr = Field(min_length=1, max_length=256)
     description: StrictStr = Field(default="", max_length=10_000)
-    input_shape: list[StrictInt | None] | None = Field(default=None, max_length=32)
+    input_shape: list[Dimension | None] | None = Field(default=None, max_length=32)
 
     @field_validator("input_shape", mode="before")
     @classmethod

@@ -3,7 +3,8 @@
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import AliasChoices, Field, StrictInt, StrictStr
+from pydantic import AliasChoices, ConfigDict, Field, StrictInt, StrictStr
+from pydantic.json_schema import SkipJsonSchema
 
 from fltraining.schemas.common import PublicModel, RequestModel, UtcDatetime
 from fltraining.states import AggregationMethod, TrainingState, UncertaintyMethod
@@ -31,14 +32,23 @@ class TrainingCreate(RequestModel):
     clients: ClientIds = Field(default_factory=list)
 
 
+def _without_defaults(schema: dict[str, Any]) -> None:
+    """Drop the `null` defaults from a PATCH body's JSON schema: a field left out stays unchanged."""
+    for field in schema["properties"].values():
+        field.pop("default", None)
+
+
 class TrainingPatch(RequestModel):
     """Body of PATCH /api/trainings/{id}/; `options` replaces the whole object."""
 
-    target_num_updates: TargetNumUpdates | None = None
-    metric_names: MetricNames | None = None
-    aggregation_method: AggregationMethod | None = None
-    uncertainty_method: UncertaintyMethod | None = None
-    options: Options | None = None
+    model_config = ConfigDict(json_schema_extra=_without_defaults)
+
+    # None means "not sent"; the service refuses an explicit null (400), so the spec does not offer it.
+    target_num_updates: TargetNumUpdates | SkipJsonSchema[None] = None
+    metric_names: MetricNames | SkipJsonSchema[None] = None
+    aggregation_method: AggregationMethod | SkipJsonSchema[None] = None
+    uncertainty_method: UncertaintyMethod | SkipJsonSchema[None] = None
+    options: Options | SkipJsonSchema[None] = None
 
 
 class ClientsBody(RequestModel):

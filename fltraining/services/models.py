@@ -6,10 +6,10 @@ from uuid import UUID, uuid4
 
 from fltraining.clock import utcnow
 from fltraining.documents import Model, Training, User
-from fltraining.storage.queries import find_document
 from fltraining.errors import NotFound, PermissionDenied
 from fltraining.schemas.models import ModelCreate
 from fltraining.storage.files import ModelFiles, StoredFile
+from fltraining.storage.queries import find_document
 
 
 class ModelService:

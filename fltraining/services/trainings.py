@@ -9,7 +9,6 @@ from pymongo.errors import DuplicateKeyError
 
 from fltraining.clock import utcnow
 from fltraining.documents import Training, User
-from fltraining.storage.queries import find_document
 from fltraining.errors import Conflict, InvalidInput, NotFound, PermissionDenied, PreconditionFailed
 from fltraining.options import TrainingOptions, daisy_chained_target, find_value_problems
 from fltraining.schemas.common import iso_z, public_errors
@@ -17,6 +16,7 @@ from fltraining.schemas.trainings import TrainingCreate, TrainingListQuery, Trai
 from fltraining.services.models import ModelService
 from fltraining.services.users import UserService
 from fltraining.states import PARTICIPANTS_EDITABLE, PATCHABLE, TRANSITIONS, TrainingState, Transition
+from fltraining.storage.queries import find_document
 
 PATCH_RETRIES = 8
 

@@ -9,12 +9,12 @@ from pymongo.errors import DuplicateKeyError
 from fltraining.clock import utcnow
 from fltraining.credential_cache import CredentialCache
 from fltraining.documents import Model, Training, User
-from fltraining.storage.queries import find_document
 from fltraining.errors import Conflict, InvalidInput, NotFound
 from fltraining.schemas.users import UserCreate
+from fltraining.security import PasswordHashing, new_token, token_hash, tokens_match
 from fltraining.services.login_throttle import LoginThrottle
 from fltraining.services.models import ModelService
-from fltraining.security import PasswordHashing, new_token, token_hash, tokens_match
+from fltraining.storage.queries import find_document
 
 
 class UserService:
@@ -61,9 +61,11 @@ class UserService:
         key = self._cache.key("token", token)
         user = self._cache.get(key)
         if user is None:
-            await self._throttle.check(address)
             user = await find_document(User, {"token_hash": token_hash(token)})
             if user is None or not tokens_match(user.token_hash, token):
+                # 160 random bits cannot be guessed, so a valid token is never refused (clients
+                # behind a shared address stay up); failed ones count and turn into 429s.
+                await self._throttle.check(address)
                 await self._throttle.record_failure(address)
                 return None
             self._cache.put(key, user)

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID, uuid4
 
+import gridfs.asynchronous.grid_file as _grid_file
 from gridfs import AsyncGridFSBucket
 from gridfs.errors import NoFile
 from pymongo.asynchronous.database import AsyncDatabase
@@ -15,6 +16,12 @@ from fltraining.errors import PayloadTooLarge
 
 BUCKET = "model_files"
 CHUNK_BYTES = 255 * 1024
+UPLOAD_BATCH_BYTES = 1024 * 1024
+
+# PyMongo's GridIn collects chunks until 48 MB before inserting them, so every concurrent upload
+# would hold that much (twice, once encoded); insert each megabyte as it arrives instead
+# (pymongo is pinned; tests/test_slow_clients.py checks that the bound holds).
+_grid_file._UPLOAD_BUFFER_SIZE = UPLOAD_BATCH_BYTES
 
 
 @dataclass(frozen=True)

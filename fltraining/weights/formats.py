@@ -1,0 +1,334 @@
+"""Model files: detect the format from the content, read it into NumPy arrays, write one.
+
+Nothing here ever unpickles: safetensors and `.npz` are parsed directly (the `.npy` headers are
+Python literals, read with `ast.literal_eval` by NumPy), and PyTorch files only go through
+`torch.load(weights_only=True)`, whose unpickler admits tensors and plain containers only.
+"""
+
+import importlib.util
+import io
+import json
+import math
+import os
+import pickle  # for its exception type only: nothing is ever unpickled
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Literal
+
+import numpy as np
+import numpy.lib.format as npy
+import safetensors.numpy
+
+from fltraining.errors import InvalidInput
+
+type Format = Literal["safetensors", "npz", "torch"]
+type Source = bytes | bytearray | memoryview | str | os.PathLike[str]
+
+# Above this many bytes of tensors once unpacked, a zip is refused before anything is unpacked:
+# a compressed `.npz` of zeros is tiny on the wire and huge in memory.
+MAX_TENSOR_BYTES = 1 << 30
+# The safetensors library's own limit on the JSON header.
+MAX_SAFETENSORS_HEADER = 100_000_000
+MAX_NPY_HEADER = 10_000
+
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+PICKLE_PROTOCOL_MARK = 0x80
+
+SAFETENSORS_DTYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "U8": np.dtype(np.uint8),
+    "I8": np.dtype(np.int8),
+    "U16": np.dtype("<u2"),
+    "I16": np.dtype("<i2"),
+    "U32": np.dtype("<u4"),
+    "I32": np.dtype("<i4"),
+    "U64": np.dtype("<u8"),
+    "I64": np.dtype("<i8"),
+    "F16": np.dtype("<f2"),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+}
+ACCEPTED_DTYPES = "bool, int8-64, uint8-64, float16/32/64"
+DTYPE_NAMES = frozenset(dtype.name for dtype in SAFETENSORS_DTYPES.values())
+# Library messages can be long and give advice meant for the file's owner (torch suggests
+# weights_only=False): a client sees their first line only.
+MAX_REASON_CHARS = 200
+
+
+def torch_available() -> bool:
+    """Whether the optional `torch` extra is installed (PyTorch state dicts are then accepted)."""
+    return importlib.util.find_spec("torch") is not None
+
+
+def accepted_formats() -> list[str]:
+    """The model file formats this installation reads, for error messages."""
+    formats = ["safetensors", "NumPy .npz (without pickled objects)"]
+    if torch_available():
+        formats.append("PyTorch state dict (a flat mapping of name to tensor, loaded with weights_only=True)")
+    return formats
+
+
+class UnsupportedModelFormat(InvalidInput):
+    """A model file that is not one of the accepted formats, or is damaged."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(
+            f"Unsupported model file: {reason}. Accepted formats: {'; '.join(accepted_formats())}."
+        )
+
+
+def detect_format(data: bytes | bytearray | memoryview) -> Format:
+    """Name the format of a model file from its content (which is not validated beyond that)."""
+    head = bytes(data[:8])
+    if len(data) == 0:
+        raise UnsupportedModelFormat("the file is empty")
+    if head.startswith(ZIP_MAGIC):
+        return _zip_format(data)
+    if len(data) > 8 and data[8] == ord("{"):
+        header_size = int.from_bytes(head, "little")
+        if 2 <= header_size <= min(MAX_SAFETENSORS_HEADER, len(data) - 8):
+            return "safetensors"
+    if data[0] == PICKLE_PROTOCOL_MARK:
+        raise UnsupportedModelFormat("the file is a Python pickle, and pickles are never loaded")
+    raise UnsupportedModelFormat("the content is not a recognised model format")
+
+
+def load_tensors(source: Source, *, max_tensor_bytes: int = MAX_TENSOR_BYTES) -> dict[str, np.ndarray]:
+    """Read a model file's tensors by name, in file order (safetensors gives read-only views of `source`)."""
+    data = source if isinstance(source, bytes | bytearray | memoryview) else Path(source).read_bytes()
+    fmt = detect_format(data)
+    readers: dict[Format, Callable[[bytes | bytearray | memoryview, int], dict[str, np.ndarray]]] = {
+        "safetensors": _read_safetensors,
+        "npz": _read_npz,
+        "torch": _read_torch,
+    }
+    with _refusing(f"{fmt} file"):
+        tensors = readers[fmt](data, max_tensor_bytes)
+    if not tensors:
+        raise UnsupportedModelFormat(f"the {fmt} file holds no tensors")
+    return tensors
+
+
+def dump_tensors(tensors: Mapping[str, np.ndarray], fmt: Format = "safetensors") -> bytes:
+    """Write tensors as a model file in the given format."""
+    arrays = {
+        name: np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
+        for name, array in tensors.items()
+    }
+    if fmt == "safetensors":
+        return safetensors.numpy.save(arrays)
+    if fmt == "npz":
+        return _write_npz(arrays)
+    if fmt == "torch":
+        return _write_torch(arrays)
+    raise ValueError(f"unknown model format {fmt!r}")
+
+
+@contextmanager
+def _refusing(what: str) -> Iterator[None]:
+    # The readers parse untrusted bytes: whatever they raise means the file is unreadable.
+    try:
+        yield
+    except (UnsupportedModelFormat, MemoryError):
+        raise
+    except Exception as error:
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise UnsupportedModelFormat(f"damaged {what} ({first_line[:MAX_REASON_CHARS]})") from error
+
+
+def _zip_format(data: bytes | bytearray | memoryview) -> Format:
+    with _refusing("zip archive"), zipfile.ZipFile(io.BytesIO(data)) as archive:
+        names = archive.namelist()
+    if all(name.endswith(".npy") for name in names):
+        return "npz"
+    if any(_is_torchscript_member(name) for name in names):
+        raise UnsupportedModelFormat("the file is a TorchScript archive, which holds code")
+    if any(name.rpartition("/")[2] == "data.pkl" for name in names):
+        if not torch_available():
+            raise UnsupportedModelFormat(
+                "PyTorch files need the optional torch extra, which is not installed"
+            )
+        return "torch"
+    raise UnsupportedModelFormat(
+        "the file is a zip archive that is neither a NumPy .npz nor a PyTorch state dict"
+    )
+
+
+def _is_torchscript_member(name: str) -> bool:
+    *folders, base = name.split("/")
+    return base == "constants.pkl" or "code" in folders
+
+
+def _check_dtype(name: str, dtype: np.dtype[Any]) -> None:
+    if dtype.hasobject:
+        raise UnsupportedModelFormat(
+            f"tensor {name!r} holds pickled Python objects; they are never unpickled"
+        )
+    if dtype.name not in DTYPE_NAMES:
+        raise UnsupportedModelFormat(f"tensor {name!r} has dtype {dtype}; accepted dtypes: {ACCEPTED_DTYPES}")
+
+
+def _native(array: np.ndarray) -> np.ndarray:
+    if array.dtype.isnative:
+        return array
+    return array.astype(array.dtype.newbyteorder("="))
+
+
+def _read_safetensors(data: bytes | bytearray | memoryview, max_tensor_bytes: int) -> dict[str, np.ndarray]:
+    # Parsed here rather than by the library, whose reader copies every tensor: arrays stay views
+    # of the file's bytes, so the file is held in memory once. The rules are the library's.
+    view = memoryview(data).cast("B")
+    header_size = int.from_bytes(view[:8], "little")
+    # Decoded explicitly: json.loads would also take UTF-16/32, which the format does not allow.
+    header = json.loads(bytes(view[8 : 8 + header_size]).decode("utf-8"), object_pairs_hook=_unique_keys)
+    body = view[8 + header_size :]
+    if not isinstance(header, dict):
+        raise UnsupportedModelFormat("damaged safetensors file (the header is not a JSON object)")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
+        raise UnsupportedModelFormat("damaged safetensors file (__metadata__ is not a map of text)")
+    entries = [_safetensors_entry(name, info) for name, info in header.items()]
+    offset = 0
+    for _, _, _, begin, end in sorted(entries, key=lambda entry: (entry[3], entry[4])):
+        if begin != offset:
+            raise UnsupportedModelFormat("damaged safetensors file (tensor data overlap or leave gaps)")
+        offset = end
+    if offset != len(body):
+        raise UnsupportedModelFormat("damaged safetensors file (the tensor data do not fill the file)")
+    tensors: dict[str, np.ndarray] = {}
+    for name, dtype, shape, begin, end in entries:
+        tensors[name] = _native(np.frombuffer(body[begin:end], dtype=dtype).reshape(shape))
+    return tensors
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise UnsupportedModelFormat("damaged safetensors file (a name appears twice in the header)")
+    for key in keys:
+        key.encode("utf-8")  # JSON escapes can carry lone surrogates, which are not text
+    return dict(pairs)
+
+
+def _is_size(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _safetensors_entry(name: str, info: Any) -> tuple[str, np.dtype[Any], tuple[int, ...], int, int]:
+    damaged = UnsupportedModelFormat(f"damaged safetensors file (bad header entry for {name!r})")
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise damaged
+    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(code, str) or not isinstance(shape, list) or not all(map(_is_size, shape)):
+        raise damaged
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_size, offsets)):
+        raise damaged
+    begin, end = offsets
+    if code not in SAFETENSORS_DTYPES:
+        raise UnsupportedModelFormat(f"tensor {name!r} has dtype {code}; accepted dtypes: {ACCEPTED_DTYPES}")
+    dtype = SAFETENSORS_DTYPES[code]
+    if end < begin or end - begin != math.prod(shape) * dtype.itemsize:
+        raise UnsupportedModelFormat(
+            f"damaged safetensors file (the size of {name!r} does not match its shape)"
+        )
+    return name, dtype, tuple(shape), begin, end
+
+
+def _unpacked_size(archive: zipfile.ZipFile, max_tensor_bytes: int) -> None:
+    total = sum(info.file_size for info in archive.infolist())
+    if total > max_tensor_bytes:
+        raise UnsupportedModelFormat(
+            f"the archive unpacks to {total} bytes, more than the {max_tensor_bytes} allowed"
+        )
+
+
+def _read_npz(data: bytes | bytearray | memoryview, max_tensor_bytes: int) -> dict[str, np.ndarray]:
+    # Each `.npy` member is read by hand (header, then raw bytes) rather than with np.load: the
+    # header is checked before anything is allocated, and object arrays are refused outright.
+    tensors: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        _unpacked_size(archive, max_tensor_bytes)
+        for info in archive.infolist():
+            name = info.filename.removesuffix(".npy")
+            if name in tensors:
+                raise UnsupportedModelFormat(f"damaged npz file ({name!r} appears twice)")
+            with archive.open(info) as member:
+                tensors[name] = _read_npy(name, member)
+    return tensors
+
+
+def _read_npy(name: str, member: IO[bytes]) -> np.ndarray:
+    version = npy.read_magic(member)
+    if version == (1, 0):
+        shape, fortran_order, dtype = npy.read_array_header_1_0(member, max_header_size=MAX_NPY_HEADER)
+    elif version == (2, 0):
+        shape, fortran_order, dtype = npy.read_array_header_2_0(member, max_header_size=MAX_NPY_HEADER)
+    else:
+        raise UnsupportedModelFormat(f"damaged npz file (member {name!r} has .npy version {version})")
+    _check_dtype(name, dtype)
+    if any(size < 0 for size in shape):
+        raise UnsupportedModelFormat(f"damaged npz file ({name!r} has a negative dimension)")
+    raw = member.read()
+    if len(raw) != math.prod(shape) * dtype.itemsize:
+        raise UnsupportedModelFormat(f"damaged npz file (the size of {name!r} does not match its shape)")
+    array = np.frombuffer(raw, dtype=dtype)
+    array = array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
+    return _native(array)
+
+
+def _read_torch(data: bytes | bytearray | memoryview, max_tensor_bytes: int) -> dict[str, np.ndarray]:
+    import torch
+
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        _unpacked_size(archive, max_tensor_bytes)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's own message advises loading with weights_only=False: not for a server's clients.
+        raise UnsupportedModelFormat(
+            "the PyTorch file holds objects other than tensors and plain containers (such as a whole model)"
+        ) from error
+    if not isinstance(state, Mapping) or not all(
+        isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in state.items()
+    ):
+        raise UnsupportedModelFormat(
+            "the PyTorch file is not a flat mapping of name to tensor (a state dict)"
+        )
+    tensors: dict[str, np.ndarray] = {}
+    for name, tensor in state.items():
+        if (
+            tensor.layout != torch.strided
+            or tensor.is_quantized
+            or str(tensor.dtype).removeprefix("torch.") not in DTYPE_NAMES
+        ):
+            raise UnsupportedModelFormat(
+                f"tensor {name!r} is a {tensor.layout} {tensor.dtype} tensor; accepted:"
+                f" dense {ACCEPTED_DTYPES}"
+            )
+        tensors[name] = tensor.detach().cpu().numpy()
+    return tensors
+
+
+def _write_npz(arrays: Mapping[str, np.ndarray]) -> bytes:
+    # Written member by member: np.savez takes names as keyword arguments, so a tensor named
+    # "file" or "allow_pickle" would collide with its parameters.
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                npy.write_array(member, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _write_torch(arrays: Mapping[str, np.ndarray]) -> bytes:
+    if not torch_available():
+        raise UnsupportedModelFormat("PyTorch files need the optional torch extra, which is not installed")
+    import torch
+
+    buffer = io.BytesIO()
+    # from_numpy shares memory and warns on read-only arrays; a copy keeps the caller's arrays out of it.
+    torch.save({name: torch.from_numpy(array.copy()) for name, array in arrays.items()}, buffer)
+    return buffer.getvalue()
