@@ -75,3 +75,15 @@ class TooManyRequests(FLTrainingError):
     def __init__(self, detail: str, retry_after: int) -> None:
         super().__init__(detail)
         self.retry_after = retry_after
+
+
+class RequestTimeout(FLTrainingError):
+    """The client stopped sending its request body, or sent it too slowly."""
+
+    status = 408
+
+
+class ClientClosedRequest(FLTrainingError):
+    """The client closed the connection before its body arrived; logged as nginx's 499, sent to no one."""
+
+    status = 499

@@ -10,29 +10,18 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from fltraining.errors import (
-    FLTrainingError,
+    ClientClosedRequest,
     InvalidInput,
     NotFound,
     PayloadTooLarge,
     PreconditionFailed,
+    RequestTimeout,
     UnsupportedMediaType,
 )
 from fltraining.schemas.common import public_errors
 from routes.keys import settings_key
 
 JSON_TYPES = {"application/json", ""}
-
-
-class RequestTimeout(FLTrainingError):
-    """The client stopped sending its request body, or sent it too slowly."""
-
-    status = 408
-
-
-class ClientClosedRequest(FLTrainingError):
-    """The client closed the connection before its body arrived; logged as nginx's 499, sent to no one."""
-
-    status = 499
 
 
 class BodyDeadline:
@@ -115,7 +104,7 @@ def read_query[M: BaseModel](request: web.Request, schema: type[M], repeatable: 
     """Validate a query string: unknown or repeated single-valued parameters are 400."""
     data: dict[str, Any] = {}
     known = set(schema.model_fields)
-    for key in request.query.keys():
+    for key in request.query:
         if key in data:
             continue
         if key not in known:
