@@ -1,12 +1,12 @@
 """Service endpoints: health, the OpenAPI document and its offline docs page."""
 
 import asyncio
+import importlib.resources
 from pathlib import Path
 
 from aiohttp import web
 from pydantic import BaseModel
 from pymongo.errors import PyMongoError
-from swagger_ui_bundle import swagger_ui_path
 
 from routes.keys import database_name_key, mongo_client_key, openapi_key
 from routes.observability import metrics
@@ -64,9 +64,10 @@ async def docs_init(request: web.Request) -> web.Response:
 
 
 def add_docs_assets(app: web.Application) -> None:
-    """Serve Swagger UI's files from the swagger-ui-bundle package."""
+    """Serve Swagger UI 5 (it renders OpenAPI 3.1) from the swagger-ui-py package's static files."""
     app.router.add_get(DOCS_ASSETS + "/docs-init.js", docs_init)
-    app.router.add_static(DOCS_ASSETS, Path(swagger_ui_path), follow_symlinks=False)
+    assets = Path(str(importlib.resources.files("swagger_ui") / "static"))
+    app.router.add_static(DOCS_ASSETS, assets, follow_symlinks=False)
 
 
 ENDPOINTS = [

@@ -176,6 +176,8 @@ async def test_docs_page_works_offline(client: TestClient, path: str) -> None:
             scripts.append(await fetched.text())
     # The page's own start-up script loads this server's spec.
     assert any("/api/openapi.json" in script for script in scripts)
+    # The served Swagger UI knows OpenAPI 3.1 (4.x shows "Unable to render this definition").
+    assert any("isOAS31" in script for script in scripts)
 
 
 # --- general HTTP rules ---------------------------------------------------------------------
