@@ -14,7 +14,7 @@ from bson import Binary, Int64, ObjectId
 from bson.dbref import DBRef
 from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import DuplicateKeyError, WriteError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteError
 
 from fltraining.documents import Training
 from fltraining.storage import mongoeco_fixes
@@ -507,3 +507,164 @@ async def test_dbref_with_uuid_id_round_trips_over_the_wire(raw_db: AsyncDatabas
     read = await collection.find_one({"_id": document_id})
     assert read == document
     assert await collection.find({}).to_list() == [document]
+
+
+def test_apply_refuses_another_mongoeco_version_for_unique_index_fix_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mongoeco import _version
+    from mongoeco.engines.sqlite import SQLiteEngine
+
+    names = [
+        "_insert_document_sync",
+        "_insert_documents_sync",
+        "_invalidate_collection_features_cache",
+        "_unique_index_conflict_via_scalar_entries",
+    ]
+    monkeypatch.setattr(mongoeco_fixes, "_applied", False)
+    monkeypatch.setattr(_version, "__version__", "4.12.0")
+    before = [getattr(SQLiteEngine, name) for name in names]
+    with pytest.raises(mongoeco_fixes.UnsupportedMongoecoVersion):
+        mongoeco_fixes.apply()
+    assert [getattr(SQLiteEngine, name) for name in names] == before
+
+
+SAME_OWNER = uuid.uuid4()
+# (index keys, a stored document's key fields made from i, documents with the same key as i=3)
+UNIQUE_KEYS = [
+    ([("name", 1)], lambda i: {"name": f"n{i}"}, [{"name": "n3"}]),
+    ([("model", 1)], lambda i: {"model": uuid.UUID(int=i)}, [{"model": uuid.UUID(int=3)}]),
+    ([("number", 1)], lambda i: {"number": i}, [{"number": 3}, {"number": 3.0}, {"number": Int64(3)}]),
+    (
+        [("files_id", 1), ("n", 1)],
+        lambda i: {"files_id": SAME_OWNER, "n": i},
+        [{"files_id": SAME_OWNER, "n": 3}, {"files_id": SAME_OWNER, "n": 3.0}, {"files_id": SAME_OWNER, "n": Int64(3)}],
+    ),
+    (
+        [("owner", 1), ("label", 1)],
+        lambda i: {"owner": SAME_OBJECT_ID, "label": f"l{i}"},
+        [{"owner": SAME_OBJECT_ID, "label": "l3"}],
+    ),
+]
+UNIQUE_KEYS_NAMES = ["string", "uuid", "number", "compound-uuid-number", "compound-objectid-string"]
+
+
+@pytest.mark.parametrize("engine_collection", ENGINES, indirect=True)
+@pytest.mark.parametrize(("keys", "key_of", "duplicates"), UNIQUE_KEYS, ids=UNIQUE_KEYS_NAMES)
+async def test_unique_secondary_index_rejects_duplicates(
+    engine_collection: Any, keys: list[tuple[str, int]], key_of: Callable[[int], Raw], duplicates: list[Raw]
+) -> None:
+    await engine_collection.create_index(keys, unique=True)
+    await engine_collection.insert_many([{**key_of(i), "i": i} for i in range(STORED)])
+    for i in range(STORED, STORED + 20):  # one at a time too
+        await engine_collection.insert_one({**key_of(i), "i": i})
+    for duplicate in duplicates:
+        with pytest.raises(DuplicateKeyError):
+            await engine_collection.insert_one({**duplicate, "i": -1})
+    # After an update, the old key is free and the new one taken.
+    await engine_collection.update_one(key_of(3), {"$set": key_of(1000)})
+    await engine_collection.insert_one({**key_of(3), "i": 3})
+    with pytest.raises(DuplicateKeyError):
+        await engine_collection.insert_one({**key_of(1000), "i": -1})
+    with pytest.raises(DuplicateKeyError):
+        await engine_collection.update_one(key_of(4), {"$set": key_of(5)})
+    # After a delete, the key is free once.
+    await engine_collection.delete_one(key_of(3))
+    await engine_collection.insert_one({**key_of(3), "i": 3})
+    for duplicate in duplicates:
+        with pytest.raises(DuplicateKeyError):
+            await engine_collection.insert_one({**duplicate, "i": -1})
+    assert await engine_collection.count_documents({"i": -1}) == 0
+    assert await engine_collection.count_documents({}) == STORED + 21
+
+
+@pytest.mark.parametrize("engine_collection", ENGINES, indirect=True)
+async def test_unique_multikey_index_rejects_a_duplicate_element(engine_collection: Any) -> None:
+    await engine_collection.create_index("tags", unique=True)
+    await engine_collection.create_index([("owner", 1), ("n", 1)], unique=True)
+    await engine_collection.insert_many([{"tags": f"t{i}", "owner": SAME_OWNER, "n": i} for i in range(STORED)])
+    await engine_collection.insert_one({"tags": "scalar", "owner": SAME_OWNER, "n": -1})  # facts cached as "no array"
+    await engine_collection.insert_one({"tags": ["a", "b"], "owner": SAME_OWNER, "n": [100, 101]})
+    for duplicate in [
+        {"tags": "b"},
+        {"tags": ["c", "a"]},
+        {"tags": "t5"},
+        {"owner": SAME_OWNER, "n": 101},
+        {"owner": SAME_OWNER, "n": [102, 100]},
+    ]:
+        with pytest.raises(DuplicateKeyError):
+            await engine_collection.insert_one(duplicate)
+    # An array arriving by update is seen by the next insert too.
+    await engine_collection.update_one({"tags": "t7"}, {"$set": {"tags": ["t7", "u7"]}})
+    with pytest.raises(DuplicateKeyError):
+        await engine_collection.insert_one({"tags": "u7"})
+    # And by a batch insert, within that batch.
+    with pytest.raises(BulkWriteError):
+        await engine_collection.insert_many([{"tags": ["v1", "v2"]}, {"tags": "v2"}])
+    assert await engine_collection.count_documents({"tags": "v2"}) == 1
+
+
+@pytest.mark.parametrize("engine_collection", ENGINES, indirect=True)
+async def test_unique_collation_index_rejects_duplicates(engine_collection: Any) -> None:
+    await engine_collection.create_index("name", unique=True, collation={"locale": "en", "strength": 2})
+    await engine_collection.insert_many([{"name": f"Name{i}"} for i in range(STORED)])
+    with pytest.raises(DuplicateKeyError):
+        await engine_collection.insert_one({"name": "NAME3"})
+    await engine_collection.insert_one({"name": "Name3x"})
+
+
+@pytest.fixture
+def array_scans(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Count the full-collection json_type scans for "is there an array at this field"."""
+    from mongoeco.engines.sqlite import SQLiteEngine
+
+    counter = [0]
+    top_level = SQLiteEngine._field_is_top_level_array_in_collection
+
+    def counting(self: Any, db_name: str, coll_name: str, field: str) -> bool:
+        if (db_name, coll_name, f"top_level_array:{field}") not in self._collection_features_cache:
+            counter[0] += 1
+        return top_level(self, db_name, coll_name, field)
+
+    monkeypatch.setattr(SQLiteEngine, "_field_is_top_level_array_in_collection", counting)
+    yield counter
+
+
+@pytest.mark.parametrize("engine_collection", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(("keys", "key_of", "duplicates"), UNIQUE_KEYS, ids=UNIQUE_KEYS_NAMES)
+async def test_unique_index_check_does_not_scan_the_collection(
+    engine_collection: Any,
+    scanned_documents: list[int],
+    array_scans: list[int],
+    keys: list[tuple[str, int]],
+    key_of: Callable[[int], Raw],
+    duplicates: list[Raw],
+) -> None:
+    await engine_collection.create_index(keys, unique=True)
+    await engine_collection.insert_many([{**key_of(i), "i": i} for i in range(STORED)])
+    await engine_collection.insert_one({**key_of(STORED), "i": STORED})
+    scanned_documents[0] = array_scans[0] = 0
+    for i in range(STORED + 1, STORED + 11):
+        await engine_collection.insert_one({**key_of(i), "i": i})
+    await engine_collection.insert_many([{**key_of(i), "i": i} for i in range(STORED + 11, STORED + 21)])
+    with pytest.raises(DuplicateKeyError):
+        await engine_collection.insert_one(duplicates[-1])
+    assert (scanned_documents[0], array_scans[0]) == (0, 0)
+    # Other writes still drop the cached facts: the counter sees the next check scan again.
+    await engine_collection.update_one(key_of(1), {"$set": {"other": 1}})
+    await engine_collection.insert_one({**key_of(STORED + 21), "i": STORED + 21})
+    assert array_scans[0] >= 1
+
+
+async def test_gridfs_chunk_index_rejects_a_duplicate_chunk_over_the_wire(raw_db: AsyncDatabase[Raw]) -> None:
+    from fltraining.storage.files import BUCKET, CHUNK_BYTES, ModelFiles
+
+    async def content() -> AsyncIterator[bytes]:
+        yield bytes(3 * CHUNK_BYTES)
+
+    files = ModelFiles(raw_db)
+    stored = [await files.store(content(), 10 * CHUNK_BYTES, f"m{i}") for i in range(3)]
+    chunks = raw_db[f"{BUCKET}.chunks"]
+    assert await chunks.count_documents({}) == 9
+    with pytest.raises(DuplicateKeyError):
+        await chunks.insert_one({"files_id": stored[1].file_id, "n": 2, "data": b"x"})
+    await chunks.insert_one({"files_id": stored[1].file_id, "n": 3, "data": b"x"})
+    assert await chunks.count_documents({"files_id": stored[1].file_id}) == 4

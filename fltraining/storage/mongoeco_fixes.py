@@ -1,6 +1,8 @@
-"""Corrections to two faults of mongoeco 4.11.0, applied before the embedded store starts."""
+"""Corrections to three faults of mongoeco 4.11.0, applied before the embedded store starts."""
 
 import functools
+import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -46,8 +48,144 @@ def _encode_bson_dbref(encode: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return encoded
 
 
+# The inserts under way in this thread: (db, collection, documents), for `_keep_array_facts`.
+_inserting = threading.local()
+_ARRAY_FACTS = ("top_level_array:", "traverses_array:")
+
+
+def _holds_array(value: Any) -> bool:
+    """Whether a value is, or has inside its plain sub-documents, an array."""
+    if isinstance(value, list | tuple):
+        return True
+    return isinstance(value, dict) and any(_holds_array(item) for item in value.values())
+
+
+def _array_facts(cache: dict[Any, Any], db_name: str, coll_name: str, documents: list[Any]) -> dict[Any, bool]:
+    """The collection's cached array facts, each mapped to whether `documents` may change it."""
+    facts = {}
+    for key in cache:
+        if key[:2] == (db_name, coll_name) and key[2].startswith(_ARRAY_FACTS):
+            top = key[2].split(":", 1)[1].split(".", 1)[0]
+            facts[key] = any(_holds_array(document.get(top)) for document in documents)
+    return facts
+
+
+def _inserting_documents(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap an engine insert so the cache invalidation it ends with knows what it inserted."""
+
+    @functools.wraps(method)
+    def inserting(self: Any, db_name: str, coll_name: str, documents: Any, *args: Any, **kwargs: Any) -> Any:
+        batch = documents if isinstance(documents, list) else [documents]
+        # mongoeco checks a batch's documents against facts cached before it: drop those an
+        # array in the batch may falsify (the invalidation below keeps the others).
+        cache = self._collection_features_cache
+        for key, touched in _array_facts(cache, db_name, coll_name, batch).items():
+            if touched:
+                cache.pop(key, None)
+        previous = getattr(_inserting, "batch", None)
+        _inserting.batch = (db_name, coll_name, batch)
+        try:
+            return method(self, db_name, coll_name, documents, *args, **kwargs)
+        finally:
+            _inserting.batch = previous
+
+    return inserting
+
+
+def _keep_array_facts(invalidate: Callable[..., None]) -> Callable[..., None]:
+    """Wrap the features-cache invalidation so inserts keep the "no array at F" facts they leave true."""
+
+    @functools.wraps(invalidate)
+    def invalidated(self: Any, db_name: str | None = None, coll_name: str | None = None) -> None:
+        # Every write drops the collection's cached facts, so the next unique-index check re-runs
+        # a full-table json_type scan per indexed field. An insert (or an overwrite by _id) that
+        # puts no array under a field's top-level key cannot make "no document has an array at
+        # that field" false, so those facts survive it; everything else is dropped as before.
+        batch = getattr(_inserting, "batch", None)
+        kept = {}
+        if batch is not None and batch[:2] == (db_name, coll_name):
+            cache = self._collection_features_cache
+            facts = _array_facts(cache, batch[0], batch[1], batch[2])
+            kept = {key: False for key, touched in facts.items() if not touched and cache[key] is False}
+        invalidate(self, db_name, coll_name)
+        self._collection_features_cache.update(kept)
+
+    return invalidated
+
+
+def _unique_key_via_index(method: Callable[..., bool | None]) -> Callable[..., bool | None]:
+    """Wrap the scalar-entry unique check so compound and numeric keys use the physical index too."""
+    from mongoeco.core.bson_scalars import is_bson_numeric, unwrap_bson_numeric
+    from mongoeco.engines.sqlite_query import index_expressions_sql
+    from mongoeco.engines.virtual_indexes import document_in_virtual_index
+    from mongoeco.types import is_object_id_like, normalize_object_id
+
+    numeric = [
+        ("{t} IN ('', 'int32', 'int64', 'double') AND {v} = ?", True),
+        ("{t} IN ('decimal', 'decimal128', 'decimal128_public')", False),
+    ]
+
+    def key_terms(value: Any) -> list[tuple[str, list[Any]]] | None:
+        # SQL terms that together match (at least) every stored value equal to `value` for
+        # mongoeco's bson_equality_key; None for types this cannot bound (they keep the scan).
+        if type(value) is str:
+            return [("{t} = '' AND {v} = ?", [value])]
+        if isinstance(value, uuid.UUID):
+            return [("{t} = 'uuid' AND {v} = ?", [str(value)])]
+        if is_object_id_like(value):
+            return [("{t} = 'objectid' AND {v} = ?", [str(normalize_object_id(value))])]
+        number = unwrap_bson_numeric(value) if is_bson_numeric(value) else None
+        if isinstance(number, int) and abs(number) <= 2**53:  # so exact against doubles too
+            return [(term, [int(number)] if bound else []) for term, bound in numeric]
+        return None
+
+    @functools.wraps(method)
+    def checked(self: Any, conn: Any, collection_id: int | None, index: Any, document: Any, **kwargs: Any) -> bool | None:
+        found = method(self, conn, collection_id, index, document, **kwargs)
+        if found is not None or collection_id is None or not index.get("physical_name"):
+            return found
+        # mongoeco only reaches here for indexes without collation whose fields hold no array in
+        # the collection, and then decodes every stored document to compare keys (O(n) per insert,
+        # all model bytes for GridFS chunks). Find the candidates through the index's own
+        # expression index instead (one fully indexed SELECT per combination of terms), and
+        # compare them exactly as that scan does.
+        alternatives: list[tuple[str, list[Any]]] = [("", [])]
+        for field in index["fields"]:
+            if "." in field or field not in document:
+                return None
+            terms = key_terms(document[field])
+            if terms is None:
+                return None
+            type_sql, value_sql = index_expressions_sql(field)
+            alternatives = [
+                (sql + " AND " + term.format(t=type_sql, v=value_sql), params + term_params)
+                for sql, params in alternatives
+                for term, term_params in terms
+            ]
+        names = conn.execute(
+            "SELECT db_name, coll_name FROM collections WHERE collection_id = ?", (collection_id,)
+        ).fetchone()
+        if names is None:
+            return None
+        exclude = kwargs.get("exclude_storage_key")
+        key = tuple(self._index_value(document, field) for field in index["fields"])
+        for sql, params in alternatives:
+            query = "SELECT storage_key, document FROM documents WHERE db_name = ? AND coll_name = ?" + sql
+            for storage_key, payload in conn.execute(query, (*names, *params)):
+                if storage_key == exclude:
+                    continue
+                existing = self._deserialize_document(payload)
+                if document_in_virtual_index(existing, index) and key == tuple(
+                    self._index_value(existing, field) for field in index["fields"]
+                ):
+                    return True
+        return False
+
+    return checked
+
+
 def apply() -> None:
-    """Apply both corrections once; refuse any mongoeco release but the one they fit."""
+    """Apply the corrections once; refuse any mongoeco release but the one they fit."""
     global _applied
     if _applied:
         return
@@ -63,6 +201,16 @@ def apply() -> None:
 
     sqlite.SQLiteEngine._validate_document_against_unique_indexes = _numeric_id_only(
         sqlite.SQLiteEngine._validate_document_against_unique_indexes, lambda doc: doc.get("_id")
+    )
+    # Unique secondary indexes: keep "no array at F" facts across inserts, and look keys up
+    # through the physical index rather than decoding every stored document.
+    sqlite.SQLiteEngine._insert_document_sync = _inserting_documents(sqlite.SQLiteEngine._insert_document_sync)
+    sqlite.SQLiteEngine._insert_documents_sync = _inserting_documents(sqlite.SQLiteEngine._insert_documents_sync)
+    sqlite.SQLiteEngine._invalidate_collection_features_cache = _keep_array_facts(
+        sqlite.SQLiteEngine._invalidate_collection_features_cache
+    )
+    sqlite.SQLiteEngine._unique_index_conflict_via_scalar_entries = _unique_key_via_index(
+        sqlite.SQLiteEngine._unique_index_conflict_via_scalar_entries
     )
     memory.MemoryEngine._ensure_unique_indexes = _numeric_id_only(
         memory.MemoryEngine._ensure_unique_indexes, lambda doc: doc.get("_id")
