@@ -184,22 +184,20 @@ class TrainingService:
 
     async def add_participants(self, user: User, training_id: UUID, client_ids: list[UUID]) -> None:
         """Add users as participants; idempotent, concurrent calls never lose one another."""
-        await self.get_as_actor(user, training_id)
-        clients = await self._users.require_all_exist(client_ids)
-        update = _touch()
-        update["$addToSet"] = {"participants": {"$each": clients}}
-        await self._update_participants(training_id, update)
+        await self._change_participants(user, training_id, client_ids, "$addToSet", "$each")
 
     async def remove_participants(self, user: User, training_id: UUID, client_ids: list[UUID]) -> None:
         """Remove users from the participants."""
+        await self._change_participants(user, training_id, client_ids, "$pull", "$in")
+
+    async def _change_participants(
+        self, user: User, training_id: UUID, client_ids: list[UUID], operator: str, each: str
+    ) -> None:
+        """One `$addToSet`/`$pull` of known users, applied only while the state allows it (else 409)."""
         await self.get_as_actor(user, training_id)
         clients = await self._users.require_all_exist(client_ids)
         update = _touch()
-        update["$pull"] = {"participants": {"$in": clients}}
-        await self._update_participants(training_id, update)
-
-    async def _update_participants(self, training_id: UUID, update: dict[str, Any]) -> None:
-        """Apply a participant change only while the state allows it."""
+        update[operator] = {"participants": {each: clients}}
         editable = [str(state) for state in PARTICIPANTS_EDITABLE]
         result = await Training.get_pymongo_collection().update_one(
             {"_id": training_id, "state": {"$in": editable}}, update
