@@ -7,7 +7,7 @@ from uuid import UUID, uuid4
 
 import pymongo
 from beanie import Document, Insert, Replace, Save, SaveChanges, before_event
-from pydantic import Field, WithJsonSchema
+from pydantic import BaseModel, Field, WithJsonSchema
 from pymongo import IndexModel
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.results import InsertManyResult
@@ -15,7 +15,7 @@ from pymongo.results import InsertManyResult
 from fltraining.clock import utcnow
 from fltraining.jsonschema import inline_refs
 from fltraining.options import TrainingOptions, daisy_chained_target
-from fltraining.states import AggregationMethod, TrainingState, UncertaintyMethod
+from fltraining.states import AggregationMethod, Phase, TrainingState, UncertaintyMethod
 
 
 class User(Document):
@@ -46,6 +46,14 @@ class User(Document):
         ]
 
 
+class TensorDocument(BaseModel):
+    """One tensor of a model's signature."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+
+
 class Model(Document):
     """Metadata of a global model; its bytes live in GridFS under `file_id`."""
 
@@ -61,6 +69,13 @@ class Model(Document):
     cloned_from: UUID | None = None
     # Set while a clone waits for its training's insert; a crash in between leaves it for the sweeper.
     pending_training: UUID | None = None
+    # The accepted weight format ("safetensors", "npz", "torch"), or None with the reason in format_problem.
+    format: str | None = None
+    format_problem: str | None = Field(default=None, max_length=1000)
+    # Tensor signature as {"name", "shape", "dtype"} documents (names hold dots, so they cannot be keys).
+    tensors: list[TensorDocument] = Field(default_factory=list)
+    swag_first_file_id: UUID | None = None
+    swag_second_file_id: UUID | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
     class Settings:
@@ -70,6 +85,13 @@ class Model(Document):
             IndexModel("file_id", name="file_id"),
             IndexModel("pending_training", name="pending_training", sparse=True),
         ]
+
+
+class ChainLink(BaseModel):
+    """FedDC: a round participant and the local model it was handed."""
+
+    user: UUID
+    model: UUID
 
 
 class Training(Document):
@@ -94,6 +116,19 @@ class Training(Document):
     locked: bool = False
     state_detail: dict[str, Any] | None = None
     version: int = Field(default=1, ge=1)
+    # The round engine's fields: see fltraining/engine/ and api-rounds.md.
+    round: int = Field(default=0, ge=0)
+    phase: Phase | None = None
+    round_participants: list[UUID] = Field(default_factory=list)
+    round_arrived: list[UUID] = Field(default_factory=list)
+    round_deadline: datetime | None = None
+    lease_owner: str | None = None
+    lease_until: datetime | None = None
+    # FedDC: which local model each round participant trains in this sub-round.
+    chain: list[ChainLink] = Field(default_factory=list)
+    # Side effects of the last steps (events, notifications, file moves), written in the same update
+    # as the step and applied idempotently afterwards by any process.
+    effects: list[dict[str, Any]] = Field(default_factory=list)
 
     class Settings:
         name = "trainings"
@@ -103,6 +138,7 @@ class Training(Document):
             IndexModel([("participants", pymongo.ASCENDING), ("last_update", pymongo.DESCENDING)], name="participants_last_update"),
             IndexModel([("state", pymongo.ASCENDING), ("aggregation_method", pymongo.ASCENDING)], name="state_aggregation"),
             IndexModel("uncertainty_method", name="uncertainty_method"),
+            IndexModel("effects.file_ids", name="effects_file_ids", sparse=True),
         ]
 
     @before_event(Insert, Replace, Save, SaveChanges)
@@ -155,4 +191,136 @@ class MetricsSnapshot(Document):
         ]
 
 
-DOCUMENT_MODELS: list[type[Document]] = [User, Model, Training, LoginFailures, MetricsSnapshot]
+class Update(Document):
+    """A participant's local model for one round (a "LocalModel" in DLR); bytes in GridFS."""
+
+    id: UUID = Field(default_factory=uuid4)  # type: ignore[assignment]
+    training: UUID
+    model: UUID  # the global model it updates
+    round: int = Field(ge=0)
+    user: UUID
+    sample_size: int = Field(ge=1)
+    file_id: UUID
+    size: int = Field(ge=0)
+    sha256: str = Field(min_length=64, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+
+    class Settings:
+        name = "updates"
+        indexes: ClassVar[list[IndexModel]] = [
+            IndexModel(
+                [("training", pymongo.ASCENDING), ("round", pymongo.ASCENDING), ("user", pymongo.ASCENDING)],
+                unique=True, name="one_update_per_round",
+            ),
+            IndexModel("file_id", name="file_id"),
+        ]
+
+
+class SwagStatistic(Document):
+    """A participant's SWAG first and second moments for one round."""
+
+    id: UUID = Field(default_factory=uuid4)  # type: ignore[assignment]
+    training: UUID
+    model: UUID
+    round: int = Field(ge=0)
+    user: UUID
+    sample_size: int = Field(ge=1)
+    first_file_id: UUID
+    second_file_id: UUID
+    sha256: str = Field(min_length=64, max_length=64)  # of both files' digests, for retries
+    created_at: datetime = Field(default_factory=utcnow)
+
+    class Settings:
+        name = "swag_statistics"
+        indexes: ClassVar[list[IndexModel]] = [
+            IndexModel(
+                [("training", pymongo.ASCENDING), ("round", pymongo.ASCENDING), ("user", pymongo.ASCENDING)],
+                unique=True, name="one_statistic_per_round",
+            ),
+            IndexModel("first_file_id", name="first_file_id"),
+            IndexModel("second_file_id", name="second_file_id"),
+        ]
+
+
+class Metric(Document):
+    """One reported metric value of a model (global or local) at a step (the round)."""
+
+    id: UUID = Field(default_factory=uuid4)  # type: ignore[assignment]
+    model: UUID
+    training: UUID | None = None
+    step: int = Field(ge=0)
+    reporter: UUID
+    key: str = Field(min_length=1, max_length=64)
+    value: float
+    created_at: datetime = Field(default_factory=utcnow)
+
+    class Settings:
+        name = "metrics"
+        indexes: ClassVar[list[IndexModel]] = [
+            IndexModel(
+                [("model", pymongo.ASCENDING), ("step", pymongo.ASCENDING), ("reporter", pymongo.ASCENDING),
+                 ("key", pymongo.ASCENDING)],
+                unique=True, name="one_value_per_key",
+            ),
+            IndexModel([("training", pymongo.ASCENDING), ("step", pymongo.ASCENDING)], name="training_step"),
+        ]
+
+
+class Event(Document):
+    """One entry of a training's audit trail; ids sort in the order the events happened."""
+
+    id: str = Field(max_length=64)  # type: ignore[assignment]  # "<ms since epoch>-<index>-<random>"
+    training: UUID
+    type: str = Field(max_length=64)
+    round: int = Field(ge=0)
+    at: datetime
+    user: UUID | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    class Settings:
+        name = "events"
+        indexes: ClassVar[list[IndexModel]] = [
+            IndexModel([("training", pymongo.ASCENDING), ("_id", pymongo.ASCENDING)], name="training_order"),
+            IndexModel([("type", pymongo.ASCENDING), ("at", pymongo.ASCENDING)], name="type_at"),
+        ]
+
+
+class Notification(Document):
+    """An outbox entry: one notification to one user, delivered at least once by any process."""
+
+    id: str = Field(max_length=128)  # type: ignore[assignment]  # "<effect id>:<user>"
+    training: UUID
+    user: UUID
+    notification_type: str = Field(max_length=64)
+    body: dict[str, Any]
+    # Round notifications carry the DLR rules: 4xx removes the participant, exhaustion fails the training.
+    round_notification: bool
+    status: str = Field(max_length=16)  # pending, delivered, rejected, failed, dropped
+    attempts: int = Field(default=0, ge=0)
+    next_attempt_at: datetime
+    last_error: str | None = Field(default=None, max_length=500)
+    created_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+
+    class Settings:
+        name = "notifications"
+        indexes: ClassVar[list[IndexModel]] = [
+            IndexModel([("status", pymongo.ASCENDING), ("next_attempt_at", pymongo.ASCENDING)], name="due"),
+            IndexModel([("training", pymongo.ASCENDING), ("_id", pymongo.ASCENDING)], name="training_order"),
+        ]
+
+
+DOCUMENT_MODELS: list[type[Document]] = [
+    User, Model, Training, LoginFailures, MetricsSnapshot, Update, SwagStatistic, Metric, Event, Notification,
+]
+
+# Every (collection, field) that may hold a GridFS file id: a file none of them names is a leftover.
+FILE_REFERENCES: list[tuple[type[Document], str]] = [
+    (Model, "file_id"),
+    (Model, "swag_first_file_id"),
+    (Model, "swag_second_file_id"),
+    (Update, "file_id"),
+    (SwagStatistic, "first_file_id"),
+    (SwagStatistic, "second_file_id"),
+    (Training, "effects.file_ids"),
+]

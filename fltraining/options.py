@@ -2,12 +2,16 @@
 
 from typing import Any
 
+from typing import Annotated
+
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 FORBIDDEN_KEY_HINT = "keys may not start with '$' or contain '.' or NUL"
 UNPAIRED_SURROGATE = "string holds an unpaired surrogate, which is not Unicode text"
 # Keeps target_num_updates x period far inside a 64-bit integer (BSON cannot store more).
 MAX_DAISY_CHAIN_PERIOD = 1_000_000
+DEFAULT_FEDPROX_MU = 0.01
+MAX_ROUND_TIMEOUT_SECONDS = 366 * 86_400
 
 
 class UncertaintyOptions(BaseModel):
@@ -27,6 +31,10 @@ class TrainingOptions(BaseModel):
     daisy_chain_period: StrictInt | None = Field(default=None, ge=0, le=MAX_DAISY_CHAIN_PERIOD)
     uncertainty: UncertaintyOptions | None = None
     skip_model_tests: StrictBool | None = None
+    fedprox_mu: Annotated[float, Field(ge=0, le=1e6, strict=True, allow_inf_nan=False)] | None = None
+    round_timeout_seconds: StrictInt | None = Field(default=None, ge=1, le=MAX_ROUND_TIMEOUT_SECONDS)
+    min_updates: StrictInt | None = Field(default=None, ge=1, le=1_000_000)
+    keep_local_models: StrictBool | None = None
 
     def as_stored(self) -> dict[str, Any]:
         """Return the object exactly as the client sent it (unset known keys stay absent)."""

@@ -75,4 +75,28 @@ class Settings(BaseSettings):
     orphan_grace_seconds: float = Field(
         default=300, ge=0, description="Age after which a pending clone or an unreferenced file is a leftover."
     )
+    notification_allow_loopback: bool = Field(
+        default=False,
+        description="Allow message endpoints on loopback / link-local addresses (tests, single-machine demos).",
+    )
+    notification_max_attempts: int = Field(
+        default=5, ge=1, le=100, description="Delivery attempts before the rule for exhausted retries applies."
+    )
+    notification_backoff_seconds: float = Field(
+        default=2.0, gt=0, le=3600, description="Wait before the second attempt; doubles with each attempt (max 300 s)."
+    )
+    notification_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=600, description="Longest wait for a message endpoint's answer."
+    )
+    lock_lease_seconds: float = Field(
+        default=300, gt=0, description="How long an aggregation claim holds before another process may redo it."
+    )
+    reconcile_interval_seconds: float = Field(
+        default=5, gt=0,
+        description="How often each process looks for expired leases, due notifications and round timeouts.",
+    )
+    fault_hold_after_claim: bool = Field(
+        default=False,
+        description="Fault tests only: claim aggregations and never finish them, like a hung process.",
+    )
     log_level: str = Field(default="INFO", description="Python logging level.")

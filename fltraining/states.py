@@ -30,6 +30,15 @@ class UncertaintyMethod(StrEnum):
     SWAG = "SWAG"
 
 
+class Phase(StrEnum):
+    """Where a running training is within its current round."""
+
+    UPDATES = "updates"
+    AGGREGATING = "aggregating"
+    TESTING = "testing"
+    SWAG = "swag"
+
+
 class Transition(StrEnum):
     """Named moves of the state machine."""
 
@@ -54,7 +63,17 @@ TRANSITIONS: dict[Transition, tuple[frozenset[TrainingState], TrainingState]] = 
 }
 
 # States in which the participant list may still change.
-PARTICIPANTS_EDITABLE: frozenset[TrainingState] = frozenset({S.INITIAL, S.ONGOING})
+PARTICIPANTS_EDITABLE: frozenset[TrainingState] = frozenset({S.INITIAL, S.ONGOING, S.SWAG_ROUND})
+
+# States in which the round engine runs.
+RUNNING: frozenset[TrainingState] = frozenset({S.ONGOING, S.SWAG_ROUND})
+
+# The phase in which each running state waits for round participants, and what it waits for.
+WAITING_PHASES: dict[Phase, TrainingState] = {
+    Phase.UPDATES: S.ONGOING,
+    Phase.TESTING: S.ONGOING,
+    Phase.SWAG: S.SWAG_ROUND,
+}
 
 # States in which the training's settings may be patched.
 PATCHABLE: frozenset[TrainingState] = frozenset({S.INITIAL})

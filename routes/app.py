@@ -1,5 +1,7 @@
 """The application factory."""
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -11,12 +13,15 @@ from fltraining.services.factory import build_services
 from fltraining.settings import Settings
 from fltraining.storage.database import database_name, init_database, make_client
 from fltraining.storage.embedded import EmbeddedStore
-from routes import models, service, trainings, users
+from routes import models, rounds, service, trainings, users
 from routes.auth import make_auth_middleware
 from routes.background import periodic
 from routes.errors import error_middleware
 from routes.keys import (
+    contributions_key,
     database_name_key,
+    delivery_key,
+    engine_key,
     metrics_key,
     models_key,
     mongo_client_key,
@@ -34,7 +39,9 @@ from routes.table import Endpoint, add_endpoints, is_public
 log = logging.getLogger(__name__)
 
 # Fixed routes before parameterised ones: aiohttp matches in registration order.
-ENDPOINTS: list[Endpoint] = [*service.ENDPOINTS, *users.ENDPOINTS, *models.ENDPOINTS, *trainings.ENDPOINTS]
+ENDPOINTS: list[Endpoint] = [
+    *service.ENDPOINTS, *users.ENDPOINTS, *models.ENDPOINTS, *trainings.ENDPOINTS, *rounds.ENDPOINTS,
+]
 
 
 async def embedded_store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -68,10 +75,31 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     app[models_key] = services.models
     app[users_key] = services.users
     app[trainings_key] = services.trainings
+    app[engine_key] = services.engine
+    app[contributions_key] = services.contributions
+    app[delivery_key] = services.delivery
     try:
         yield
     finally:
         await client.close()
+
+
+async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Deliver notifications in the background; on exit, stop engine work (leases expire for others)."""
+    interval = app[settings_key].reconcile_interval_seconds
+    delivery = asyncio.create_task(app[delivery_key].run(interval), name="notification-delivery")
+    try:
+        yield
+    finally:
+        delivery.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await delivery
+        await app[engine_key].close()
+
+
+async def reconcile(app: web.Application) -> None:
+    """Redo expired aggregations, apply round timeouts and effects dead processes left pending."""
+    await app[engine_key].reconcile()
 
 
 async def sweep_leftovers(app: web.Application) -> None:
@@ -100,6 +128,8 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(embedded_store_ctx)
     app.cleanup_ctx.append(database_ctx)
     app.cleanup_ctx.append(periodic("metrics-flush", lambda _: METRICS_FLUSH_SECONDS, flush_metrics, run_at_exit=True))
+    app.cleanup_ctx.append(engine_ctx)
+    app.cleanup_ctx.append(periodic("reconciler", lambda a: a[settings_key].reconcile_interval_seconds, reconcile))
     app.cleanup_ctx.append(periodic("sweeper", lambda a: a[settings_key].sweep_interval_seconds, sweep_leftovers))
     add_endpoints(app, ENDPOINTS)
     service.add_docs_assets(app)

@@ -6,6 +6,9 @@ from aiohttp import web
 from pymongo import AsyncMongoClient
 
 from fltraining.documents import User
+from fltraining.engine.outbox import NotificationDelivery
+from fltraining.engine.rounds import RoundEngine
+from fltraining.engine.uploads import ContributionService
 from fltraining.services.models import ModelService
 from fltraining.services.trainings import TrainingService
 from fltraining.services.users import UserService
@@ -18,6 +21,9 @@ database_name_key = web.AppKey("database_name", str)
 users_key = web.AppKey("users", UserService)
 models_key = web.AppKey("models", ModelService)
 trainings_key = web.AppKey("trainings", TrainingService)
+engine_key = web.AppKey("engine", RoundEngine)
+contributions_key = web.AppKey("contributions", ContributionService)
+delivery_key = web.AppKey("delivery", NotificationDelivery)
 openapi_key = web.AppKey("openapi", dict[str, Any])
 
 metrics_key = web.AppKey("metrics", RequestMetrics)

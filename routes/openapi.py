@@ -8,7 +8,6 @@ from pydantic.json_schema import models_json_schema
 
 import fltraining
 from fltraining.schemas.common import ErrorBody
-from routes.models import FILE_FIELD
 from routes.table import Endpoint, documented_path
 
 REF = "#/components/schemas/{model}"
@@ -64,15 +63,15 @@ def _definition(schema: dict[str, Any], ref: dict[str, str]) -> dict[str, Any]:
     return dict(schema["$defs"][ref["$ref"].rsplit("/", 1)[-1]])
 
 
-def _multipart(form: dict[str, Any]) -> dict[str, Any]:
-    """A multipart media type: the form's fields plus the model file; non-string fields are JSON text."""
-    # One object, not allOf with the form's schema: that forbids extra keys, so would forbid model_file too.
+def _multipart(form: dict[str, Any], files: tuple[str, ...]) -> dict[str, Any]:
+    """A multipart media type: the form's fields plus its files; arrays are repeated parts, other non-strings JSON text."""
+    # One object, not allOf with the form's schema: that forbids extra keys, so would forbid the files too.
     file = {"type": "string", "contentMediaType": "application/octet-stream"}
-    properties = {**form["properties"], FILE_FIELD: file}
+    properties = {**form["properties"], **dict.fromkeys(files, file)}
     encoding = {name: {"contentType": "application/json"} for name, prop in form["properties"].items()
-                if prop.get("type") != "string"}
-    encoding[FILE_FIELD] = {"contentType": "application/octet-stream"}
-    return {"schema": {**form, "properties": properties, "required": [*form.get("required", []), FILE_FIELD]},
+                if prop.get("type") not in {"string", "array"}}
+    encoding.update(dict.fromkeys(files, {"contentType": "application/octet-stream"}))
+    return {"schema": {**form, "properties": properties, "required": [*form.get("required", []), *files]},
             "encoding": encoding}
 
 
@@ -109,7 +108,7 @@ def build_openapi(endpoints: list[Endpoint]) -> dict[str, Any]:
         if endpoint.multipart is not None:
             form = _definition(schema, refs[(endpoint.multipart, "validation")])
             operation["requestBody"] = {"required": True,
-                                        "content": {"multipart/form-data": _multipart(form)}}
+                                        "content": {"multipart/form-data": _multipart(form, endpoint.files)}}
         for status, answer in endpoint.responses.items():
             response: dict[str, Any] = {"description": _STATUS_TEXT.get(status, "OK")}
             if isinstance(answer, list):

@@ -21,6 +21,7 @@ class Endpoint:
     public: bool = False
     body: type[BaseModel] | None = None
     multipart: type[BaseModel] | None = None
+    files: tuple[str, ...] = ("model_file",)  # the file parts of a multipart body
     query: type[BaseModel] | None = None
     responses: dict[int, type[BaseModel] | list[type[BaseModel]] | str | None] = field(default_factory=dict)
     errors: tuple[int, ...] = ()

@@ -3,6 +3,7 @@
 from aiohttp import web
 
 from fltraining.documents import Training
+from fltraining.engine.plans import expected_users
 from fltraining.schemas.common import Message
 from fltraining.schemas.trainings import (
     ClientsBody,
@@ -21,11 +22,12 @@ from routes.table import Endpoint
 
 
 def _detail_of(training: Training) -> TrainingDetail:
-    """The GET-by-id shape: public fields plus the round's upload counts."""
+    """The GET-by-id shape: public fields plus the current round and phase's arrivals."""
     public = TrainingPublic.model_validate(training).model_dump()
-    return TrainingDetail.model_validate(
-        {**public, "local_models_arrived": 0, "local_models_expected": len(training.participants)}
-    )
+    running = training.phase is not None
+    expected = len(expected_users(training)) if running else len(training.participants)
+    arrived = len(training.round_arrived) if running else 0
+    return TrainingDetail.model_validate({**public, "local_models_arrived": arrived, "local_models_expected": expected})
 
 
 def _training_response(training: Training) -> web.Response:

@@ -5,10 +5,12 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+import numpy as np
 from aiohttp import FormData
 from aiohttp.test_utils import TestClient
 
 from fltraining.storage.database import database_name, make_client
+from fltraining.weights import dump_tensors
 
 _counter = itertools.count()
 PASSWORD = "correct horse battery"
@@ -37,8 +39,14 @@ async def register(client: TestClient, username: str | None = None, **extra: Any
     return Account(id=body["id"], username=name, token=body["token"])
 
 
-async def upload_model(client: TestClient, owner: Account, content: bytes = b"weights", **fields: str) -> str:
+def small_model() -> bytes:
+    """A tiny valid model file (safetensors), the default upload."""
+    return dump_tensors({"w": np.zeros(2, np.float32)})
+
+
+async def upload_model(client: TestClient, owner: Account, content: bytes | None = None, **fields: str) -> str:
     """Upload a model through the API and return its id."""
+    content = small_model() if content is None else content
     form = FormData()
     form.add_field("name", fields.get("name", "model"))
     form.add_field("description", fields.get("description", "a model"))

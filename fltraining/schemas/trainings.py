@@ -7,7 +7,7 @@ from pydantic import AliasChoices, ConfigDict, Field, StrictInt, StrictStr
 from pydantic.json_schema import SkipJsonSchema
 
 from fltraining.schemas.common import PublicModel, RequestModel, UtcDatetime
-from fltraining.states import AggregationMethod, TrainingState, UncertaintyMethod
+from fltraining.states import AggregationMethod, Phase, TrainingState, UncertaintyMethod
 
 MAX_TARGET = 1_000_000
 MAX_CLIENTS_PER_REQUEST = 1_000
@@ -74,10 +74,13 @@ class TrainingPublic(PublicModel):
     metric_names: list[str]
     locked: bool
     state_detail: dict[str, Any] | None
+    round: int = 0
+    phase: Phase | None = None
+    round_deadline: UtcDatetime | None = None
 
 
 class TrainingDetail(TrainingPublic):
-    """GET /api/trainings/{id}/: the training plus the current round's upload count."""
+    """GET /api/trainings/{id}/: the training plus what the current round and phase wait for."""
 
     local_models_arrived: int
     local_models_expected: int

@@ -7,6 +7,9 @@ from typing import Any
 from pymongo.asynchronous.database import AsyncDatabase
 
 from fltraining.credential_cache import CredentialCache
+from fltraining.engine.outbox import NotificationDelivery
+from fltraining.engine.rounds import RoundEngine
+from fltraining.engine.uploads import ContributionService
 from fltraining.security import PasswordHashing
 from fltraining.services.login_throttle import LoginThrottle
 from fltraining.services.models import ModelService
@@ -23,6 +26,9 @@ class Services:
     users: UserService
     models: ModelService
     trainings: TrainingService
+    engine: RoundEngine
+    contributions: ContributionService
+    delivery: NotificationDelivery
 
 
 def build_services(database: AsyncDatabase[dict[str, Any]], settings: Settings) -> Services:
@@ -36,4 +42,15 @@ def build_services(database: AsyncDatabase[dict[str, Any]], settings: Settings) 
         LoginThrottle(settings.login_failure_limit, settings.login_failure_window_seconds),
         lifetime,
     )
-    return Services(users, models, TrainingService(users, models, settings.max_options_depth))
+    trainings = TrainingService(users, models, settings.max_options_depth)
+    engine = RoundEngine(models, settings.lock_lease_seconds, settings.fault_hold_after_claim)
+    delivery = NotificationDelivery(
+        engine,
+        settings.notification_allow_loopback,
+        settings.notification_max_attempts,
+        settings.notification_backoff_seconds,
+        settings.notification_timeout_seconds,
+    )
+    engine.on_notifications = delivery.kick
+    trainings.on_change(engine.kick)
+    return Services(users, models, trainings, engine, ContributionService(models, engine), delivery)

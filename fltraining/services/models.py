@@ -1,5 +1,6 @@
 """Models: upload, access rules, download, cloning and deletion."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime
 from uuid import UUID, uuid4
@@ -10,6 +11,8 @@ from fltraining.errors import NotFound, PermissionDenied
 from fltraining.schemas.models import ModelCreate
 from fltraining.storage.files import ModelFiles, StoredFile
 from fltraining.storage.queries import find_document
+from fltraining.storage.references import file_in_use
+from fltraining.weights.inspect import FileFacts, inspect_file
 
 
 class ModelService:
@@ -19,6 +22,16 @@ class ModelService:
         self._files = files
         self._max_bytes = max_model_bytes
 
+    @property
+    def files(self) -> ModelFiles:
+        """The GridFS bucket every model, update and statistic file lives in."""
+        return self._files
+
+    @property
+    def max_bytes(self) -> int:
+        """The largest file an upload may store."""
+        return self._max_bytes
+
     async def store_file(self, chunks: AsyncIterator[bytes]) -> StoredFile:
         """Stream an uploaded file into GridFS (413 past the size limit)."""
         return await self._files.store(chunks, self._max_bytes, "model.pt")
@@ -27,9 +40,18 @@ class ModelService:
         """Remove a stored file whose upload was rejected."""
         await self._files.delete(stored.file_id)
 
+    async def inspect(self, file_id: UUID) -> FileFacts:
+        """Read a stored file back and describe its format and tensors (off the event loop)."""
+        data = await self._files.read_all(file_id)
+        return await asyncio.to_thread(inspect_file, data)
+
     async def create(self, owner: User, data: ModelCreate, stored: StoredFile) -> Model:
-        """Record the metadata of a stored file as a new model."""
+        """Record the metadata of a stored file as a new model, with its format and tensor signature."""
+        facts = await self.inspect(stored.file_id)
         model = Model(
+            format=facts.format,
+            format_problem=facts.problem,
+            tensors=facts.tensors,
             name=data.name,
             description=data.description,
             owner=owner.id,
@@ -72,10 +94,6 @@ class ModelService:
         query = {"$or": [{"owner": user.id}, {"_id": {"$in": training_models}}]}
         return await Model.find(query).sort("-created_at").to_list()
 
-    def read(self, model: Model) -> AsyncIterator[bytes]:
-        """The model's bytes, chunk by chunk."""
-        return self._files.read_chunks(model.file_id)
-
     async def clone(self, model: Model, training_id: UUID) -> Model:
         """A new model with the same owner and bytes (shared file), marked as waiting for its training."""
         clone = model.model_copy(
@@ -102,9 +120,9 @@ class ModelService:
                 {"_id": clone.id, "pending_training": clone.pending_training}
             ):
                 removed += 1
-                await self._drop_unshared_file(clone.file_id)
+                await self.drop_unshared_file(clone.file_id)
         async for file_id in self._files.ids_older_than(older_than):
-            if not await Model.get_pymongo_collection().find_one({"file_id": file_id}, {"_id": 1}):
+            if not await file_in_use(file_id):
                 await self._files.delete(file_id)
                 removed += 1
         return removed
@@ -124,9 +142,9 @@ class ModelService:
         """Remove a model, its training, and its file once no model shares it."""
         await Training.find({"model": model.id}).delete()
         await model.delete()
-        await self._drop_unshared_file(model.file_id)
+        await self.drop_unshared_file(model.file_id)
 
-    async def _drop_unshared_file(self, file_id: UUID) -> None:
-        """Delete a file once no model points at it any more."""
-        if not await Model.get_pymongo_collection().find_one({"file_id": file_id}, {"_id": 1}):
+    async def drop_unshared_file(self, file_id: UUID) -> None:
+        """Delete a file once no document points at it any more."""
+        if not await file_in_use(file_id):
             await self._files.delete(file_id)

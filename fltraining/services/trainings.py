@@ -1,5 +1,6 @@
 """Trainings: creation with the daisy-chain rule, access, participants and state changes."""
 
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
@@ -15,6 +16,7 @@ from fltraining.schemas.common import iso_z, public_errors
 from fltraining.schemas.trainings import TrainingCreate, TrainingListQuery, TrainingPatch
 from fltraining.services.models import ModelService
 from fltraining.services.users import UserService
+from fltraining.engine.plans import Fields, begin_round, fail, move_state, new_effects, write_step
 from fltraining.states import PARTICIPANTS_EDITABLE, PATCHABLE, TRANSITIONS, TrainingState, Transition
 from fltraining.storage.queries import find_document
 
@@ -41,6 +43,11 @@ class TrainingService:
         self._users = users
         self._models = models
         self._max_depth = max_options_depth
+        self._kick: Callable[[UUID], None] = lambda _: None
+
+    def on_change(self, kick: Callable[[UUID], None]) -> None:
+        """Call `kick` with a training's id after a change the round engine should look at."""
+        self._kick = kick
 
     def check_options(self, options: dict[str, Any], loc: str = "options") -> TrainingOptions:
         """Apply the option rules: no operator/path keys, bounded depth, typed known keys."""
@@ -193,11 +200,21 @@ class TrainingService:
     async def _change_participants(
         self, user: User, training_id: UUID, client_ids: list[UUID], operator: str, each: str
     ) -> None:
-        """One `$addToSet`/`$pull` of known users, applied only while the state allows it (else 409)."""
-        await self.get_as_actor(user, training_id)
+        """One `$addToSet`/`$pull` of known users, applied only while the state allows it (else 409).
+
+        A removal also takes the users out of the current round, which may then be complete.
+        """
+        training = await self.get_as_actor(user, training_id)
         clients = await self._users.require_all_exist(client_ids)
         update = _touch()
         update[operator] = {"participants": {each: clients}}
+        if operator == "$pull":
+            update[operator]["round_participants"] = {each: clients}
+        if training.state != TrainingState.INITIAL:
+            effects = new_effects(training)
+            kind = "participants_added" if operator == "$addToSet" else "participants_removed"
+            effects.event(kind, training.round, user.id, users=[str(client) for client in clients])
+            update["$push"] = {"effects": {"$each": effects.items}}
         editable = [str(state) for state in PARTICIPANTS_EDITABLE]
         result = await Training.get_pymongo_collection().update_one(
             {"_id": training_id, "state": {"$in": editable}}, update
@@ -205,41 +222,46 @@ class TrainingService:
         if not result.matched_count:
             training = await self.get(training_id)
             raise Conflict(f"Participants cannot change in state {training.state}.")
-
-    async def transition(
-        self,
-        training_id: UUID,
-        move: Transition,
-        extra_filter: dict[str, Any] | None = None,
-        state_detail: dict[str, Any] | None = None,
-    ) -> Training | None:
-        """Apply one move of the state table as a conditional update; None if the state moved."""
-        sources, target = TRANSITIONS[move]
-        update = _touch()
-        update["$set"]["state"] = str(target)
-        if state_detail is not None:
-            update["$set"]["state_detail"] = state_detail
-        return await _update_and_return(
-            {"_id": training_id, "state": {"$in": [str(s) for s in sources]}, **(extra_filter or {})}, update
-        )
+        self._kick(training_id)
 
     async def start(self, user: User, training_id: UUID) -> Training:
-        """I -> O, only with at least one participant; 409 for any other state or a lost race."""
-        await self.get_as_actor(user, training_id)
-        started = await self.transition(training_id, Transition.START, {"participants.0": {"$exists": True}})
-        if started is not None:
-            return started
-        training = await self.get(training_id)
-        if training.state != TrainingState.INITIAL:
-            raise Conflict(f"Training {training_id} is not in state INITIAL!")
-        raise Conflict("At least one participant must be registered!")
+        """I -> O: round 0 begins for the current participants; 409 without participants, a usable model or state I."""
+        for _ in range(PATCH_RETRIES):
+            training = await self.get_as_actor(user, training_id)
+            if training.state != TrainingState.INITIAL:
+                raise Conflict(f"Training {training_id} is not in state INITIAL!")
+            if not training.participants:
+                raise Conflict("At least one participant must be registered!")
+            model = await self._models.get(training.model)
+            if model.format is None:
+                raise Conflict(f"The training's model cannot be trained federatedly: {model.format_problem}")
+            effects = new_effects(training)
+            fields: Fields = {}
+            move_state(training, Transition.START, fields)
+            effects.notify("TRAINING_START", training.participants, {"global_model_uuid": str(training.model)}, False)
+            effects.event("state_changed", 0, user.id, state="O")
+            begin_round(training, fields, effects, 0, [])
+            # Pinned to the version read, so the round's participants are exactly those stored.
+            started = await write_step(training, {"state": str(TrainingState.INITIAL), "version": training.version},
+                                       fields, effects)
+            if started is not None:
+                self._kick(training_id)
+                return started
+        raise Conflict("The training kept changing; try again.")
 
     async def cancel(self, user: User, training_id: UUID) -> Training:
-        """Any running state -> E with reason "cancelled"; 409 in C or E."""
-        await self.get_as_actor(user, training_id)
-        detail = {"reason": "cancelled", "by": str(user.id), "at": iso_z(utcnow())}
-        cancelled = await self.transition(training_id, Transition.CANCEL, state_detail=detail)
-        if cancelled is not None:
-            return cancelled
-        training = await self.get(training_id)
-        raise Conflict(f"Training {training_id} is in state {training.state} and cannot be cancelled.")
+        """Any running state -> E with reason "cancelled"; 409 in C or E. Work in flight is discarded."""
+        training = await self.get_as_actor(user, training_id)
+        sources, _ = TRANSITIONS[Transition.CANCEL]
+        if training.state not in sources:
+            raise Conflict(f"Training {training_id} is in state {training.state} and cannot be cancelled.")
+        effects = new_effects(training)
+        fields: Fields = {}
+        fail(training, fields, effects, Transition.CANCEL,
+             {"reason": "cancelled", "by": str(user.id), "at": iso_z(effects.at)})
+        cancelled = await write_step(training, {"state": {"$in": [str(s) for s in sources]}}, fields, effects)
+        if cancelled is None:
+            training = await self.get(training_id)
+            raise Conflict(f"Training {training_id} is in state {training.state} and cannot be cancelled.")
+        self._kick(training_id)
+        return cancelled

@@ -58,14 +58,47 @@ class ModelFiles:
         await stream.close()
         return StoredFile(file_id=file_id, size=size, sha256=digest.hexdigest())
 
-    async def read_chunks(self, file_id: UUID) -> AsyncIterator[bytes]:
-        """Yield a file's bytes chunk by chunk."""
+    async def store_bytes(self, data: bytes, filename: str) -> StoredFile:
+        """Store bytes the service made itself (aggregated weights)."""
+
+        async def chunks() -> AsyncIterator[bytes]:
+            view = memoryview(data)
+            for start in range(0, len(view), UPLOAD_BATCH_BYTES):
+                yield bytes(view[start : start + UPLOAD_BATCH_BYTES])
+
+        return await self.store(chunks(), len(data), filename)
+
+    async def read_all(self, file_id: UUID) -> bytearray:
+        """A whole file in one buffer (its only copy in memory)."""
         stream = await self._bucket.open_download_stream(file_id)
         try:
+            data = bytearray(stream.length)
+            view = memoryview(data)
+            offset = 0
             while chunk := await stream.readchunk():
-                yield chunk
+                view[offset : offset + len(chunk)] = chunk
+                offset += len(chunk)
+            return data
         finally:
             await stream.close()
+
+    async def read_chunks(self, file_id: UUID) -> AsyncIterator[bytes]:
+        """Yield a file's bytes chunk by chunk."""
+        async for chunk in await self.open_chunks(file_id):
+            yield chunk
+
+    async def open_chunks(self, file_id: UUID) -> AsyncIterator[bytes]:
+        """Open a file now (NoFile if it is gone) and return an iterator over its chunks."""
+        stream = await self._bucket.open_download_stream(file_id)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                while chunk := await stream.readchunk():
+                    yield chunk
+            finally:
+                await stream.close()
+
+        return chunks()
 
     async def ids_older_than(self, moment: datetime) -> AsyncIterator[UUID]:
         """Ids of complete files uploaded before a moment."""

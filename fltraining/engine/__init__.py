@@ -1,0 +1,1 @@
+"""The round engine: phases, aggregation claims, effects, notifications and events."""

@@ -1,0 +1,129 @@
+"""Effects: what a step of the engine causes besides its own update.
+
+A step writes its effects into the training document in the same conditional update as the
+state it changes (a transactional outbox inside the aggregate). Any process may then apply them;
+each one is idempotent (deterministic ids, conditional writes), so applying twice changes nothing.
+"""
+
+import secrets
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from pymongo.errors import DuplicateKeyError
+
+from fltraining.documents import Event, Model, Notification, SwagStatistic, Training, Update
+from fltraining.storage.files import StoredFile
+
+
+def effect_id(at: datetime, index: int) -> str:
+    """An id that sorts by time, then by position within its step."""
+    return f"{int(at.timestamp() * 1000):013d}-{index:02d}-{secrets.token_hex(4)}"
+
+
+class Effects:
+    """The effects of one step, in order, stamped with the step's time."""
+
+    def __init__(self, training: Training, at: datetime) -> None:
+        self.training = training
+        self.at = at
+        self.items: list[dict[str, Any]] = []
+
+    def _add(self, kind: str, **fields: Any) -> None:
+        self.items.append({"id": effect_id(self.at, len(self.items)), "kind": kind, "at": self.at, **fields})
+
+    def event(self, type_: str, round_: int, user: UUID | None = None, **data: Any) -> None:
+        """Append an entry to the training's audit trail."""
+        self._add("event", type=type_, round=round_, user=user, data=data)
+
+    def notify(
+        self, type_: str, users: list[UUID], body: dict[str, Any], round_notification: bool,
+        per_user: dict[UUID, dict[str, Any]] | None = None,
+    ) -> None:
+        """Queue one notification per user (`per_user` overrides body fields for some users)."""
+        messages = [{"user": user, "body": {**body, **(per_user or {}).get(user, {})}} for user in dict.fromkeys(users)]
+        if messages:
+            self._add("notify", type=type_, round_notification=round_notification, messages=messages)
+
+    def sync_model(self, model: UUID, round_: int, stored: StoredFile | None, old_file_id: UUID | None) -> None:
+        """Point the global model at its new round (and new weights, when aggregated)."""
+        file = None if stored is None else {"file_id": stored.file_id, "size": stored.size, "sha256": stored.sha256}
+        self._add("sync_model", model=model, round=round_, file=file, old_file_id=old_file_id,
+                  file_ids=[] if stored is None else [stored.file_id])
+
+    def store_moments(self, model: UUID, first: StoredFile, second: StoredFile) -> None:
+        """Attach aggregated SWAG moments to the global model."""
+        self._add("moments", model=model, first=first.file_id, second=second.file_id,
+                  file_ids=[first.file_id, second.file_id])
+
+    def drop_local_files(self, before_round: int) -> None:
+        """Delete the training's updates and SWAG statistics of rounds before `before_round`."""
+        self._add("drop_local", before_round=before_round)
+
+
+async def apply_effect(effect: dict[str, Any], training: Training, drop_file: Any) -> None:
+    """Apply one effect; safe to repeat."""
+    kind = effect["kind"]
+    if kind == "event":
+        await _insert_once(Event.get_pymongo_collection(), {
+            "_id": effect["id"], "training": training.id, "type": effect["type"], "round": effect["round"],
+            "at": effect["at"], "user": effect["user"], "data": effect["data"],
+        })
+    elif kind == "notify":
+        for message in effect["messages"]:
+            await _insert_once(Notification.get_pymongo_collection(), {
+                "_id": f"{effect['id']}:{message['user']}", "training": training.id, "user": message["user"],
+                "notification_type": effect["type"], "body": message["body"],
+                "round_notification": effect["round_notification"], "status": "pending", "attempts": 0,
+                "next_attempt_at": effect["at"], "last_error": None, "created_at": effect["at"],
+                "finished_at": None,
+            })
+    elif kind == "sync_model":
+        update: dict[str, Any] = {"round": effect["round"]}
+        if effect["file"] is not None:
+            update |= effect["file"]
+        await Model.get_pymongo_collection().update_one(
+            {"_id": effect["model"], "round": {"$lte": effect["round"]}}, {"$set": update}
+        )
+        old = effect["old_file_id"]
+        if effect["file"] is not None and old is not None and old != effect["file"]["file_id"]:
+            await drop_file(old)
+    elif kind == "moments":
+        before = await Model.get_pymongo_collection().find_one_and_update(
+            {"_id": effect["model"]},
+            {"$set": {"swag_first_file_id": effect["first"], "swag_second_file_id": effect["second"]}},
+        )
+        for old in (before or {}).get("swag_first_file_id"), (before or {}).get("swag_second_file_id"):
+            if old is not None and old not in (effect["first"], effect["second"]):
+                await drop_file(old)
+    elif kind == "drop_local":
+        await drop_local_files(training.id, {"$lt": effect["before_round"]}, drop_file)
+
+
+async def drop_local_files(training_id: UUID, rounds: Any, drop_file: Any) -> None:
+    """Delete a training's updates and SWAG statistics of the given rounds, with their files."""
+    for document, fields in ((Update, ("file_id",)), (SwagStatistic, ("first_file_id", "second_file_id"))):
+        collection = document.get_pymongo_collection()
+        async for raw in collection.find({"training": training_id, "round": rounds}):
+            if await collection.find_one_and_delete({"_id": raw["_id"]}):
+                for name in fields:
+                    await drop_file(raw[name])
+
+
+async def _insert_once(collection: Any, document: dict[str, Any]) -> None:
+    try:
+        await collection.insert_one(document)
+    except DuplicateKeyError:
+        pass  # applied before, by this process or another
+
+
+async def apply_pending(training: Training, drop_file: Any) -> None:
+    """Apply a training's pending effects in order, then remove them from the document."""
+    if not training.effects:
+        return
+    for effect in training.effects:
+        await apply_effect(effect, training, drop_file)
+    ids = [effect["id"] for effect in training.effects]
+    await Training.get_pymongo_collection().update_one(
+        {"_id": training.id}, {"$pull": {"effects": {"id": {"$in": ids}}}}
+    )

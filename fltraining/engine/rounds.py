@@ -1,0 +1,343 @@
+"""The round engine: decides each running training's next step and performs it.
+
+Any process may advance any training. Waiting phases end with a claim (one conditional update
+that takes the aggregation lease); the aggregation's result is committed with one conditional
+update on (training, round, lease owner), so a round is aggregated once even when a lease expired
+and another process redid the work. Steps write their effects into the training in the same
+update; they are applied afterwards and again by the reconciler if a process died in between.
+"""
+
+import asyncio
+import logging
+import os
+import random
+import secrets
+import socket
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from pymongo.errors import PyMongoError
+
+from fltraining.clock import utcnow
+from fltraining.documents import ChainLink, Model, SwagStatistic, Training, Update
+from fltraining.engine import plans
+from fltraining.engine.effects import Effects, apply_pending
+from fltraining.errors import FLTrainingError
+from fltraining.services.models import ModelService
+from fltraining.states import RUNNING, WAITING_PHASES, Phase, TrainingState, Transition
+from fltraining.storage.files import StoredFile
+from fltraining.weights.aggregate import FedAvgAccumulator, MomentsAccumulator, derangement
+from fltraining.weights.formats import dump_tensors, load_tensors
+from fltraining.weights.signature import from_documents
+
+log = logging.getLogger(__name__)
+
+MAX_STEPS_PER_ADVANCE = 16
+Action = Callable[[], Awaitable[bool]]
+
+
+def daisy_chain(updates: list[Update], participants: list[UUID], rng: random.Random) -> list[ChainLink]:
+    """FedDC: hand each participant another participant's local model (no one keeps their own if avoidable)."""
+    by_user = {update.user: update.id for update in updates}
+    owners = [user for user in participants if user in by_user]
+    links: list[ChainLink] = []
+    if len(owners) >= 2:
+        permutation = derangement(len(owners), rng)
+        links = [ChainLink(user=user, model=by_user[owners[target]]) for user, target in zip(owners, permutation)]
+    elif owners:
+        links = [ChainLink(user=owners[0], model=by_user[owners[0]])]
+    pool = list(by_user.values())
+    # Participants who joined after the sub-round began have no model of their own to avoid.
+    links += [ChainLink(user=user, model=rng.choice(pool)) for user in participants if user not in by_user]
+    return links
+
+
+class RoundEngine:
+    """Advances running trainings; one instance per service process."""
+
+    def __init__(self, models: ModelService, lease_seconds: float, hold_after_claim: bool = False) -> None:
+        self._models = models
+        self._files = models.files
+        self._lease = timedelta(seconds=lease_seconds)
+        self._owner = f"{socket.gethostname()}:{os.getpid()}"
+        # Fault tests only: claim aggregations, then never finish them (a hung process).
+        self._hold_after_claim = hold_after_claim
+        self._running: dict[UUID, asyncio.Task[None]] = {}
+        self._again: set[UUID] = set()
+        self._rng = random.SystemRandom()
+        self.on_notifications: Callable[[], None] = lambda: None
+
+    # -- scheduling ---------------------------------------------------------------------------
+
+    def kick(self, training_id: UUID) -> None:
+        """Advance a training soon, in the background (coalesced per training)."""
+        if training_id in self._running:
+            self._again.add(training_id)
+            return
+        self._running[training_id] = asyncio.create_task(self._run(training_id), name=f"advance-{training_id}")
+
+    async def _run(self, training_id: UUID) -> None:
+        try:
+            while True:
+                self._again.discard(training_id)
+                try:
+                    await self.advance(training_id)
+                except PyMongoError as error:
+                    log.warning("advancing a training failed: database unavailable (%s)", type(error).__name__)
+                except Exception:
+                    log.exception("advancing a training failed")
+                if training_id not in self._again:
+                    return
+        finally:
+            self._running.pop(training_id, None)
+
+    async def close(self) -> None:
+        """Cancel work in progress; leases it held expire and another process redoes it."""
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def reconcile(self) -> None:
+        """Advance every running training and apply effects a dead process left pending."""
+        collection = Training.get_pymongo_collection()
+        query = {"$or": [{"state": {"$in": [str(s) for s in RUNNING]}}, {"effects.0": {"$exists": True}}]}
+        ids = [raw["_id"] async for raw in collection.find(query, {"_id": 1})]
+        for training_id in ids:
+            if training_id not in self._running:
+                await self.advance(training_id)
+
+    # -- stepping -----------------------------------------------------------------------------
+
+    async def advance(self, training_id: UUID) -> None:
+        """Take every step the training is ready for."""
+        for _ in range(MAX_STEPS_PER_ADVANCE):
+            raw = await Training.get_pymongo_collection().find_one({"_id": training_id})
+            if raw is None:
+                return
+            training = Training.model_validate(raw)
+            if training.effects:
+                await self.apply_effects(training)
+            action = self._decide(training, utcnow())
+            if action is None or not await action():
+                return
+
+    async def apply_effects(self, training: Training) -> None:
+        """Apply a training's pending effects and wake the notification delivery."""
+        await apply_pending(training, self._models.drop_unshared_file)
+        if any(effect["kind"] == "notify" for effect in training.effects):
+            self.on_notifications()
+
+    def _decide(self, training: Training, now: datetime) -> Action | None:
+        if training.state not in RUNNING or training.phase is None:
+            return None
+        if training.phase == Phase.AGGREGATING:
+            if training.lease_until is not None and training.lease_until <= now:
+                return lambda: self._reclaim(training, now)
+            return None
+        expected = plans.expected_users(training)
+        if len(expected) != len(training.round_participants):
+            return lambda: self._prune(training)
+        missing = plans.missing_users(training)
+        timed_out = training.round_deadline is not None and training.round_deadline <= now
+        if training.phase == Phase.TESTING:
+            if not missing or timed_out:
+                return lambda: self._end_testing(training)
+            return None
+        arrived = len(training.round_arrived)
+        if arrived and not missing:
+            return lambda: self._claim(training, now)
+        if not arrived and not expected:
+            return lambda: self._fail(training, {"reason": "no_participants"})
+        if timed_out:
+            quorum = plans.option(training, "min_updates", len(expected))
+            if arrived and arrived >= quorum:
+                return lambda: self._claim(training, now)
+            return lambda: self._fail(training, {
+                "reason": "round_timeout", "round": training.round, "phase": str(training.phase),
+                "arrived": arrived, "missing": [str(user) for user in missing],
+            })
+        return None
+
+    def _pinned(self, training: Training) -> dict[str, Any]:
+        """The filter that fails when the training moved on since it was read."""
+        return {"state": str(training.state), "phase": None if training.phase is None else str(training.phase),
+                "round": training.round}
+
+    async def _prune(self, training: Training) -> bool:
+        stale = [user for user in training.round_participants if user not in set(training.participants)]
+        effects = plans.new_effects(training)
+        written = await plans.write_step(training, self._pinned(training), {}, effects,
+                                         {"$pull": {"round_participants": {"$in": stale}}})
+        return written is not None
+
+    async def _fail(self, training: Training, detail: dict[str, Any]) -> bool:
+        effects = plans.new_effects(training)
+        fields: plans.Fields = {}
+        plans.fail(training, fields, effects, Transition.FAIL, {**detail, "at": effects.at.isoformat()})
+        written = await plans.write_step(training, self._pinned(training), fields, effects)
+        if written is not None:
+            await self.apply_effects(written)
+        return written is not None
+
+    async def _end_testing(self, training: Training) -> bool:
+        effects = plans.new_effects(training)
+        fields: plans.Fields = {}
+        plans.after_testing(training, fields, effects)
+        written = await plans.write_step(training, self._pinned(training), fields, effects)
+        if written is not None:
+            await self.apply_effects(written)
+        return written is not None
+
+    def _new_token(self) -> str:
+        return f"{self._owner}:{secrets.token_hex(6)}"
+
+    async def _claim(self, training: Training, now: datetime) -> bool:
+        token = self._new_token()
+        fields = {"phase": str(Phase.AGGREGATING), "locked": True, "lease_owner": token,
+                  "lease_until": now + self._lease, "round_deadline": None}
+        claimed = await plans.write_step(training, self._pinned(training), fields, plans.new_effects(training))
+        if claimed is None:
+            return False
+        await self._aggregate(claimed, token)
+        return True
+
+    async def _reclaim(self, training: Training, now: datetime) -> bool:
+        token = self._new_token()
+        condition = {**self._pinned(training), "lease_owner": training.lease_owner, "lease_until": {"$lte": now}}
+        effects = plans.new_effects(training)
+        effects.event("lease_expired", training.round, previous_owner=training.lease_owner)
+        claimed = await plans.write_step(training, condition, {"lease_owner": token, "lease_until": now + self._lease},
+                                         effects)
+        if claimed is None:
+            return False
+        log.info("aggregation lease of a training expired; redoing round %d", training.round)
+        await self._aggregate(claimed, token)
+        return True
+
+    # -- aggregation --------------------------------------------------------------------------
+
+    async def _aggregate(self, training: Training, token: str) -> None:
+        if self._hold_after_claim:
+            await asyncio.Event().wait()
+        created: list[StoredFile] = []
+        try:
+            model = Model.model_validate(await Model.get_pymongo_collection().find_one({"_id": training.model}))
+            effects = plans.new_effects(training)
+            fields: plans.Fields = {}
+            if training.state == TrainingState.SWAG_ROUND:
+                await self._aggregate_moments(training, model, fields, effects, created)
+            else:
+                await self._aggregate_updates(training, model, fields, effects, created)
+        except (FLTrainingError, ValueError) as error:
+            await self._drop(created)
+            log.warning("aggregation of round %d failed: %s", training.round, error)
+            await self._fail(training, {"reason": "aggregation_failed", "error": str(error)[:500]})
+            return
+        except BaseException:
+            await self._drop(created)
+            raise
+        condition = {**self._pinned(training), "lease_owner": token}
+        committed = await plans.write_step(training, condition, fields, effects)
+        if committed is None:
+            await self._drop(created)
+            log.info("aggregation of round %d not committed: the training moved on", training.round)
+            return
+        await self.apply_effects(committed)
+
+    async def _drop(self, created: list[StoredFile]) -> None:
+        for stored in created:
+            await self._files.delete(stored.file_id)
+
+    async def _aggregate_updates(
+        self, training: Training, model: Model, fields: plans.Fields, effects: Effects, created: list[StoredFile]
+    ) -> None:
+        round_ = training.round
+        new_round = round_ + 1
+        updates = [Update.model_validate(raw) async for raw in Update.get_pymongo_collection().find(
+            {"training": training.id, "round": round_, "user": {"$in": training.round_arrived}}).sort("user", 1)]
+        if not updates:
+            raise ValueError(f"no stored updates for round {round_}")
+        period = plans.option(training, "daisy_chain_period", 0)
+        aggregate = period == 0 or new_round % period == 0 or new_round >= training.target_num_updates
+        keep = plans.option(training, "keep_local_models", False)
+        chain: list[ChainLink] = []
+        if aggregate:
+            accumulator = FedAvgAccumulator(from_documents([t.model_dump() for t in model.tensors]))
+            for update in updates:
+                data = await self._files.read_all(update.file_id)
+                await asyncio.to_thread(lambda d=data, n=update.sample_size: accumulator.add(load_tensors(d), n))
+                del data
+            blob = await asyncio.to_thread(lambda: dump_tensors(accumulator.result(), model.format or "safetensors"))
+            stored = await self._files.store_bytes(blob, f"model-{model.id}-round-{new_round}")
+            del blob
+            created.append(stored)
+            effects.sync_model(model.id, new_round, stored, model.file_id)
+            effects.event("aggregated", round_, updates=len(updates), samples=accumulator.total_samples,
+                          users=[str(update.user) for update in updates])
+            if not keep:
+                effects.drop_local_files(new_round)
+        else:
+            chain = daisy_chain(updates, list(training.participants), self._rng)
+            effects.sync_model(model.id, new_round, None, None)
+            effects.event("daisy_chained", round_, updates=len(updates),
+                          chain={str(link.user): str(link.model) for link in chain})
+            if not keep:
+                effects.drop_local_files(round_)
+        plans.after_updates(training, fields, effects, new_round, aggregate, chain)
+
+    async def _aggregate_moments(
+        self, training: Training, model: Model, fields: plans.Fields, effects: Effects, created: list[StoredFile]
+    ) -> None:
+        stats = [SwagStatistic.model_validate(raw) async for raw in SwagStatistic.get_pymongo_collection().find(
+            {"training": training.id, "round": training.round, "user": {"$in": training.round_arrived}}).sort("user", 1)]
+        if not stats:
+            raise ValueError(f"no stored SWAG statistics for round {training.round}")
+        accumulator = MomentsAccumulator(from_documents([t.model_dump() for t in model.tensors]))
+        for stat in stats:
+            first = await self._files.read_all(stat.first_file_id)
+            second = await self._files.read_all(stat.second_file_id)
+            await asyncio.to_thread(
+                lambda a=first, b=second, n=stat.sample_size: accumulator.add(load_tensors(a), load_tensors(b), n))
+            del first, second
+        fmt = model.format or "safetensors"
+        first_mean, second_mean = await asyncio.to_thread(accumulator.result)
+        for which, moment in (("first", first_mean), ("second", second_mean)):
+            blob = await asyncio.to_thread(dump_tensors, moment, fmt)  # type: ignore[arg-type]
+            created.append(await self._files.store_bytes(blob, f"model-{model.id}-swag-{which}-{training.round}"))
+        effects.store_moments(model.id, created[0], created[1])
+        effects.event("swag_aggregated", training.round, statistics=len(stats))
+        plans.after_swag(training, fields, effects)
+
+    # -- steps caused from outside ------------------------------------------------------------
+
+    async def fail_running(self, training_id: UUID, detail: dict[str, Any]) -> None:
+        """Move a running training to E (e.g. notifications could not be delivered)."""
+        raw = await Training.get_pymongo_collection().find_one({"_id": training_id})
+        if raw is None:
+            return
+        training = Training.model_validate(raw)
+        if training.state in RUNNING:
+            await self._fail(training, detail)
+
+    async def remove_participant(self, training_id: UUID, user: UUID, detail: dict[str, Any]) -> bool:
+        """Remove a participant (e.g. it refused a round notification) and tell the actor."""
+        raw = await Training.get_pymongo_collection().find_one({"_id": training_id})
+        if raw is None:
+            return False
+        training = Training.model_validate(raw)
+        if training.state not in RUNNING or user not in training.participants:
+            return False
+        effects = plans.new_effects(training)
+        effects.event("participant_removed", training.round, user, **detail)
+        effects.notify("CLIENT_REMOVED", [training.actor], {"client_uuid": str(user), **detail}, False)
+        written = await plans.write_step(
+            training, {"state": {"$in": [str(s) for s in RUNNING]}, "participants": user}, {}, effects,
+            {"$pull": {"participants": user, "round_participants": user}},
+        )
+        if written is not None:
+            await self.apply_effects(written)
+            self.kick(training_id)
+        return written is not None

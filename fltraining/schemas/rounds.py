@@ -1,0 +1,95 @@
+"""Schemas of the round engine's endpoints: contributions, metrics, training models, events."""
+
+from typing import Annotated, Any, Literal
+from uuid import UUID
+
+from pydantic import Field, StrictStr, field_validator
+
+from fltraining.schemas.common import PublicModel, RequestModel, UtcDatetime
+
+Round = Annotated[int, Field(ge=0, le=10_000_000)]
+SampleSize = Annotated[int, Field(ge=1, le=2**53)]
+MetricName = Annotated[StrictStr, Field(min_length=1, max_length=64)]
+MetricValue = Annotated[float, Field(allow_inf_nan=False)]
+EVENT_ID_PATTERN = r"^[0-9]{13}-[0-9]{2}-[0-9a-f]{8}$"
+
+
+class UpdateForm(RequestModel):
+    """The text fields of a local model update (multipart; the file is `model_file`)."""
+
+    round: Round
+    sample_size: SampleSize
+    metric_names: list[MetricName] = Field(default_factory=list, max_length=100)
+    metric_values: list[MetricValue] = Field(default_factory=list, max_length=100)
+
+
+class SwagForm(RequestModel):
+    """The text fields of a SWAG statistics upload (files `first_moment_file`, `second_moment_file`)."""
+
+    round: Round
+    sample_size: SampleSize
+
+
+class MetricsBody(RequestModel):
+    """Metrics for a model: names and numeric values, paired by position."""
+
+    metric_names: list[MetricName] = Field(max_length=100)
+    metric_values: list[MetricValue] = Field(max_length=100)
+
+    @field_validator("metric_values", mode="before")
+    @classmethod
+    def no_booleans(cls, value: Any) -> Any:
+        """JSON true/false are not metric values."""
+        if isinstance(value, list) and any(isinstance(item, bool) for item in value):
+            raise ValueError("metric values must be numbers")
+        return value
+
+
+class MetricsAccepted(PublicModel):
+    """Answer to a metrics upload."""
+
+    detail: str = "Model Metrics Upload Accepted"
+    model_id: UUID
+
+
+class MetricPublic(PublicModel):
+    """One stored metric value."""
+
+    key: str
+    value: float
+    step: int
+    reporter: UUID
+    created_at: UtcDatetime
+
+
+class TrainingModelEntry(PublicModel):
+    """A model of a training: the global model, or a stored local update (no weights)."""
+
+    id: UUID
+    type: Literal["GLOBAL", "LOCAL"]
+    round: int
+    owner: UUID
+    size: int
+    sha256: str
+    created_at: UtcDatetime
+    base_model: UUID | None = None
+    sample_size: int | None = None
+
+
+class EventsQuery(RequestModel):
+    """Query of the events endpoint."""
+
+    after: Annotated[str, Field(pattern=EVENT_ID_PATTERN)] | None = None
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+class EventPublic(PublicModel):
+    """One entry of a training's audit trail."""
+
+    id: str
+    training: UUID
+    type: str
+    round: int
+    at: UtcDatetime
+    user: UUID | None
+    data: dict[str, Any]

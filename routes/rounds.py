@@ -1,0 +1,249 @@
+"""Round endpoints: local updates, metrics, SWAG statistics, a training's models and its events."""
+
+import asyncio
+from typing import Any
+from uuid import UUID
+
+from aiohttp import web
+
+from fltraining.engine.events import list_events
+from fltraining.engine.uploads import local_model_visible, training_models
+from fltraining.errors import InvalidInput, NotFound
+from fltraining.schemas.common import Message
+from fltraining.schemas.rounds import (
+    EventPublic,
+    EventsQuery,
+    MetricPublic,
+    MetricsAccepted,
+    MetricsBody,
+    SwagForm,
+    TrainingModelEntry,
+    UpdateForm,
+)
+from fltraining.states import RUNNING, TrainingState
+from fltraining.documents import Metric
+from routes.auth import current_user
+from routes.keys import contributions_key, models_key, trainings_key
+from routes.multipart import Form, FormSpec, read_form
+from routes.parsing import path_uuid, read_body, read_query, validate
+from routes.responses import json_model, json_models
+from routes.table import Endpoint
+
+UPDATE_FORM = FormSpec(
+    files=frozenset({"model_file"}),
+    texts=frozenset({"round", "sample_size"}),
+    lists=frozenset({"metric_names", "metric_values"}),
+    ignored=frozenset({"owner"}),  # the DLR client names itself; the credentials decide
+)
+SWAG_FORM = FormSpec(
+    files=frozenset({"first_moment_file", "second_moment_file"}),
+    texts=frozenset({"round", "sample_size"}),
+    ignored=frozenset({"owner"}),
+)
+METRICS_FORM = FormSpec(lists=frozenset({"metric_names", "metric_values"}), ignored=frozenset({"owner"}))
+EVENT_POLL_SECONDS = 0.5
+EVENT_HEARTBEAT_SECONDS = 15.0
+
+
+async def _form(request: web.Request, spec: FormSpec) -> Form:
+    models = request.app[models_key]
+    return await read_form(request, spec, models.store_file, models.discard_file, models.max_bytes)
+
+
+async def _release(request: web.Request, form: Form) -> None:
+    """Drop a refused form's files, unless a stored contribution already names them."""
+    for stored in form.files.values():
+        await request.app[models_key].drop_unshared_file(stored.file_id)
+
+
+def _required(form: Form, *texts: str, files: tuple[str, ...] = ()) -> None:
+    for name in texts:
+        if name not in form.texts:
+            raise InvalidInput(f"Missing required field: {name}")
+    for name in files:
+        if name not in form.files:
+            raise InvalidInput(f"No uploaded file '{name}' found.")
+
+
+async def upload_update(request: web.Request) -> web.Response:
+    """POST /api/models/{id}/: a round participant's local model."""
+    model_id = path_uuid(request, "model_id")
+    form = await _form(request, UPDATE_FORM)
+    try:
+        _required(form, "round", "sample_size", files=("model_file",))
+        data = validate(UpdateForm, {**form.texts, **form.lists})
+        await request.app[contributions_key].accept_update(
+            current_user(request), model_id, data.round, data.sample_size, form.files["model_file"],
+            (data.metric_names, data.metric_values),
+        )
+    except BaseException:
+        await _release(request, form)
+        raise
+    return web.json_response({"detail": "Model Update Accepted"}, status=201)
+
+
+async def upload_swag(request: web.Request) -> web.Response:
+    """POST /api/models/{id}/swag/: a round participant's SWAG moments (state S)."""
+    model_id = path_uuid(request, "model_id")
+    form = await _form(request, SWAG_FORM)
+    try:
+        _required(form, "round", "sample_size", files=("first_moment_file", "second_moment_file"))
+        data = validate(SwagForm, dict(form.texts))
+        await request.app[contributions_key].accept_swag(
+            current_user(request), model_id, data.round, data.sample_size,
+            form.files["first_moment_file"], form.files["second_moment_file"],
+        )
+    except BaseException:
+        await _release(request, form)
+        raise
+    return web.json_response({"detail": "SWAG Statistic Accepted"}, status=201)
+
+
+async def post_metrics(request: web.Request) -> web.Response:
+    """POST /api/models/{id}/metrics/: JSON, url-encoded or multipart names and values."""
+    model_id = path_uuid(request, "model_id")
+    if request.content_type in {"multipart/form-data", "application/x-www-form-urlencoded"}:
+        form = await _form(request, METRICS_FORM)
+        names = form.lists.get("metric_names", [])
+        values = form.lists.get("metric_values", [])
+        if not names or not values:
+            raise InvalidInput("Metric names or values are missing")
+        if len(names) != len(values):
+            raise InvalidInput("Metric names and values must have the same length")
+        body = validate(MetricsBody, {"metric_names": names, "metric_values": values})
+    else:
+        body = await read_body(request, MetricsBody)
+    accepted = await request.app[contributions_key].accept_metrics(
+        current_user(request), model_id, body.metric_names, body.metric_values
+    )
+    return json_model(MetricsAccepted(model_id=accepted), status=201)
+
+
+async def _visible_model_id(request: web.Request) -> UUID:
+    """A global model the caller reaches, or a local update the caller sent or reaches."""
+    model_id = path_uuid(request, "model_id")
+    user = current_user(request)
+    try:
+        await request.app[models_key].get_accessible(user, model_id)
+    except NotFound:
+        await local_model_visible(user, model_id)
+    return model_id
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    """GET /api/models/{id}/metrics/."""
+    model_id = await _visible_model_id(request)
+    cursor = Metric.get_pymongo_collection().find({"model": model_id}).sort([("step", 1), ("created_at", 1)])
+    return json_models([MetricPublic.model_validate(raw) async for raw in cursor])
+
+
+async def _download(request: web.Request, file_id: UUID | None, name: str) -> web.StreamResponse:
+    if file_id is None:
+        raise NotFound("No aggregated SWAG moments yet.")
+    files = request.app[models_key].files
+    response = web.StreamResponse(headers={
+        "Content-Type": "application/octet-stream", "Content-Disposition": f'attachment; filename="{name}"',
+    })
+    await response.prepare(request)
+    async for chunk in files.read_chunks(file_id):
+        await response.write(chunk)
+    await response.write_eof()
+    return response
+
+
+async def swag_first(request: web.Request) -> web.StreamResponse:
+    """GET /api/models/{id}/swag/first/: the aggregated first moment."""
+    return await _swag_moment(request, "first")
+
+
+async def swag_second(request: web.Request) -> web.StreamResponse:
+    """GET /api/models/{id}/swag/second/: the aggregated second moment."""
+    return await _swag_moment(request, "second")
+
+
+async def _swag_moment(request: web.Request, which: str) -> web.StreamResponse:
+    model = await request.app[models_key].get_accessible(current_user(request), path_uuid(request, "model_id"))
+    file_id = model.swag_first_file_id if which == "first" else model.swag_second_file_id
+    return await _download(request, file_id, f"model-{model.id}-swag-{which}")
+
+
+async def list_training_models(request: web.Request) -> web.Response:
+    """GET /api/trainings/{id}/models/ and /models/latest/."""
+    training = await request.app[trainings_key].get_visible(current_user(request), path_uuid(request, "training_id"))
+    entries = await training_models(training, latest=request.path.rstrip("/").endswith("/latest"))
+    return json_models([TrainingModelEntry.model_validate(entry) for entry in entries])
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    public = EventPublic.model_validate(event)
+    return f"id: {public.id}\nevent: {public.type}\ndata: {public.model_dump_json()}\n\n".encode()
+
+
+async def _event_stream(request: web.Request, training_id: UUID, after: str | None) -> web.StreamResponse:
+    """Server-Sent Events: the backlog, then new events as they are stored, until the training ends."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    trainings = request.app[trainings_key]
+    quiet = 0.0
+    while True:
+        events = await list_events(training_id, after, 1000)
+        for event in events:
+            await response.write(_sse(event))
+            after = event["id"]
+        if events:
+            quiet = 0.0
+            continue
+        training = await trainings.get(training_id)
+        if training.state not in RUNNING and training.state != TrainingState.INITIAL and not training.effects:
+            break
+        if quiet >= EVENT_HEARTBEAT_SECONDS:
+            await response.write(b": keep-alive\n\n")
+            quiet = 0.0
+        await asyncio.sleep(EVENT_POLL_SECONDS)
+        quiet += EVENT_POLL_SECONDS
+    await response.write_eof()
+    return response
+
+
+async def get_events(request: web.Request) -> web.StreamResponse:
+    """GET /api/trainings/{id}/events/: JSON page, or a live SSE stream with Accept: text/event-stream."""
+    training = await request.app[trainings_key].get_visible(current_user(request), path_uuid(request, "training_id"))
+    query = read_query(request, EventsQuery)
+    if "text/event-stream" in request.headers.get("Accept", ""):
+        after = query.after or request.headers.get("Last-Event-ID")
+        if after is not None:
+            validate(EventsQuery, {"after": after})
+        return await _event_stream(request, training.id, after)
+    events = await list_events(training.id, query.after, query.limit)
+    return json_models([EventPublic.model_validate(event) for event in events])
+
+
+_MODEL = "/api/models/{model_id}"
+_TRAINING = "/api/trainings/{training_id}"
+ENDPOINTS = [
+    Endpoint("POST", _MODEL, upload_update, "Upload a local model update", "rounds", multipart=UpdateForm,
+             responses={201: Message}, errors=(400, 403, 404, 408, 409, 413, 415),
+             description="Multipart `model_file`, `round`, `sample_size`, optional repeated `metric_names` and "
+                         "`metric_values`. The id may be the global model or the local model handed out in a "
+                         "daisy-chain round. An identical retry answers 201 again."),
+    Endpoint("POST", _MODEL + "/metrics", post_metrics, "Upload metrics of a model", "rounds", body=MetricsBody,
+             responses={201: MetricsAccepted}, errors=(400, 403, 404, 409, 413, 415),
+             description="JSON, url-encoded or multipart `metric_names` and `metric_values`."),
+    Endpoint("GET", _MODEL + "/metrics", get_metrics, "Metrics of a model", "rounds",
+             responses={200: [MetricPublic]}, errors=(403, 404)),
+    Endpoint("POST", _MODEL + "/swag", upload_swag, "Upload SWAG statistics (state S)", "rounds", multipart=SwagForm,
+             files=("first_moment_file", "second_moment_file"),
+             responses={201: Message}, errors=(400, 403, 404, 408, 409, 413, 415)),
+    Endpoint("GET", _MODEL + "/swag/first", swag_first, "Aggregated SWAG first moment", "rounds",
+             responses={200: "application/octet-stream"}, errors=(403, 404), headers={200: ("Content-Disposition",)}),
+    Endpoint("GET", _MODEL + "/swag/second", swag_second, "Aggregated SWAG second moment", "rounds",
+             responses={200: "application/octet-stream"}, errors=(403, 404), headers={200: ("Content-Disposition",)}),
+    Endpoint("GET", _TRAINING + "/models/latest", list_training_models, "Global model and newest updates", "rounds",
+             responses={200: [TrainingModelEntry]}, errors=(403, 404)),
+    Endpoint("GET", _TRAINING + "/models", list_training_models, "Global model and stored updates", "rounds",
+             responses={200: [TrainingModelEntry]}, errors=(403, 404)),
+    Endpoint("GET", _TRAINING + "/events", get_events, "A training's events (JSON, or SSE with Accept)", "rounds",
+             query=EventsQuery, responses={200: [EventPublic]}, errors=(400, 403, 404),
+             description="With `Accept: text/event-stream` the answer is a live Server-Sent Events stream "
+                         "(`id` = event id, `Last-Event-ID` resumes) that ends when the training has ended."),
+]
