@@ -80,7 +80,7 @@ class Case:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What a child process reports: best time, peak RSS, RSS once its imports were done."""
+    """What a child process reports: best time, peak RSS, and the peak before measuring began."""
 
     seconds: float
     peak_mib: float
@@ -344,13 +344,15 @@ def table(rows: Sequence[Row]) -> str:
 
 
 def import_note(results: Sequence[dict[str, Any]]) -> str:
-    """RSS of a child right after its imports (part of every peak)."""
+    """A child's peak RSS before it measures (interpreter, imports, spawn start-up; part of every peak)."""
 
     def first(key: str) -> str:
         values = [r[key].import_mib for r in results if isinstance(r[key], Outcome)]
         return f"{values[0]:.0f} MiB" if values else "n/a"
 
-    return f"RSS after imports (included in the peaks): ours {first('ours')}, Flower {first('flower')}."
+    return (
+        f"Peak RSS before measuring (included in the peaks): ours {first('ours')}, Flower {first('flower')}."
+    )
 
 
 def verdict_baseline(results: Sequence[dict[str, Any]]) -> str:
@@ -437,13 +439,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1M,25M", help="parameter counts P, comma-separated (1M, 25M)")
     parser.add_argument("--clients", default="10,100", help="update counts N, comma-separated")
-    parser.add_argument("--quick", action="store_true", help="P = 1M only")
+    parser.add_argument("--quick", action="store_true", help="P = 1M only (overrides --sizes)")
     parser.add_argument("--tensors", type=int, default=4, help="tensors sharing the P parameters")
     parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; the best is kept")
     parser.add_argument("--baseline-budget", type=parse_count, default=GIB, help="bytes the baseline holds")
     parser.add_argument("--workdir", type=Path, default=None, help="where the update files go (a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.repeat < 1 or args.tensors < 1:
+        parser.error("--repeat and --tensors must be at least 1")
     args.sizes = [parse_count(text) for text in ("1M" if args.quick else args.sizes).split(",")]
     args.clients = sorted({parse_count(text) for text in args.clients.split(",")})
     return args

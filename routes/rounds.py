@@ -20,7 +20,7 @@ from fltraining.schemas.rounds import (
     TrainingModelEntry,
     UpdateForm,
 )
-from fltraining.states import RUNNING, TrainingState
+from fltraining.states import TrainingState
 from fltraining.documents import Metric
 from routes.auth import current_user
 from routes.keys import contributions_key, models_key, trainings_key
@@ -42,6 +42,7 @@ SWAG_FORM = FormSpec(
 )
 METRICS_FORM = FormSpec(lists=frozenset({"metric_names", "metric_values"}), ignored=frozenset({"owner"}))
 EVENT_POLL_SECONDS = 0.5
+ENDED = frozenset({TrainingState.COMPLETED, TrainingState.ERROR})
 EVENT_HEARTBEAT_SECONDS = 15.0
 
 
@@ -183,6 +184,17 @@ async def _event_stream(request: web.Request, training_id: UUID, after: str | No
     """Server-Sent Events: the backlog, then new events as they are stored, until the training ends."""
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
+    try:
+        await _follow_events(request, response, training_id, after)
+        await response.write_eof()
+    except ConnectionResetError:
+        pass  # the reader went away: nothing left to send
+    return response
+
+
+async def _follow_events(
+    request: web.Request, response: web.StreamResponse, training_id: UUID, after: str | None
+) -> None:
     trainings = request.app[trainings_key]
     quiet = 0.0
     while True:
@@ -193,16 +205,17 @@ async def _event_stream(request: web.Request, training_id: UUID, after: str | No
         if events:
             quiet = 0.0
             continue
-        training = await trainings.get(training_id)
-        if training.state not in RUNNING and training.state != TrainingState.INITIAL and not training.effects:
-            break
+        try:
+            training = await trainings.get(training_id)
+        except NotFound:
+            return  # deleted while followed
+        if training.state in ENDED and not training.effects:
+            return
         if quiet >= EVENT_HEARTBEAT_SECONDS:
             await response.write(b": keep-alive\n\n")
             quiet = 0.0
         await asyncio.sleep(EVENT_POLL_SECONDS)
         quiet += EVENT_POLL_SECONDS
-    await response.write_eof()
-    return response
 
 
 async def get_events(request: web.Request) -> web.StreamResponse:

@@ -189,3 +189,107 @@ async def wait_for_state(api: TestClient, account: Account, training_id: str, st
     except TimeoutError:
         raise AssertionError(f"training never reached {states}; last seen: {latest}") from None
     return latest
+
+
+# -- helpers for tests against real service processes (appended) ------------------------------
+
+import aiohttp  # noqa: E402
+
+
+class HttpApi:
+    """A service process reached over HTTP, used like the TestClient (`await api.get(path)`).
+
+    Each answer's body is read before it is returned, so the connection goes back to the pool and
+    `.json()` / `.text()` / `.read()` still work on the response afterwards.
+    """
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.session = aiohttp.ClientSession(base_url=base_url)
+
+    async def request(self, method: str, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        """One request; the answer with its body already read."""
+        response = await self.session.request(method, path, **kwargs)
+        await response.read()
+        response.release()
+        return response
+
+    async def get(self, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        """GET `path`."""
+        return await self.request("GET", path, **kwargs)
+
+    async def post(self, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        """POST `path`."""
+        return await self.request("POST", path, **kwargs)
+
+    async def put(self, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        """PUT `path`."""
+        return await self.request("PUT", path, **kwargs)
+
+    async def patch(self, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        """PATCH `path`."""
+        return await self.request("PATCH", path, **kwargs)
+
+    async def delete(self, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
+        """DELETE `path`."""
+        return await self.request("DELETE", path, **kwargs)
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        await self.session.close()
+
+
+async def take_notifications_down(client: SimulatedClient) -> int:
+    """Stop a client's notification server (connections are refused); returns its port."""
+    assert client.server is not None and client.server.port is not None
+    port = int(client.server.port)
+    await client.server.close()
+    return port
+
+
+async def bring_notifications_up(client: SimulatedClient, port: int) -> None:
+    """Serve a client's notifications again on `port` (its registered endpoint)."""
+    app = web.Application()
+    app.router.add_post("/", client._notified)
+    client.server = TestServer(app, host="127.0.0.1", port=port)
+    await client.server.start_server()
+
+
+# --- Helpers for round-flow tests (additions; nothing above depends on them) -------------------
+
+
+async def start_actor(api: TestClient) -> SimulatedClient:
+    """An actor user with its own notification server; it records what it receives and does no work."""
+    actor = SimulatedClient(api=api, account=Account("", "", ""), index=-1, silent=True)
+    app = web.Application()
+    app.router.add_post("/", actor._notified)
+    actor.server = TestServer(app, host="127.0.0.1")
+    await actor.server.start_server()
+    name = f"actor{next(_names)}"
+    payload = {"username": name, "password": PASSWORD, "actor": True, "message_endpoint": actor.endpoint}
+    response = await api.post("/api/users/", json=payload)
+    assert response.status == 201, await response.text()
+    body = await response.json()
+    actor.account = Account(id=body["id"], username=name, token=body["token"])
+    return actor
+
+
+async def assert_stays(check: Callable[[], Awaitable[bool]], what: str, seconds: float) -> None:
+    """Poll a condition for `seconds` and fail as soon as it does not hold (to assert that nothing happens)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while loop.time() < end:
+        assert await check(), f"no longer true: {what}"
+        await asyncio.sleep(POLL_SECONDS)
+    assert await check(), f"no longer true: {what}"
+
+
+async def post_update(client: SimulatedClient, model_id: str, round_: int, tensors: dict[str, np.ndarray]) -> int:
+    """Upload an update as `client` without asserting the answer; returns the HTTP status."""
+    form = FormData()
+    form.add_field("round", str(round_))
+    form.add_field("sample_size", str(client.sample_size))
+    form.add_field("model_file", dump_tensors(tensors), filename="model_file")
+    response = await client.api.post(f"/api/models/{model_id}/", data=form, headers=client.account.headers)
+    await response.read()
+    return response.status

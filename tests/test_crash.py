@@ -11,6 +11,7 @@ import pytest
 
 from fltraining.storage.database import make_client
 from fltraining.storage.embedded import store_url
+from tests.helpers import small_model
 from tests.processes import ServiceProcess
 
 PASSWORD = "crash test password"
@@ -39,7 +40,7 @@ async def prepare(session: aiohttp.ClientSession, base: str) -> dict[str, Any]:
     headers = {"Authorization": f"Token {actor['token']}"}
     form = aiohttp.FormData()
     form.add_field("name", "m")
-    form.add_field("model_file", b"weights", filename="m.pt")
+    form.add_field("model_file", small_model(), filename="m.pt")
     async with session.post(base + "/api/models/", data=form, headers=headers) as response:
         model_id = (await response.json())["model_id"]
     status, body = await call(session, "POST", base + "/api/trainings/", headers=headers,

@@ -22,7 +22,7 @@ from schemathesis import checks
 from fltraining.documents import DOCUMENT_MODELS, Model, Training, User
 from fltraining.options import TrainingOptions
 from fltraining.storage.database import make_client
-from tests.helpers import PASSWORD
+from tests.helpers import PASSWORD, small_model
 from tests.processes import ServiceProcess
 
 EXAMPLES = int(os.environ.get("FLTRAINING_FUZZ_EXAMPLES", "15"))
@@ -70,7 +70,7 @@ class World:
 
     def new_model(self, token: str) -> str:
         """Upload a small model owned by the token's user."""
-        files = {"model_file": ("model.pt", b"weights", "application/octet-stream")}
+        files = {"model_file": ("model.pt", small_model(), "application/octet-stream")}
         return str(self.post("/api/models/", token, data={"name": "fuzz"}, files=files)["model_id"])
 
     def new_training(self, token: str, clients: list[str]) -> str:

@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from fltraining.storage.embedded import EmbeddedStore
+from tests.helpers import small_model
 from tests.processes import ServiceProcess
 
 PASSWORD = "two processes password"
@@ -51,7 +52,7 @@ async def new_training(session: aiohttp.ClientSession, base: str, headers: dict[
     """Upload a model and create a training on it."""
     form = aiohttp.FormData()
     form.add_field("name", "m")
-    form.add_field("model_file", b"weights", filename="m.pt")
+    form.add_field("model_file", small_model(), filename="m.pt")
     async with session.post(base + "/api/models/", data=form, headers=headers) as response:
         model_id = (await response.json())["model_id"]
     status, body = await call(session, "POST", base + "/api/trainings/",

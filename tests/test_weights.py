@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fltraining.errors import InvalidInput
+from fltraining.weights.aggregate import BLOCK
 from fltraining.weights import (
     FedAvgAccumulator,
     MomentsAccumulator,
@@ -261,9 +262,10 @@ def _retained_arrays(obj: object) -> list[np.ndarray]:
 
 
 def test_the_accumulator_keeps_one_set_of_float64_sums_however_many_updates() -> None:
-    """Memory does not grow with the number of updates: one float64 sum per tensor, updates dropped."""
+    """Memory does not grow with the number of updates: one float64 sum per tensor and one fixed
+    cache-sized scratch block, updates dropped."""
     layout = {"a": ((64, 32), "float32"), "b": ((32,), "uint8"), "c": ((), "int64")}
-    one_set = sum(np.prod(shape, dtype=int) * 8 for shape, _ in layout.values())
+    one_set = sum(np.prod(shape, dtype=int) * 8 for shape, _ in layout.values()) + BLOCK * 8
     accumulator = FedAvgAccumulator(signature_of(model(0, layout)))
     sums_before = {name: id(array) for name, array in accumulator._sums.items()}
     sizes: list[int] = []
@@ -274,7 +276,7 @@ def test_the_accumulator_keeps_one_set_of_float64_sums_however_many_updates() ->
         del update
         assert all(watcher() is None for watcher in watchers), "the accumulator kept an update's array"
         retained = _retained_arrays(accumulator)
-        assert len(retained) == len(layout)
+        assert len(retained) == len(layout) + 1
         assert all(array.dtype == np.float64 for array in retained)
         sizes.append(sum(array.nbytes for array in retained))
     assert set(sizes) == {one_set} and accumulator.state_nbytes == one_set
@@ -326,7 +328,7 @@ def test_swag_statistics_with_a_bad_second_moment_change_nothing() -> None:
         }
     ]
     assert accumulator.first.count == accumulator.second.count == 0
-    assert accumulator.state_nbytes == 2 * 3 * 8
+    assert accumulator.state_nbytes == 2 * (3 * 8 + BLOCK * 8)
 
 
 # --- signatures ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ each one is idempotent (deterministic ids, conditional writes), so applying twic
 """
 
 import secrets
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -14,6 +15,8 @@ from pymongo.errors import DuplicateKeyError
 
 from fltraining.documents import Event, Model, Notification, SwagStatistic, Training, Update
 from fltraining.storage.files import StoredFile
+
+DropFile = Callable[[UUID], Awaitable[None]]
 
 
 def effect_id(at: datetime, index: int) -> str:
@@ -61,7 +64,7 @@ class Effects:
         self._add("drop_local", before_round=before_round)
 
 
-async def apply_effect(effect: dict[str, Any], training: Training, drop_file: Any) -> None:
+async def apply_effect(effect: dict[str, Any], training: Training, drop_file: DropFile) -> None:
     """Apply one effect; safe to repeat."""
     kind = effect["kind"]
     if kind == "event":
@@ -100,7 +103,7 @@ async def apply_effect(effect: dict[str, Any], training: Training, drop_file: An
         await drop_local_files(training.id, {"$lt": effect["before_round"]}, drop_file)
 
 
-async def drop_local_files(training_id: UUID, rounds: Any, drop_file: Any) -> None:
+async def drop_local_files(training_id: UUID, rounds: Any, drop_file: DropFile) -> None:
     """Delete a training's updates and SWAG statistics of the given rounds, with their files."""
     for document, fields in ((Update, ("file_id",)), (SwagStatistic, ("first_file_id", "second_file_id"))):
         collection = document.get_pymongo_collection()
@@ -117,12 +120,18 @@ async def _insert_once(collection: Any, document: dict[str, Any]) -> None:
         pass  # applied before, by this process or another
 
 
-async def apply_pending(training: Training, drop_file: Any) -> None:
-    """Apply a training's pending effects in order, then remove them from the document."""
+async def apply_pending(training: Training, drop_file: DropFile, notified: Callable[[], None]) -> None:
+    """Apply a training's pending effects in order, then remove them from the document.
+
+    `notified` is called as soon as notifications are in the outbox, so delivery starts while
+    slower clean-up effects still run.
+    """
     if not training.effects:
         return
     for effect in training.effects:
         await apply_effect(effect, training, drop_file)
+        if effect["kind"] == "notify":
+            notified()
     ids = [effect["id"] for effect in training.effects]
     await Training.get_pymongo_collection().update_one(
         {"_id": training.id}, {"$pull": {"effects": {"id": {"$in": ids}}}}

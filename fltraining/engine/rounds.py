@@ -126,9 +126,7 @@ class RoundEngine:
 
     async def apply_effects(self, training: Training) -> None:
         """Apply a training's pending effects and wake the notification delivery."""
-        await apply_pending(training, self._models.drop_unshared_file)
-        if any(effect["kind"] == "notify" for effect in training.effects):
-            self.on_notifications()
+        await apply_pending(training, self._models.drop_unshared_file, self.on_notifications)
 
     def _decide(self, training: Training, now: datetime) -> Action | None:
         if training.state not in RUNNING or training.phase is None:

@@ -13,6 +13,29 @@ import numpy as np
 from fltraining.weights.signature import Signature, TensorSpec, check_matches, signature_of
 
 
+# Elements per step of the weighted add: the scratch product (and the slice of the sums it is added
+# to) stay in the CPU cache, where a whole-tensor temporary would go through main memory.
+BLOCK = 1 << 15
+
+
+def _add_weighted(sums: np.ndarray, values: np.ndarray, weight: int, scratch: np.ndarray) -> None:
+    """sums += weight · values, in float64, one cache-sized block at a time (flat arrays)."""
+    if values.dtype == np.float32 and weight < 2**24:
+        # n·w is rounded once to float32, the precision the client's values have anyway (and
+        # float32 cannot overflow here); the running sum over all updates stays float64.
+        factor = np.float32(weight)
+        small = scratch.view(np.float32)[:BLOCK]
+        for start in range(0, values.size, BLOCK):
+            stop = min(start + BLOCK, values.size)
+            product = np.multiply(values[start:stop], factor, out=small[: stop - start])
+            np.add(sums[start:stop], product, out=sums[start:stop])
+        return
+    for start in range(0, values.size, BLOCK):
+        stop = min(start + BLOCK, values.size)
+        product = np.multiply(values[start:stop], float(weight), out=scratch[: stop - start], dtype=np.float64)
+        np.add(sums[start:stop], product, out=sums[start:stop])
+
+
 class FedAvgAccumulator:
     """Running Σ nᵢ·wᵢ (float64) and Σ nᵢ over updates that all have `signature`."""
 
@@ -22,20 +45,20 @@ class FedAvgAccumulator:
         self.count = 0
         self.total_samples = 0
         self._sums = {name: np.zeros(spec.shape, dtype=np.float64) for name, spec in self.signature.items()}
+        self._scratch = np.empty(BLOCK, dtype=np.float64)
 
     @property
     def state_nbytes(self) -> int:
-        """Bytes of the arrays the accumulator keeps (its float64 sums, nothing else)."""
-        return sum(array.nbytes for array in self._sums.values())
+        """Bytes of the arrays the accumulator keeps (its float64 sums and one fixed scratch block)."""
+        return sum(array.nbytes for array in self._sums.values()) + self._scratch.nbytes
 
     def add(self, tensors: Mapping[str, np.ndarray], sample_size: int) -> None:
         """Add one update weighted by its sample size (≥ 1); a refused update changes nothing."""
         if isinstance(sample_size, bool) or not isinstance(sample_size, int | np.integer) or sample_size < 1:
             raise ValueError(f"sample_size must be an integer ≥ 1, not {sample_size!r}")
         check_matches(self.signature, signature_of(tensors), self.field)
-        weight = float(sample_size)
         for name, sums in self._sums.items():
-            sums += np.multiply(tensors[name], weight, dtype=np.float64)
+            _add_weighted(sums.reshape(-1), np.asarray(tensors[name]).reshape(-1), int(sample_size), self._scratch)
         self.count += 1
         self.total_samples += int(sample_size)
 

@@ -1,0 +1,243 @@
+"""Round engine under faults: two processes on one store, a killed lease holder, a restart with notifications pending.
+
+Every test runs real `fltraining serve` processes on one embedded store (as test_two_processes.py)
+and simulated clients that get their notifications over HTTP and talk to a chosen process.
+"""
+
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, cast
+from uuid import UUID
+
+import numpy as np
+import pytest
+
+from fltraining.storage.database import database_name, make_client
+from fltraining.storage.embedded import EmbeddedStore
+from tests.fl_clients import (
+    GLOBAL_TENSORS,
+    HttpApi,
+    SimulatedClient,
+    bring_notifications_up,
+    model_bytes,
+    start_clients,
+    stop_clients,
+    take_notifications_down,
+    wait_for_notification,
+    wait_for_state,
+    wait_until,
+)
+from tests.helpers import Account, create_training, register, upload_model
+from tests.processes import ServiceProcess
+
+TARGET = 3
+SECONDS = 45.0
+ENGINE_ENV = {
+    "FLTRAINING_NOTIFICATION_ALLOW_LOOPBACK": "true",
+    "FLTRAINING_RECONCILE_INTERVAL_SECONDS": "0.2",
+    "FLTRAINING_NOTIFICATION_BACKOFF_SECONDS": "0.05",
+}
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[str]:
+    """A fresh embedded store; its URL names the database the processes share."""
+    with EmbeddedStore(tmp_path / "store") as embedded:
+        yield embedded.url.replace("/?", "/faults?")
+
+
+@pytest.fixture
+async def mongo(store: str) -> AsyncIterator[Any]:
+    """The shared database, read directly with PyMongo."""
+    client = make_client(store)
+    yield client[database_name(store, "fltraining")]
+    await client.close()
+
+
+def service(tmp_path: Path, name: str, store: str, **env: str) -> ServiceProcess:
+    """A service process on the shared store (loopback endpoints, fast reconciling and retries)."""
+    settings = {"FLTRAINING_MONGODB_URL": store, **ENGINE_ENV}
+    settings.update({f"FLTRAINING_{key.upper()}": value for key, value in env.items()})
+    return ServiceProcess(tmp_path / name, env=settings)
+
+
+def talk_to(clients: list[SimulatedClient], api: HttpApi) -> None:
+    """From now on these clients download and upload through `api`."""
+    for client in clients:
+        client.api = cast(Any, api)
+
+
+async def start_training(api: HttpApi, actor: Account, clients: list[SimulatedClient]) -> str:
+    """A FedAvg training of the clients on the simulated clients' model, started; returns its id."""
+    http = cast(Any, api)
+    model_id = await upload_model(http, actor, model_bytes())
+    training_id = await create_training(http, actor, model_id, clients=[c.account.id for c in clients],
+                                        target_num_updates=TARGET)
+    response = await api.post(f"/api/trainings/{training_id}/start/", headers=actor.headers)
+    assert response.status == 202, await response.text()
+    return training_id
+
+
+async def events_of(api: HttpApi, account: Account, training_id: str) -> list[dict[str, Any]]:
+    """The training's whole audit trail."""
+    response = await api.get(f"/api/trainings/{training_id}/events/?limit=1000", headers=account.headers)
+    assert response.status == 200, await response.text()
+    return list(await response.json())
+
+
+def expected_weight(clients: list[SimulatedClient]) -> float:
+    """Every round each client adds index + 1 with sample size index + 1: TARGET weighted-mean steps."""
+    step = sum(c.sample_size * (c.index + 1) for c in clients) / sum(c.sample_size for c in clients)
+    return TARGET * step
+
+
+async def assert_completed_correctly(api: HttpApi, actor: Account, training_id: str,
+                                     clients: list[SimulatedClient]) -> list[dict[str, Any]]:
+    """C at round TARGET, each round aggregated once, the weighted-mean weights; returns the events."""
+    final = await wait_for_state(cast(Any, api), actor, training_id, {"C", "E"}, SECONDS)
+    assert final["state"] == "C", final
+    assert final["round"] == TARGET
+    events = await events_of(api, actor, training_id)
+    aggregated = Counter(event["round"] for event in events if event["type"] == "aggregated")
+    assert aggregated == Counter(range(TARGET)), f"aggregations per round: {dict(aggregated)}"
+    model = await clients[0].download(final["model"])
+    assert set(model) == set(GLOBAL_TENSORS)
+    for name, value in model.items():
+        assert value.dtype == GLOBAL_TENSORS[name].dtype
+        np.testing.assert_allclose(value, np.full(GLOBAL_TENSORS[name].shape, expected_weight(clients)), rtol=1e-6)
+    await wait_for_notification(clients, "TRAINING_FINISHED")
+    for client in clients:
+        assert not client.errors, client.errors
+    return events
+
+
+async def test_two_processes_aggregate_every_round_once(tmp_path: Path, store: str) -> None:
+    first = service(tmp_path, "a", store)
+    second = service(tmp_path, "b", store)
+    clients: list[SimulatedClient] = []
+    with first, second:
+        api_a, api_b = HttpApi(first.base_url), HttpApi(second.base_url)
+        try:
+            actor = await register(cast(Any, api_a), actor=True)
+            clients = await start_clients(cast(Any, api_a), 4)
+            for client in clients:
+                client.sample_size = client.index + 1
+            talk_to(clients[0::2], api_a)
+            talk_to(clients[1::2], api_b)
+            training_id = await start_training(api_a, actor, clients)
+            await assert_completed_correctly(api_a, actor, training_id, clients)
+            for client in clients:
+                assert client.types().count("UPDATE_ROUND_START") == TARGET, client.types()
+                assert [round_ for round_, _ in client.uploads] == list(range(TARGET))
+        finally:
+            await stop_clients(clients)
+            await api_a.close()
+            await api_b.close()
+
+
+async def test_sigkilled_lease_holder_is_replaced(tmp_path: Path, store: str, mongo: Any) -> None:
+    holder = service(tmp_path, "a", store, fault_hold_after_claim="true", lock_lease_seconds="2")
+    rescuer = service(tmp_path, "b", store)
+    clients: list[SimulatedClient] = []
+    api_a = api_b = None
+    try:
+        holder.start()
+        assert holder.process is not None
+        holder_pid = holder.process.pid
+        api_a = HttpApi(holder.base_url)
+        actor = await register(cast(Any, api_a), actor=True)
+        clients = await start_clients(cast(Any, api_a), 3)
+        for client in clients:
+            client.sample_size = client.index + 1
+        training_id = await start_training(api_a, actor, clients)
+
+        async def held_by_holder() -> bool:
+            stored = await mongo.trainings.find_one({"_id": UUID(training_id)})
+            return (stored is not None and stored.get("phase") == "aggregating"
+                    and f":{holder_pid}:" in (stored.get("lease_owner") or ""))
+
+        await wait_until(held_by_holder, "the holder claimed round 0", SECONDS)
+        rescuer.start()
+        holder.process.kill()
+        holder.process.wait()
+        api_b = HttpApi(rescuer.base_url)
+        talk_to(clients, api_b)
+
+        events = await assert_completed_correctly(api_b, actor, training_id, clients)
+        expired = [event for event in events if event["type"] == "lease_expired"]
+        assert [event["round"] for event in expired] == [0], expired
+        assert f":{holder_pid}:" in expired[0]["data"]["previous_owner"]
+        for client in clients:
+            assert client.types().count("UPDATE_ROUND_START") >= TARGET, client.types()
+            assert sorted({round_ for round_, _ in client.uploads}) == list(range(TARGET))
+    finally:
+        await stop_clients(clients)
+        for api in (api_a, api_b):
+            if api is not None:
+                await api.close()
+        holder.stop()
+        rescuer.stop()
+
+
+async def test_restart_delivers_pending_notifications(tmp_path: Path, store: str, mongo: Any) -> None:
+    env = {"notification_max_attempts": "50", "notification_backoff_seconds": "0.2",
+           "notification_timeout_seconds": "2"}
+    before = service(tmp_path, "before", store, **env)
+    after = service(tmp_path, "after", store, **env)
+    clients: list[SimulatedClient] = []
+    api_before = api_after = None
+    try:
+        before.start()
+        api_before = HttpApi(before.base_url)
+        actor = await register(cast(Any, api_before), actor=True)
+        clients = await start_clients(cast(Any, api_before), 3)
+        for client in clients:
+            client.sample_size = client.index + 1
+        ports = [await take_notifications_down(client) for client in clients]
+        users = [UUID(client.account.id) for client in clients]
+        training_id = await start_training(api_before, actor, clients)
+
+        async def all_tried_and_pending() -> bool:
+            entries = await mongo.notifications.find({"user": {"$in": users}}).to_list()
+            kinds = Counter(entry["notification_type"] for entry in entries)
+            return (kinds == Counter({"TRAINING_START": 3, "UPDATE_ROUND_START": 3})
+                    and all(entry["status"] == "pending" and entry["attempts"] >= 1 for entry in entries))
+
+        await wait_until(all_tried_and_pending, "every notification tried once and still pending", SECONDS)
+        before.stop()
+        pending = await mongo.notifications.find({"user": {"$in": users}}).to_list()
+        assert {entry["status"] for entry in pending} == {"pending"}, pending
+        assert all(entry["attempts"] < 50 for entry in pending)
+        assert not any(client.received for client in clients)
+
+        for client, port in zip(clients, ports):
+            await bring_notifications_up(client, port)
+        after.start()
+        api_after = HttpApi(after.base_url)
+        talk_to(clients, api_after)
+
+        async def delivered() -> bool:
+            ids = [entry["_id"] for entry in pending]
+            statuses = {entry["status"] async for entry in mongo.notifications.find({"_id": {"$in": ids}})}
+            return statuses == {"delivered"}
+
+        await wait_until(delivered, "the pending notifications delivered after the restart", SECONDS)
+        for client in clients:
+            assert client.types().count("TRAINING_START") >= 1, client.types()
+            assert client.types().count("UPDATE_ROUND_START") >= 1, client.types()
+        await assert_completed_correctly(api_after, actor, training_id, clients)
+
+        async def settled() -> bool:
+            return await mongo.notifications.count_documents({"user": {"$in": users}, "status": "pending"}) == 0
+
+        await wait_until(settled, "every client notification settled", SECONDS)
+        statuses = Counter([entry["status"] async for entry in mongo.notifications.find({"user": {"$in": users}})])
+        assert set(statuses) == {"delivered"}, statuses
+    finally:
+        await stop_clients(clients)
+        for api in (api_before, api_after):
+            if api is not None:
+                await api.close()
+        before.stop()
+        after.stop()
