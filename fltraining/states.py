@@ -68,12 +68,5 @@ PARTICIPANTS_EDITABLE: frozenset[TrainingState] = frozenset({S.INITIAL, S.ONGOIN
 # States in which the round engine runs.
 RUNNING: frozenset[TrainingState] = frozenset({S.ONGOING, S.SWAG_ROUND})
 
-# The phase in which each running state waits for round participants, and what it waits for.
-WAITING_PHASES: dict[Phase, TrainingState] = {
-    Phase.UPDATES: S.ONGOING,
-    Phase.TESTING: S.ONGOING,
-    Phase.SWAG: S.SWAG_ROUND,
-}
-
 # States in which the training's settings may be patched.
 PATCHABLE: frozenset[TrainingState] = frozenset({S.INITIAL})

@@ -42,6 +42,8 @@ SWAG_FORM = FormSpec(
 )
 METRICS_FORM = FormSpec(lists=frozenset({"metric_names", "metric_values"}), ignored=frozenset({"owner"}))
 EVENT_POLL_SECONDS = 0.5
+LATE_EVENT_WINDOW_MS = 10_000
+EVENT_PAGE = 1000
 ENDED = frozenset({TrainingState.COMPLETED, TrainingState.ERROR})
 EVENT_HEARTBEAT_SECONDS = 15.0
 
@@ -196,12 +198,30 @@ async def _follow_events(
     request: web.Request, response: web.StreamResponse, training_id: UUID, after: str | None
 ) -> None:
     trainings = request.app[trainings_key]
+    start = after
+    sent: set[str] = set()
     quiet = 0.0
     while True:
-        events = await list_events(training_id, after, 1000)
+        # Ids sort by the time of their step; an event written late (by a reconciler after a crash,
+        # or by a process whose clock lags) can sort before one already sent, so every poll looks
+        # back a window and sends what it has not sent yet.
+        newest = max(sent, default=start)
+        floor = None if newest is None else f"{max(0, int(newest[:13]) - LATE_EVENT_WINDOW_MS):013d}"
+        if start is not None and (floor is None or floor < start):
+            floor = start
+        events = []
+        cursor = floor
+        while True:
+            page = await list_events(training_id, cursor, EVENT_PAGE)
+            events += [event for event in page if event["id"] not in sent]
+            if len(page) < EVENT_PAGE:
+                break
+            cursor = page[-1]["id"]
         for event in events:
             await response.write(_sse(event))
-            after = event["id"]
+            sent.add(event["id"])
+        if floor is not None:
+            sent = {event_id for event_id in sent if event_id > floor}
         if events:
             quiet = 0.0
             continue

@@ -193,7 +193,7 @@ async def wait_for_state(api: TestClient, account: Account, training_id: str, st
 
 # -- helpers for tests against real service processes (appended) ------------------------------
 
-import aiohttp  # noqa: E402
+import aiohttp
 
 
 class HttpApi:
@@ -210,8 +210,7 @@ class HttpApi:
     async def request(self, method: str, path: str, **kwargs: Any) -> aiohttp.ClientResponse:
         """One request; the answer with its body already read."""
         response = await self.session.request(method, path, **kwargs)
-        await response.read()
-        response.release()
+        await response.read()  # reading the whole body gives the connection back
         return response
 
     async def get(self, path: str, **kwargs: Any) -> aiohttp.ClientResponse:

@@ -11,6 +11,7 @@ import hashlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 from uuid import uuid4
@@ -20,7 +21,9 @@ import pytest
 from aiohttp import ClientResponse, FormData
 from aiohttp.test_utils import TestClient
 
+from fltraining.settings import Settings
 from fltraining.weights import dump_tensors, load_tensors
+from routes.app import create_app
 from tests.fl_clients import (
     GLOBAL_TENSORS,
     SimulatedClient,
@@ -32,7 +35,7 @@ from tests.fl_clients import (
     wait_until,
 )
 from tests.helpers import PASSWORD, Account, create_training, get_training, register, upload_model
-from tests.test_rounds import api, events_of, run_training, settings  # noqa: F401  (fixtures)
+from tests.test_rounds import events_of, run_training
 
 SSE_SECONDS = 20.0
 EVENT_FIELDS = {"id", "training", "type", "round", "at", "user", "data"}
@@ -122,6 +125,20 @@ class Round:
     @property
     def second(self) -> Account:
         return self.clients[1].account
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path) -> Settings:
+    """Engine settings for tests (as in test_rounds): loopback endpoints allowed, fast reconciling."""
+    return Settings(mongodb_url=database_url, data_dir=tmp_path, password_hash_time_cost=1,
+                    notification_allow_loopback=True, reconcile_interval_seconds=0.2,
+                    notification_backoff_seconds=0.05, lock_lease_seconds=2)
+
+
+@pytest.fixture
+async def api(aiohttp_client: Any, settings: Settings) -> TestClient:
+    """The service under test."""
+    return await aiohttp_client(create_app(settings))
 
 
 @pytest.fixture
@@ -432,7 +449,7 @@ async def test_metrics_non_finite_refused(api: TestClient, started: Round) -> No
             status, body = await post_metrics(api, started.first, started.model_id, kind, ["a"], [value])
             assert status == 400, (kind, value, body)
     for raw in ("NaN", "Infinity", "-Infinity", "1e999"):
-        body_text = '{"metric_names": ["a"], "metric_values": [%s]}' % raw
+        body_text = '{"metric_names": ["a"], "metric_values": [' + raw + "]}"
         headers = {**started.first.headers, "Content-Type": "application/json"}
         response = await api.post(f"/api/models/{started.model_id}/metrics/", data=body_text, headers=headers)
         assert response.status == 400, (raw, await response.text())
@@ -658,9 +675,10 @@ async def test_dlr_client_round_with_basic_auth(api: TestClient, silent: list[Si
         assert response.status == 200, await response.text()
         tensors = load_tensors(await response.read())
         update = dump_tensors({name: np.array(value) + np.float32(client.index + 1) for name, value in tensors.items()})
+        local_metrics = {"loss": 0.5, "accuracy": 0.75}
         texts = [("owner", client.account.id), ("round", str(round_)), ("sample_size", str(sizes[client.index])),
-                 ("metric_names", "loss"), ("metric_names", "accuracy"),
-                 ("metric_values", str(float(0.5))), ("metric_values", str(float(0.75)))]
+                 *[("metric_names", name) for name in local_metrics],
+                 *[("metric_values", str(float(value))) for value in local_metrics.values()]]
         payload, content_type = dlr_multipart(texts, update)
         file_part = payload[payload.index(b'name="model_file"'):]
         assert b"Content-Type" not in file_part[:file_part.index(b"\r\n\r\n")]
@@ -671,8 +689,9 @@ async def test_dlr_client_round_with_basic_auth(api: TestClient, silent: list[Si
     await wait_for_notification(silent, "MODEL_TEST_ROUND")
     for client in silent:
         body = client.received[-1]["body"]
-        form = urlencode([("metric_names", "accuracy"), ("metric_names", "f1"),
-                          ("metric_values", str(float(0.9))), ("metric_values", str(float(0.8)))])
+        test_metrics = {"accuracy": 0.9, "f1": 0.8}
+        form = urlencode([*[("metric_names", name) for name in test_metrics],
+                          *[("metric_values", str(float(value))) for value in test_metrics.values()]])
         response = await api.post(f"/api/models/{body['global_model_uuid']}/metrics/", data=form, headers={
             **basic(client.account), "Content-Type": "application/x-www-form-urlencoded"})
         assert response.status == 201, await response.text()

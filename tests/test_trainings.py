@@ -35,6 +35,9 @@ TRAINING_KEYS = {
     "metric_names",
     "locked",
     "state_detail",
+    "round",
+    "phase",
+    "round_deadline",
 }
 DETAIL_KEYS = TRAINING_KEYS | {"local_models_arrived", "local_models_expected"}
 MISSING = object()
@@ -83,6 +86,9 @@ async def test_create_answers_201_with_location_and_applies_defaults(
         "metric_names": [],
         "locked": False,
         "state_detail": None,
+        "round": 0,
+        "phase": None,
+        "round_deadline": None,
         "local_models_arrived": 0,
         "local_models_expected": 0,
     }

@@ -48,11 +48,15 @@ class Effects:
         if messages:
             self._add("notify", type=type_, round_notification=round_notification, messages=messages)
 
-    def sync_model(self, model: UUID, round_: int, stored: StoredFile | None, old_file_id: UUID | None) -> None:
+    def sync_model(self, model: UUID, round_: int, stored: StoredFile | None) -> None:
         """Point the global model at its new round (and new weights, when aggregated)."""
         file = None if stored is None else {"file_id": stored.file_id, "size": stored.size, "sha256": stored.sha256}
-        self._add("sync_model", model=model, round=round_, file=file, old_file_id=old_file_id,
+        self._add("sync_model", model=model, round=round_, file=file,
                   file_ids=[] if stored is None else [stored.file_id])
+
+    def drop_file(self, file_id: UUID) -> None:
+        """Delete a file once nothing names it (the weights a new round replaced)."""
+        self._add("drop_file", file_id=file_id)
 
     def store_moments(self, model: UUID, first: StoredFile, second: StoredFile) -> None:
         """Attach aggregated SWAG moments to the global model."""
@@ -88,9 +92,8 @@ async def apply_effect(effect: dict[str, Any], training: Training, drop_file: Dr
         await Model.get_pymongo_collection().update_one(
             {"_id": effect["model"], "round": {"$lte": effect["round"]}}, {"$set": update}
         )
-        old = effect["old_file_id"]
-        if effect["file"] is not None and old is not None and old != effect["file"]["file_id"]:
-            await drop_file(old)
+    elif kind == "drop_file":
+        await drop_file(effect["file_id"])
     elif kind == "moments":
         before = await Model.get_pymongo_collection().find_one_and_update(
             {"_id": effect["model"]},

@@ -70,6 +70,9 @@ class NotificationDelivery:
         self._timeout = timeout_seconds
         self._session: aiohttp.ClientSession | None = None
         self._wake = asyncio.Event()
+        # Receivers with a delivery in flight: their next entries wait, so each receiver gets its
+        # notifications in order, while a slow receiver holds up no one else.
+        self._busy: dict[Any, asyncio.Task[None]] = {}
 
     def kick(self) -> None:
         """Deliver soon (new entries were written)."""
@@ -81,29 +84,49 @@ class NotificationDelivery:
         timeout = aiohttp.ClientTimeout(total=self._timeout)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             self._session = session
-            while True:
-                self._wake.clear()
-                try:
-                    await self.deliver_due()
-                except PyMongoError as error:
-                    log.warning("notification delivery: database unavailable (%s)", type(error).__name__)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), interval)
+            try:
+                while True:
+                    self._wake.clear()
+                    try:
+                        await self.deliver_due()
+                    except PyMongoError as error:
+                        log.warning("notification delivery: database unavailable (%s)", type(error).__name__)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), interval)
+            finally:
+                for task in self._busy.values():
+                    task.cancel()
+                await asyncio.gather(*self._busy.values(), return_exceptions=True)
 
     async def deliver_due(self) -> int:
-        """Send every entry that is due now; each receiver's entries go in order. Returns entries tried."""
+        """Start delivering every due entry, in order per receiver (in the background). Returns entries started."""
         now = utcnow()
         due = [Notification.model_validate(raw) async for raw in Notification.get_pymongo_collection().find(
             {"status": "pending", "next_attempt_at": {"$lte": now}}).sort("_id", 1).limit(BATCH)]
         by_receiver: dict[Any, list[Notification]] = defaultdict(list)
         for entry in due:
-            by_receiver[entry.user].append(entry)
-        await asyncio.gather(*(self._deliver_in_order(entries) for entries in by_receiver.values()))
-        return len(due)
+            if entry.user not in self._busy:
+                by_receiver[entry.user].append(entry)
+        for receiver, entries in by_receiver.items():
+            task = asyncio.create_task(self._deliver_in_order(entries), name="notify")
+            self._busy[receiver] = task
+            task.add_done_callback(lambda _, receiver=receiver: self._finished(receiver))
+        return sum(len(entries) for entries in by_receiver.values())
+
+    def _finished(self, receiver: Any) -> None:
+        self._busy.pop(receiver, None)
+        self._wake.set()  # that receiver's later entries may be due
 
     async def _deliver_in_order(self, entries: list[Notification]) -> None:
         for entry in entries:
-            await self._deliver(entry)
+            try:
+                await self._deliver(entry)
+            except PyMongoError as error:
+                log.warning("notification delivery: database unavailable (%s)", type(error).__name__)
+                return
+            except Exception:
+                log.exception("notification delivery failed unexpectedly")
+                return
 
     async def _finish(self, entry: Notification, status: str, error: str | None = None) -> None:
         await Notification.get_pymongo_collection().update_one(

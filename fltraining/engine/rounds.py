@@ -26,7 +26,7 @@ from fltraining.engine import plans
 from fltraining.engine.effects import Effects, apply_pending
 from fltraining.errors import FLTrainingError
 from fltraining.services.models import ModelService
-from fltraining.states import RUNNING, WAITING_PHASES, Phase, TrainingState, Transition
+from fltraining.states import RUNNING, Phase, TrainingState, Transition
 from fltraining.storage.files import StoredFile
 from fltraining.weights.aggregate import FedAvgAccumulator, MomentsAccumulator, derangement
 from fltraining.weights.formats import dump_tensors, load_tensors
@@ -101,13 +101,12 @@ class RoundEngine:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def reconcile(self) -> None:
-        """Advance every running training and apply effects a dead process left pending."""
+        """Look at every running training (timeouts, expired leases) and at effects a dead process left pending."""
         collection = Training.get_pymongo_collection()
         query = {"$or": [{"state": {"$in": [str(s) for s in RUNNING]}}, {"effects.0": {"$exists": True}}]}
-        ids = [raw["_id"] async for raw in collection.find(query, {"_id": 1})]
-        for training_id in ids:
-            if training_id not in self._running:
-                await self.advance(training_id)
+        async for raw in collection.find(query, {"_id": 1}):
+            if raw["_id"] not in self._running:
+                self.kick(raw["_id"])
 
     # -- stepping -----------------------------------------------------------------------------
 
@@ -272,19 +271,20 @@ class RoundEngine:
             stored = await self._files.store_bytes(blob, f"model-{model.id}-round-{new_round}")
             del blob
             created.append(stored)
-            effects.sync_model(model.id, new_round, stored, model.file_id)
+            effects.sync_model(model.id, new_round, stored)
             effects.event("aggregated", round_, updates=len(updates), samples=accumulator.total_samples,
                           users=[str(update.user) for update in updates])
-            if not keep:
-                effects.drop_local_files(new_round)
         else:
             chain = daisy_chain(updates, list(training.participants), self._rng)
-            effects.sync_model(model.id, new_round, None, None)
+            effects.sync_model(model.id, new_round, None)
             effects.event("daisy_chained", round_, updates=len(updates),
                           chain={str(link.user): str(link.model) for link in chain})
-            if not keep:
-                effects.drop_local_files(round_)
         plans.after_updates(training, fields, effects, new_round, aggregate, chain)
+        # Clean-up last, so the notifications above are delivered without waiting for it.
+        if aggregate:
+            effects.drop_file(model.file_id)
+        if not keep:
+            effects.drop_local_files(new_round if aggregate else round_)
 
     async def _aggregate_moments(
         self, training: Training, model: Model, fields: plans.Fields, effects: Effects, created: list[StoredFile]

@@ -112,8 +112,8 @@ class ContributionService:
             self._check_waiting(current, user, state, phase, training.round)
             if user.id not in current.round_arrived:
                 raise Conflict("The training changed while the upload was counted; send it again.")
-        else:
-            await self._engine.apply_effects(written)
+        # The engine applies the event and looks at the round in the background: the answer does
+        # not wait for effects (some, like deleting a finished round's files, take a while).
         self._engine.kick(training.id)
 
     async def accept_update(
@@ -121,6 +121,7 @@ class ContributionService:
         metrics: tuple[list[str], list[float]],
     ) -> None:
         """POST /api/models/{id}/: a participant's local model for the current round."""
+        check_metrics(*metrics)
         target = await self.resolve(model_id)
         training = target.training
         self._check_waiting(training, user, TrainingState.ONGOING, Phase.UPDATES, round_)

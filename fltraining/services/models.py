@@ -3,9 +3,11 @@
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime
+from typing import Any
 from uuid import UUID, uuid4
 
 from fltraining.clock import utcnow
+from fltraining.engine.effects import drop_local_files
 from fltraining.documents import Model, Training, User
 from fltraining.errors import NotFound, PermissionDenied
 from fltraining.schemas.models import ModelCreate
@@ -138,9 +140,15 @@ class ModelService:
                 )
         await self.purge(model)
 
+    async def delete_trainings(self, query: dict[str, Any]) -> None:
+        """Delete trainings with their stored local updates and SWAG statistics (events stay: the audit trail)."""
+        async for raw in Training.get_pymongo_collection().find(query, {"_id": 1}):
+            await Training.get_pymongo_collection().delete_one({"_id": raw["_id"]})
+            await drop_local_files(raw["_id"], {"$gte": 0}, self.drop_unshared_file)
+
     async def purge(self, model: Model) -> None:
         """Remove a model, its training, and its file once no model shares it."""
-        await Training.find({"model": model.id}).delete()
+        await self.delete_trainings({"model": model.id})
         await model.delete()
         await self.drop_unshared_file(model.file_id)
 

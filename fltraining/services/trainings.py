@@ -187,7 +187,7 @@ class TrainingService:
     async def delete(self, user: User, training_id: UUID) -> None:
         """Delete a training (actor only); its model stays."""
         training = await self.get_as_actor(user, training_id)
-        await Training.find({"_id": training.id}).delete()
+        await self._models.delete_trainings({"_id": training.id})
 
     async def add_participants(self, user: User, training_id: UUID, client_ids: list[UUID]) -> None:
         """Add users as participants; idempotent, concurrent calls never lose one another."""

@@ -109,10 +109,11 @@ class UserService:
 
     async def delete(self, user: User) -> None:
         """Delete a user with the seed's cascades: its trainings, its models, its participations."""
-        await Training.find({"actor": user.id}).delete()
+        await self._models.delete_trainings({"actor": user.id})
         await Training.get_pymongo_collection().update_many(
             {"participants": user.id},
-            {"$pull": {"participants": user.id}, "$set": {"last_update": utcnow()}, "$inc": {"version": 1}},
+            {"$pull": {"participants": user.id, "round_participants": user.id},
+             "$set": {"last_update": utcnow()}, "$inc": {"version": 1}},
         )
         for model in await Model.find({"owner": user.id}).to_list():
             await self._models.purge(model)
