@@ -1,8 +1,6 @@
 """Rules for the free-form `options` object of a training."""
 
-from typing import Any
-
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 

@@ -1,7 +1,6 @@
 """Model endpoints: multipart upload streamed into GridFS, download, metadata, delete."""
 
 from aiohttp import web
-
 from gridfs.errors import NoFile
 
 from fltraining.engine.uploads import local_model_visible

@@ -70,7 +70,7 @@ def _multipart(form: dict[str, Any], files: tuple[str, ...]) -> dict[str, Any]:
     properties = {**form["properties"], **dict.fromkeys(files, file)}
     encoding = {name: {"contentType": "application/json"} for name, prop in form["properties"].items()
                 if prop.get("type") not in {"string", "array"}}
-    encoding.update(dict.fromkeys(files, {"contentType": "application/octet-stream"}))
+    encoding.update({name: {"contentType": "application/octet-stream"} for name in files})
     return {"schema": {**form, "properties": properties, "required": [*form.get("required", []), *files]},
             "encoding": encoding}
 

@@ -6,6 +6,7 @@ from uuid import UUID
 
 from aiohttp import web
 
+from fltraining.documents import Metric
 from fltraining.engine.events import list_events
 from fltraining.engine.uploads import local_model_visible, training_models
 from fltraining.errors import InvalidInput, NotFound
@@ -21,7 +22,6 @@ from fltraining.schemas.rounds import (
     UpdateForm,
 )
 from fltraining.states import TrainingState
-from fltraining.documents import Metric
 from routes.auth import current_user
 from routes.keys import contributions_key, models_key, trainings_key
 from routes.multipart import Form, FormSpec, read_form

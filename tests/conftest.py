@@ -14,6 +14,7 @@ from fltraining.settings import Settings
 from fltraining.storage.database import make_client
 from fltraining.storage.embedded import EmbeddedStore
 from routes.app import create_app
+from tests.fl_clients import SimulatedClient, start_clients, stop_clients
 
 TEST_URL_VARIABLE = "FLTRAINING_TEST_MONGODB_URL"
 
@@ -62,3 +63,30 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
 async def client(aiohttp_client: Any, settings: Settings) -> TestClient:
     """An HTTP client for a service built from the test settings."""
     return await aiohttp_client(create_app(settings))
+
+
+@pytest.fixture
+def engine_settings(settings: Settings) -> Settings:
+    """Settings for round-engine tests: notifications to loopback clients, fast reconciling and retries."""
+    return settings.model_copy(update={
+        "notification_allow_loopback": True,
+        "reconcile_interval_seconds": 0.2,
+        "notification_backoff_seconds": 0.05,
+        "lock_lease_seconds": 2,
+    })
+
+
+@pytest.fixture
+async def api(aiohttp_client: Any, engine_settings: Settings) -> TestClient:
+    """An HTTP client for a service with the round-engine test settings."""
+    return await aiohttp_client(create_app(engine_settings))
+
+
+@pytest.fixture
+async def clients(api: TestClient) -> AsyncIterator[list[SimulatedClient]]:
+    """Three simulated FL clients (own notification servers) with sample sizes 1, 2, 3."""
+    clients = await start_clients(api, 3)
+    for client in clients:
+        client.sample_size = client.index + 1
+    yield clients
+    await stop_clients(clients)

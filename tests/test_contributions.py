@@ -11,7 +11,6 @@ import hashlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 from uuid import uuid4
@@ -21,9 +20,7 @@ import pytest
 from aiohttp import ClientResponse, FormData
 from aiohttp.test_utils import TestClient
 
-from fltraining.settings import Settings
 from fltraining.weights import dump_tensors, load_tensors
-from routes.app import create_app
 from tests.fl_clients import (
     GLOBAL_TENSORS,
     SimulatedClient,
@@ -125,20 +122,6 @@ class Round:
     @property
     def second(self) -> Account:
         return self.clients[1].account
-
-
-@pytest.fixture
-def settings(database_url: str, tmp_path: Path) -> Settings:
-    """Engine settings for tests (as in test_rounds): loopback endpoints allowed, fast reconciling."""
-    return Settings(mongodb_url=database_url, data_dir=tmp_path, password_hash_time_cost=1,
-                    notification_allow_loopback=True, reconcile_interval_seconds=0.2,
-                    notification_backoff_seconds=0.05, lock_lease_seconds=2)
-
-
-@pytest.fixture
-async def api(aiohttp_client: Any, settings: Settings) -> TestClient:
-    """The service under test."""
-    return await aiohttp_client(create_app(settings))
 
 
 @pytest.fixture

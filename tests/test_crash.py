@@ -74,7 +74,7 @@ async def fire(session: aiohttp.ClientSession, base: str, fixture: dict[str, Any
                                                     "options": {"daisy_chain_period": PERIOD}})
                     if status == 201:
                         acknowledged["trainings"].append((body["training_id"], requested))
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 return  # the service died under this request: not acknowledged
             if len(acknowledged["trainings"]) + len(acknowledged["participants"]) >= kill_after:
                 killed.set()

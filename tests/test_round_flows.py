@@ -27,14 +27,14 @@ from tests.fl_clients import (
     wait_until,
 )
 from tests.helpers import Account, create_training, get_training, register, upload_model
-from tests.test_rounds import api, clients, events_of, run_training, settings  # noqa: F401  (fixtures)
+from tests.test_rounds import events_of, run_training
 
 # Each client adds (index + 1) to what it downloads; sample sizes are 1, 2, 3 (the `clients` fixture).
 FEDAVG_STEP = (1 * 1 + 2 * 2 + 3 * 3) / 6
 
 
 @pytest.fixture
-async def actor_server(api: TestClient) -> AsyncIterator[SimulatedClient]:  # noqa: F811
+async def actor_server(api: TestClient) -> AsyncIterator[SimulatedClient]:
     """An actor with a notification server of its own."""
     actor = await start_actor(api)
     yield actor
@@ -70,7 +70,7 @@ async def stored_notifications(database_url: str, training_id: str) -> list[dict
         await mongo.close()
 
 
-async def wait_for_arrived(api: TestClient, account: Account, training_id: str, count: int) -> None:  # noqa: F811
+async def wait_for_arrived(api: TestClient, account: Account, training_id: str, count: int) -> None:
     """Wait until the current round and phase counted `count` contributions."""
     seen: dict[str, Any] = {}
 
@@ -85,7 +85,7 @@ async def wait_for_arrived(api: TestClient, account: Account, training_id: str, 
         raise AssertionError(f"never {count} contributions; last seen: {seen}") from None
 
 
-def no_errors(clients: list[SimulatedClient]) -> None:  # noqa: F811
+def no_errors(clients: list[SimulatedClient]) -> None:
     for client in clients:
         assert not client.errors, (client.index, client.errors)
 
@@ -93,7 +93,7 @@ def no_errors(clients: list[SimulatedClient]) -> None:  # noqa: F811
 # 1 ------------------------------------------------------------------------------------------------
 
 
-async def test_skip_model_tests_sends_no_test_rounds(api: TestClient, clients: list[SimulatedClient]) -> None:  # noqa: F811
+async def test_skip_model_tests_sends_no_test_rounds(api: TestClient, clients: list[SimulatedClient]) -> None:
     actor = await register(api, actor=True)
     training_id = await run_training(api, actor, clients, target_num_updates=2, options={"skip_model_tests": True})
     final = await wait_for_state(api, actor, training_id, {"C", "E"})
@@ -113,7 +113,7 @@ async def test_skip_model_tests_sends_no_test_rounds(api: TestClient, clients: l
 # 2 ------------------------------------------------------------------------------------------------
 
 
-async def test_feddc_daisy_chains_between_aggregations(api: TestClient, clients: list[SimulatedClient]) -> None:  # noqa: F811
+async def test_feddc_daisy_chains_between_aggregations(api: TestClient, clients: list[SimulatedClient]) -> None:
     actor = await register(api, actor=True)
     training_id = await run_training(api, actor, clients, target_num_updates=2, aggregation_method="FedDC",
                                      options={"daisy_chain_period": 3})
@@ -169,7 +169,7 @@ async def test_feddc_daisy_chains_between_aggregations(api: TestClient, clients:
 # 3 ------------------------------------------------------------------------------------------------
 
 
-async def test_swag_rounds_store_the_mean_moments(api: TestClient, clients: list[SimulatedClient]) -> None:  # noqa: F811
+async def test_swag_rounds_store_the_mean_moments(api: TestClient, clients: list[SimulatedClient]) -> None:
     actor = await register(api, actor=True)
     model_id = await upload_model(api, actor, model_bytes())
     training_id = await create_training(api, actor, model_id, clients=[c.account.id for c in clients],
@@ -230,7 +230,7 @@ async def test_swag_rounds_store_the_mean_moments(api: TestClient, clients: list
 # 4 ------------------------------------------------------------------------------------------------
 
 
-async def test_participant_removed_mid_round(api: TestClient, clients: list[SimulatedClient],  # noqa: F811
+async def test_participant_removed_mid_round(api: TestClient, clients: list[SimulatedClient],
                                               database_url: str) -> None:
     actor = await register(api, actor=True)
     removed = clients[2]
@@ -266,7 +266,7 @@ async def test_participant_removed_mid_round(api: TestClient, clients: list[Simu
 
 
 async def test_client_refusing_a_round_notification_is_removed(
-    api: TestClient, clients: list[SimulatedClient], actor_server: SimulatedClient  # noqa: F811
+    api: TestClient, clients: list[SimulatedClient], actor_server: SimulatedClient
 ) -> None:
     refusing = clients[1]
     refusing.answer_status = 404
@@ -294,7 +294,7 @@ async def test_client_refusing_a_round_notification_is_removed(
 # 6 ------------------------------------------------------------------------------------------------
 
 
-async def test_round_timeout_without_quorum_fails(api: TestClient, clients: list[SimulatedClient]) -> None:  # noqa: F811
+async def test_round_timeout_without_quorum_fails(api: TestClient, clients: list[SimulatedClient]) -> None:
     actor = await register(api, actor=True)
     silent = clients[2]
     silent.silent = True
@@ -316,7 +316,7 @@ QUORUM_TIMEOUT_SECONDS = 4
 
 
 async def test_round_timeout_with_quorum_aggregates_the_arrived(
-    api: TestClient, clients: list[SimulatedClient]  # noqa: F811
+    api: TestClient, clients: list[SimulatedClient]
 ) -> None:
     actor = await register(api, actor=True)
     silent = clients[2]
@@ -351,7 +351,7 @@ async def test_round_timeout_with_quorum_aggregates_the_arrived(
 # 8 ------------------------------------------------------------------------------------------------
 
 
-async def test_cancel_mid_round(api: TestClient, clients: list[SimulatedClient], database_url: str) -> None:  # noqa: F811
+async def test_cancel_mid_round(api: TestClient, clients: list[SimulatedClient], database_url: str) -> None:
     actor = await register(api, actor=True)
     late = clients[2]
     late.silent = True
@@ -384,7 +384,7 @@ async def test_cancel_mid_round(api: TestClient, clients: list[SimulatedClient],
 # 9 ------------------------------------------------------------------------------------------------
 
 
-async def test_fedprox_sends_mu(api: TestClient, clients: list[SimulatedClient]) -> None:  # noqa: F811
+async def test_fedprox_sends_mu(api: TestClient, clients: list[SimulatedClient]) -> None:
     actor = await register(api, actor=True)
     with_mu = await run_training(api, actor, clients, target_num_updates=2, aggregation_method="FedProx",
                                  options={"fedprox_mu": 0.5, "skip_model_tests": True})

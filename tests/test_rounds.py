@@ -1,6 +1,5 @@
 """End to end over real HTTP: simulated clients run trainings to completion through notifications."""
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
@@ -9,32 +8,14 @@ from aiohttp.test_utils import TestClient
 
 from fltraining.settings import Settings
 from routes.app import create_app
-from tests.fl_clients import GLOBAL_TENSORS, SimulatedClient, model_bytes, start_clients, stop_clients, wait_for_notification, wait_for_state
+from tests.fl_clients import (
+    GLOBAL_TENSORS,
+    SimulatedClient,
+    model_bytes,
+    wait_for_notification,
+    wait_for_state,
+)
 from tests.helpers import Account, create_training, register, upload_model
-
-
-@pytest.fixture
-def settings(database_url: str, tmp_path: Any) -> Settings:
-    """Engine settings for tests: loopback endpoints allowed, fast reconciling and retries."""
-    return Settings(mongodb_url=database_url, data_dir=tmp_path, password_hash_time_cost=1,
-                    notification_allow_loopback=True, reconcile_interval_seconds=0.2,
-                    notification_backoff_seconds=0.05, lock_lease_seconds=2)
-
-
-@pytest.fixture
-async def api(aiohttp_client: Any, settings: Settings) -> TestClient:
-    """The service under test."""
-    return await aiohttp_client(create_app(settings))
-
-
-@pytest.fixture
-async def clients(api: TestClient) -> AsyncIterator[list[SimulatedClient]]:
-    """Three simulated clients with sample sizes 1, 2, 3."""
-    clients = await start_clients(api, 3)
-    for client in clients:
-        client.sample_size = client.index + 1
-    yield clients
-    await stop_clients(clients)
 
 
 async def run_training(api: TestClient, actor: Account, clients: list[SimulatedClient], **body: Any) -> str:
@@ -72,3 +53,28 @@ async def test_fedavg_runs_to_completion(api: TestClient, clients: list[Simulate
     types = [event["type"] for event in await events_of(api, actor, training_id)]
     assert types.count("aggregated") == 3
     assert types.count("testing_completed") == 3
+
+
+async def test_exhausted_notification_retries_end_the_training(api: TestClient, clients: list[SimulatedClient]) -> None:
+    clients[1].answer_status = 503  # a receiver that is down for good
+    actor = await register(api, actor=True)
+    training_id = await run_training(api, actor, clients, target_num_updates=2)
+    final = await wait_for_state(api, actor, training_id, {"C", "E"})
+    assert final["state"] == "E"
+    assert final["state_detail"]["reason"] == "notification_failed"
+    assert final["state_detail"]["user"] == clients[1].account.id
+    # Every attempt reached the receiver (default 5), and the failure is in the audit trail.
+    assert clients[1].types().count("TRAINING_START") + clients[1].types().count("UPDATE_ROUND_START") >= 5
+    failed = [event for event in await events_of(api, actor, training_id) if event["type"] == "notification_failed"]
+    assert failed and {event["user"] for event in failed} == {clients[1].account.id}
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:9/hook", "http://169.254.169.254/latest", "http://[::1]/x",
+                                      "ftp://example.org/x"])
+async def test_forbidden_message_endpoints_are_refused_at_registration(aiohttp_client: Any, settings: Settings,
+                                                                       endpoint: str) -> None:
+    service = await aiohttp_client(create_app(settings))  # loopback not allowed (the default)
+    response = await service.post("/api/users/", json={"username": "hooked", "password": "a long password",
+                                                       "message_endpoint": endpoint})
+    assert response.status == 400, await response.text()
+    assert (await service.get("/api/users/", headers={"Authorization": "Basic aG9va2VkOmEgbG9uZyBwYXNzd29yZA=="})).status == 401

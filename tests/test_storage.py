@@ -668,3 +668,24 @@ async def test_gridfs_chunk_index_rejects_a_duplicate_chunk_over_the_wire(raw_db
         await chunks.insert_one({"files_id": stored[1].file_id, "n": 2, "data": b"x"})
     await chunks.insert_one({"files_id": stored[1].file_id, "n": 3, "data": b"x"})
     assert await chunks.count_documents({"files_id": stored[1].file_id}) == 4
+
+
+@pytest.mark.parametrize("engine_collection", ["sqlite"], indirect=True)
+async def test_deletes_keep_the_facts_they_leave_true(engine_collection: Any, array_scans: list[int]) -> None:
+    await engine_collection.create_index("k", unique=True)
+    await engine_collection.insert_many([{"k": i} for i in range(STORED)])
+    await engine_collection.insert_one({"k": STORED})
+    array_scans[0] = 0
+    await engine_collection.delete_one({"k": 3})
+    await engine_collection.delete_many({"k": {"$in": [4, 5]}})
+    await engine_collection.insert_one({"k": STORED + 1})
+    assert array_scans[0] == 0  # before the fourth correction, every delete cost a full scan here
+    # The unique index still answers right: deleted keys are free, others are not.
+    await engine_collection.insert_one({"k": 3})
+    with pytest.raises(DuplicateKeyError):
+        await engine_collection.insert_one({"k": 6})
+    # An array arriving after the deletes is seen by the next check.
+    await engine_collection.insert_one({"k": [900, 901]})
+    with pytest.raises(DuplicateKeyError):
+        await engine_collection.insert_one({"k": 901})
+    assert await engine_collection.count_documents({}) == STORED + 1

@@ -21,7 +21,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fltraining.errors import InvalidInput
-from fltraining.weights.aggregate import BLOCK
 from fltraining.weights import (
     FedAvgAccumulator,
     MomentsAccumulator,
@@ -36,6 +35,7 @@ from fltraining.weights import (
     signature_of,
     weighted_mean_moments,
 )
+from fltraining.weights.aggregate import BLOCK
 from fltraining.weights.formats import torch_available
 from fltraining.weights.signature import from_documents, to_documents
 

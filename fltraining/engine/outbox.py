@@ -18,10 +18,11 @@ from typing import Any
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
-from pymongo.errors import PyMongoError
+from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from fltraining.clock import utcnow
-from fltraining.documents import Notification, Training, User
+from fltraining.documents import Event, Notification, Training, User
+from fltraining.engine.effects import effect_id
 from fltraining.engine.rounds import RoundEngine
 from fltraining.errors import InvalidInput
 from fltraining.notifications.endpoints import refused_address, resolve_endpoint
@@ -32,6 +33,17 @@ log = logging.getLogger(__name__)
 BATCH = 200
 MAX_BACKOFF_SECONDS = 300.0
 PARALLEL_RECEIVERS = 32
+
+
+# The phase a round notification asks a client to act in.
+PHASE_OF = {"UPDATE_ROUND_START": "updates", "MODEL_TEST_ROUND": "testing", "SWAG_ROUND_START": "swag"}
+
+
+def _current(entry: Notification, training: dict[str, Any]) -> bool:
+    """Whether a round notification still announces the training's current round and phase."""
+    running = training["state"] in {TrainingState.ONGOING, TrainingState.SWAG_ROUND}
+    return (running and entry.body.get("round") == training["round"]
+            and training["phase"] == PHASE_OF.get(entry.notification_type))
 
 
 class EndpointRefused(OSError):
@@ -141,9 +153,15 @@ class NotificationDelivery:
         )
         if claimed is None:
             return  # another process is on it
-        training = await Training.get_pymongo_collection().find_one({"_id": entry.training}, {"state": 1})
-        if training is None or (training["state"] == TrainingState.ERROR and entry.round_notification):
-            await self._finish(entry, "dropped", "the training is gone or was stopped")
+        training = await Training.get_pymongo_collection().find_one(
+            {"_id": entry.training}, {"state": 1, "round": 1, "phase": 1}
+        )
+        if training is None:
+            await self._finish(entry, "dropped", "the training is gone")
+            return
+        if entry.round_notification and not _current(entry, training):
+            # A round that is over (cancelled, timed out, moved on) must not make a client work for it.
+            await self._finish(entry, "dropped", "the round it announced is over")
             return
         user = await User.get_pymongo_collection().find_one({"_id": entry.user}, {"message_endpoint": 1})
         endpoint = None if user is None else user.get("message_endpoint")
@@ -192,6 +210,13 @@ class NotificationDelivery:
                       "finished_at": utcnow()}},
         )
         log.warning("notification %s to a participant failed for good: %s", entry.notification_type, error)
+        now = utcnow()
+        with contextlib.suppress(DuplicateKeyError):
+            await Event.get_pymongo_collection().insert_one({
+                "_id": effect_id(now, 0), "training": entry.training, "type": "notification_failed",
+                "round": int(entry.body.get("round", 0)), "at": now, "user": entry.user,
+                "data": {"notification_type": entry.notification_type, "error": error},
+            })
         if entry.round_notification:
             await self._engine.fail_running(entry.training, {
                 "reason": "notification_failed", "notification_type": entry.notification_type,

@@ -14,7 +14,14 @@ from fltraining.clock import utcnow
 from fltraining.documents import ChainLink, Training
 from fltraining.engine.effects import Effects
 from fltraining.options import DEFAULT_FEDPROX_MU
-from fltraining.states import TRANSITIONS, AggregationMethod, Phase, TrainingState, Transition, UncertaintyMethod
+from fltraining.states import (
+    TRANSITIONS,
+    AggregationMethod,
+    Phase,
+    TrainingState,
+    Transition,
+    UncertaintyMethod,
+)
 
 Fields = dict[str, Any]
 

@@ -18,7 +18,7 @@ from pymongo.errors import DuplicateKeyError
 from fltraining.documents import Metric, Model, SwagStatistic, Training, Update, User
 from fltraining.engine import plans
 from fltraining.engine.rounds import RoundEngine
-from fltraining.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from fltraining.errors import Conflict, FLTrainingError, InvalidInput, NotFound, PermissionDenied
 from fltraining.services.models import ModelService
 from fltraining.states import Phase, TrainingState
 from fltraining.storage.files import StoredFile
@@ -144,7 +144,7 @@ class ContributionService:
                 await self.store_metrics(update.id, training.id, update.round, user, names, values)
             await self._count(training, user, TrainingState.ONGOING, Phase.UPDATES, "update_accepted",
                               update=str(update.id), sample_size=sample_size)
-        except Conflict:
+        except FLTrainingError:
             if fresh:  # refused after all: nothing of it stays
                 await Update.get_pymongo_collection().delete_one({"_id": update.id})
                 await self._models.drop_unshared_file(update.file_id)

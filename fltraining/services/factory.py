@@ -41,6 +41,7 @@ def build_services(database: AsyncDatabase[dict[str, Any]], settings: Settings) 
         CredentialCache(settings.auth_cache_seconds),
         LoginThrottle(settings.login_failure_limit, settings.login_failure_window_seconds),
         lifetime,
+        settings.notification_allow_loopback,
     )
     trainings = TrainingService(users, models, settings.max_options_depth)
     engine = RoundEngine(models, settings.lock_lease_seconds, settings.fault_hold_after_claim)

@@ -7,8 +7,8 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from fltraining.clock import utcnow
-from fltraining.engine.effects import drop_local_files
 from fltraining.documents import Model, Training, User
+from fltraining.engine.effects import drop_local_files
 from fltraining.errors import NotFound, PermissionDenied
 from fltraining.schemas.models import ModelCreate
 from fltraining.storage.files import ModelFiles, StoredFile

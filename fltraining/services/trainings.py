@@ -10,13 +10,13 @@ from pymongo.errors import DuplicateKeyError
 
 from fltraining.clock import utcnow
 from fltraining.documents import Training, User
+from fltraining.engine.plans import Fields, begin_round, fail, move_state, new_effects, write_step
 from fltraining.errors import Conflict, InvalidInput, NotFound, PermissionDenied, PreconditionFailed
 from fltraining.options import TrainingOptions, daisy_chained_target, find_value_problems
 from fltraining.schemas.common import iso_z, public_errors
 from fltraining.schemas.trainings import TrainingCreate, TrainingListQuery, TrainingPatch
 from fltraining.services.models import ModelService
 from fltraining.services.users import UserService
-from fltraining.engine.plans import Fields, begin_round, fail, move_state, new_effects, write_step
 from fltraining.states import PARTICIPANTS_EDITABLE, PATCHABLE, TRANSITIONS, TrainingState, Transition
 from fltraining.storage.queries import find_document
 

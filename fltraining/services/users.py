@@ -7,6 +7,7 @@ from uuid import UUID
 from pymongo.errors import DuplicateKeyError
 
 from fltraining.clock import utcnow
+from fltraining.notifications.endpoints import check_endpoint_url
 from fltraining.credential_cache import CredentialCache
 from fltraining.documents import Model, Training, User
 from fltraining.errors import Conflict, InvalidInput, NotFound
@@ -27,7 +28,9 @@ class UserService:
         cache: CredentialCache,
         throttle: LoginThrottle,
         token_lifetime: timedelta | None = None,
+        allow_loopback_endpoints: bool = False,
     ) -> None:
+        self._allow_loopback = allow_loopback_endpoints
         self._passwords = passwords
         self._models = models
         self._cache = cache
@@ -36,6 +39,9 @@ class UserService:
 
     async def register(self, data: UserCreate) -> tuple[User, str]:
         """Create a user and return it with its token (shown only this once)."""
+        if data.message_endpoint is not None:
+            # Addresses the service must never call are refused now; names are checked again at delivery.
+            check_endpoint_url(str(data.message_endpoint), self._allow_loopback)
         token = new_token()
         password_hash = await asyncio.to_thread(self._passwords.hash, data.password)
         user = User(

@@ -38,6 +38,8 @@ class ModelFiles:
 
     def __init__(self, database: AsyncDatabase[dict[str, Any]]) -> None:
         self._bucket = AsyncGridFSBucket(database, bucket_name=BUCKET, chunk_size_bytes=CHUNK_BYTES)
+        self._files = database[f"{BUCKET}.files"]
+        self._chunks = database[f"{BUCKET}.chunks"]
 
     async def store(self, chunks: AsyncIterator[bytes], max_bytes: int, filename: str) -> StoredFile:
         """Stream chunks into a new file; over `max_bytes` the partial file is removed and 413 raised."""
@@ -68,19 +70,30 @@ class ModelFiles:
 
         return await self.store(chunks(), len(data), filename)
 
+    async def _file_length(self, file_id: UUID) -> tuple[int, int]:
+        """A stored file's length and chunk size (NoFile when it is gone)."""
+        entry = await self._files.find_one({"_id": file_id}, {"length": 1, "chunkSize": 1})
+        if entry is None:
+            raise NoFile(f"no file with id {file_id}")
+        return int(entry["length"]), int(entry["chunkSize"])
+
+    async def _unordered_chunks(self, file_id: UUID) -> AsyncIterator[tuple[int, bytes]]:
+        # Without a sort: an unsorted equality query is served from the (files_id, n) index by
+        # any MongoDB, while the embedded store decodes every chunk of the bucket to sort.
+        async for chunk in self._chunks.find({"files_id": file_id}, {"n": 1, "data": 1}):
+            yield int(chunk["n"]), bytes(chunk["data"])
+
     async def read_all(self, file_id: UUID) -> bytearray:
         """A whole file in one buffer (its only copy in memory)."""
-        stream = await self._bucket.open_download_stream(file_id)
-        try:
-            data = bytearray(stream.length)
-            view = memoryview(data)
-            offset = 0
-            while chunk := await stream.readchunk():
-                view[offset : offset + len(chunk)] = chunk
-                offset += len(chunk)
-            return data
-        finally:
-            await stream.close()
+        length, chunk_size = await self._file_length(file_id)
+        data = bytearray(length)
+        seen = 0
+        async for n, chunk in self._unordered_chunks(file_id):
+            data[n * chunk_size : n * chunk_size + len(chunk)] = chunk
+            seen += len(chunk)
+        if seen != length:
+            raise NoFile(f"file {file_id} is incomplete ({seen} of {length} bytes)")
+        return data
 
     async def read_chunks(self, file_id: UUID) -> AsyncIterator[bytes]:
         """Yield a file's bytes chunk by chunk."""
@@ -88,15 +101,21 @@ class ModelFiles:
             yield chunk
 
     async def open_chunks(self, file_id: UUID) -> AsyncIterator[bytes]:
-        """Open a file now (NoFile if it is gone) and return an iterator over its chunks."""
-        stream = await self._bucket.open_download_stream(file_id)
+        """Check a file exists now (NoFile otherwise) and return an iterator over its chunks, in order."""
+        length, chunk_size = await self._file_length(file_id)
+        count = -(-length // chunk_size)
 
         async def chunks() -> AsyncIterator[bytes]:
-            try:
-                while chunk := await stream.readchunk():
-                    yield chunk
-            finally:
-                await stream.close()
+            # Chunks come in index (or insertion) order in practice; any that come early wait here.
+            early: dict[int, bytes] = {}
+            expected = 0
+            async for n, chunk in self._unordered_chunks(file_id):
+                early[n] = chunk
+                while expected in early:
+                    yield early.pop(expected)
+                    expected += 1
+            if expected != count:
+                raise NoFile(f"file {file_id} lost chunks while it was read")
 
         return chunks()
 

@@ -1,4 +1,4 @@
-"""Corrections to three faults of mongoeco 4.11.0, applied before the embedded store starts."""
+"""Corrections to four faults of mongoeco 4.11.0, applied before the embedded store starts."""
 
 import functools
 import threading
@@ -92,11 +92,41 @@ def _inserting_documents(method: Callable[..., Any]) -> Callable[..., Any]:
     return inserting
 
 
+# The deletes under way in this thread: (db, collection), for `_keep_array_facts`.
+_deleting = threading.local()
+
+
+def _deleting_documents(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap an engine delete so the cache invalidation it ends with knows it only removed documents."""
+
+    @functools.wraps(method)
+    def deleting(self: Any, db_name: str, coll_name: str, *args: Any, **kwargs: Any) -> Any:
+        previous = getattr(_deleting, "collection", None)
+        _deleting.collection = (db_name, coll_name)
+        try:
+            return method(self, db_name, coll_name, *args, **kwargs)
+        finally:
+            _deleting.collection = previous
+
+    return deleting
+
+
 def _keep_array_facts(invalidate: Callable[..., None]) -> Callable[..., None]:
-    """Wrap the features-cache invalidation so inserts keep the "no array at F" facts they leave true."""
+    """Wrap the features-cache invalidation so inserts and deletes keep the facts they leave true."""
 
     @functools.wraps(invalidate)
     def invalidated(self: Any, db_name: str | None = None, coll_name: str | None = None) -> None:
+        if db_name is not None and getattr(_deleting, "collection", None) == (db_name, coll_name):
+            # Every cached fact of mongoeco 4.11 is "some document has feature F" (arrays, tagged
+            # types, type mismatches, non-ASCII text, reals) or a uniform sort type; False says "none
+            # has it" (or "not uniform", which only disables a fast path). Removing documents cannot
+            # add a feature, so the False facts stay true; without this, each GridFS delete made the
+            # next query decode every chunk of the bucket to rebuild them.
+            cache = self._collection_features_cache
+            kept = {key: False for key, value in cache.items() if key[:2] == (db_name, coll_name) and value is False}
+            invalidate(self, db_name, coll_name)
+            cache.update(kept)
+            return
         # Every write drops the collection's cached facts, so the next unique-index check re-runs
         # a full-table json_type scan per indexed field. An insert (or an overwrite by _id) that
         # puts no array under a field's top-level key cannot make "no document has an array at
@@ -208,6 +238,11 @@ def apply() -> None:
     sqlite.SQLiteEngine._insert_documents_sync = _inserting_documents(sqlite.SQLiteEngine._insert_documents_sync)
     sqlite.SQLiteEngine._invalidate_collection_features_cache = _keep_array_facts(
         sqlite.SQLiteEngine._invalidate_collection_features_cache
+    )
+    # Deletes keep the "none has F" facts too.
+    sqlite.SQLiteEngine._delete_document_sync = _deleting_documents(sqlite.SQLiteEngine._delete_document_sync)
+    sqlite.SQLiteEngine._delete_matching_document_sync = _deleting_documents(
+        sqlite.SQLiteEngine._delete_matching_document_sync
     )
     sqlite.SQLiteEngine._unique_index_conflict_via_scalar_entries = _unique_key_via_index(
         sqlite.SQLiteEngine._unique_index_conflict_via_scalar_entries

@@ -12,7 +12,6 @@ import numpy as np
 
 from fltraining.weights.signature import Signature, TensorSpec, check_matches, signature_of
 
-
 # Elements per step of the weighted add: the scratch product (and the slice of the sums it is added
 # to) stay in the CPU cache, where a whole-tensor temporary would go through main memory.
 BLOCK = 1 << 15
