@@ -123,19 +123,31 @@ async def _insert_once(collection: Any, document: dict[str, Any]) -> None:
         pass  # applied before, by this process or another
 
 
-async def apply_pending(training: Training, drop_file: DropFile, notified: Callable[[], None]) -> None:
-    """Apply a training's pending effects in order, then remove them from the document.
+# Deleting files is slow on some stores; these effects run in their own lane, so the next step of a
+# training (which never depends on them) does not wait for them.
+CLEANUP_KINDS = frozenset({"drop_file", "drop_local"})
 
-    `notified` is called as soon as notifications are in the outbox, so delivery starts while
-    slower clean-up effects still run.
+
+def pending(training: Training, cleanup: bool) -> list[dict[str, Any]]:
+    """The training's pending effects of one lane, in order."""
+    return [effect for effect in training.effects if (effect["kind"] in CLEANUP_KINDS) == cleanup]
+
+
+async def apply_pending(
+    training: Training, drop_file: DropFile, notified: Callable[[], None], cleanup: bool = False
+) -> None:
+    """Apply a training's pending effects of one lane in order, then remove them from the document.
+
+    `notified` is called as soon as notifications are in the outbox, so delivery starts at once.
     """
-    if not training.effects:
+    effects = pending(training, cleanup)
+    if not effects:
         return
-    for effect in training.effects:
+    for effect in effects:
         await apply_effect(effect, training, drop_file)
         if effect["kind"] == "notify":
             notified()
-    ids = [effect["id"] for effect in training.effects]
+    ids = [effect["id"] for effect in effects]
     await Training.get_pymongo_collection().update_one(
         {"_id": training.id}, {"$pull": {"effects": {"id": {"$in": ids}}}}
     )

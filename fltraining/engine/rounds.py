@@ -23,7 +23,7 @@ from pymongo.errors import PyMongoError
 from fltraining.clock import utcnow
 from fltraining.documents import ChainLink, Model, SwagStatistic, Training, Update
 from fltraining.engine import plans
-from fltraining.engine.effects import Effects, apply_pending
+from fltraining.engine.effects import Effects, apply_pending, pending
 from fltraining.errors import FLTrainingError
 from fltraining.services.models import ModelService
 from fltraining.states import RUNNING, Phase, TrainingState, Transition
@@ -65,6 +65,7 @@ class RoundEngine:
         # Fault tests only: claim aggregations, then never finish them (a hung process).
         self._hold_after_claim = hold_after_claim
         self._running: dict[UUID, asyncio.Task[None]] = {}
+        self._cleaning: dict[UUID, asyncio.Task[None]] = {}
         self._again: set[UUID] = set()
         self._rng = random.SystemRandom()
         self.on_notifications: Callable[[], None] = lambda: None
@@ -95,7 +96,7 @@ class RoundEngine:
 
     async def close(self) -> None:
         """Cancel work in progress; leases it held expire and another process redoes it."""
-        tasks = list(self._running.values())
+        tasks = [*self._running.values(), *self._cleaning.values()]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -124,8 +125,20 @@ class RoundEngine:
                 return
 
     async def apply_effects(self, training: Training) -> None:
-        """Apply a training's pending effects and wake the notification delivery."""
+        """Apply a training's pending effects (clean-up in the background) and wake the notification delivery."""
         await apply_pending(training, self._models.drop_unshared_file, self.on_notifications)
+        if pending(training, cleanup=True) and training.id not in self._cleaning:
+            self._cleaning[training.id] = asyncio.create_task(self._clean(training), name=f"clean-{training.id}")
+
+    async def _clean(self, training: Training) -> None:
+        try:
+            await apply_pending(training, self._models.drop_unshared_file, self.on_notifications, cleanup=True)
+        except PyMongoError as error:
+            log.warning("clean-up of a training failed: database unavailable (%s)", type(error).__name__)
+        except Exception:
+            log.exception("clean-up of a training failed")
+        finally:
+            self._cleaning.pop(training.id, None)
 
     def _decide(self, training: Training, now: datetime) -> Action | None:
         if training.state not in RUNNING or training.phase is None:
