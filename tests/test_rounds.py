@@ -1,12 +1,14 @@
 """End to end over real HTTP: simulated clients run trainings to completion through notifications."""
 
 from typing import Any
+from uuid import UUID
 
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient
 
 from fltraining.settings import Settings
+from fltraining.storage.database import database_name, make_client
 from routes.app import create_app
 from tests.fl_clients import (
     GLOBAL_TENSORS,
@@ -78,3 +80,23 @@ async def test_forbidden_message_endpoints_are_refused_at_registration(aiohttp_c
                                                        "message_endpoint": endpoint})
     assert response.status == 400, await response.text()
     assert (await service.get("/api/users/", headers={"Authorization": "Basic aG9va2VkOmEgbG9uZyBwYXNzd29yZA=="})).status == 401
+
+
+async def test_a_model_stored_before_formats_were_recorded_is_described_at_start(
+    api: TestClient, clients: list[SimulatedClient], database_url: str
+) -> None:
+    actor = await register(api, actor=True)
+    model_id = await upload_model(api, actor, model_bytes())
+    mongo = make_client(database_url)
+    try:
+        models = mongo[database_name(database_url, "fltraining")]["models"]
+        await models.update_one({"_id": UUID(model_id)}, {"$set": {"format": None, "format_problem": None, "tensors": []}})
+        training_id = await create_training(api, actor, model_id, clients=[clients[0].account.id], target_num_updates=1)
+        response = await api.post(f"/api/trainings/{training_id}/start/", headers=actor.headers)
+        assert response.status == 202, await response.text()
+        stored = await models.find_one({"_id": UUID(model_id)})
+        assert stored is not None and stored["format"] == "safetensors"
+        assert {tensor["name"] for tensor in stored["tensors"]} == set(GLOBAL_TENSORS)
+    finally:
+        await mongo.close()
+    assert (await wait_for_state(api, actor, training_id, {"C", "E"}))["state"] == "C"

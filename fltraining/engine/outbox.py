@@ -220,4 +220,4 @@ class NotificationDelivery:
         if entry.round_notification:
             await self._engine.fail_running(entry.training, {
                 "reason": "notification_failed", "notification_type": entry.notification_type,
-                "user": str(entry.user), "error": error, "at": utcnow().isoformat()})
+                "user": str(entry.user), "error": error})

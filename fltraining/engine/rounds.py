@@ -25,6 +25,7 @@ from fltraining.documents import ChainLink, Model, SwagStatistic, Training, Upda
 from fltraining.engine import plans
 from fltraining.engine.effects import Effects, apply_pending, pending
 from fltraining.errors import FLTrainingError
+from fltraining.schemas.common import iso_z
 from fltraining.services.models import ModelService
 from fltraining.states import RUNNING, Phase, TrainingState, Transition
 from fltraining.storage.files import StoredFile
@@ -186,7 +187,7 @@ class RoundEngine:
     async def _fail(self, training: Training, detail: dict[str, Any]) -> bool:
         effects = plans.new_effects(training)
         fields: plans.Fields = {}
-        plans.fail(training, fields, effects, Transition.FAIL, {**detail, "at": effects.at.isoformat()})
+        plans.fail(training, fields, effects, Transition.FAIL, {**detail, "at": iso_z(effects.at)})
         written = await plans.write_step(training, self._pinned(training), fields, effects)
         if written is not None:
             await self.apply_effects(written)

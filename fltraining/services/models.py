@@ -7,7 +7,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from fltraining.clock import utcnow
-from fltraining.documents import Model, Training, User
+from fltraining.documents import Model, TensorDocument, Training, User
 from fltraining.engine.effects import drop_local_files
 from fltraining.errors import NotFound, PermissionDenied
 from fltraining.schemas.models import ModelCreate
@@ -46,6 +46,15 @@ class ModelService:
         """Read a stored file back and describe its format and tensors (off the event loop)."""
         data = await self._files.read_all(file_id)
         return await asyncio.to_thread(inspect_file, data)
+
+    async def described(self, model: Model) -> Model:
+        """The model with its format and signature recorded (models stored before they were, get them now)."""
+        if model.format is not None or model.format_problem is not None:
+            return model
+        facts = await self.inspect(model.file_id)
+        update = {"format": facts.format, "format_problem": facts.problem, "tensors": facts.tensors}
+        await Model.get_pymongo_collection().update_many({"file_id": model.file_id}, {"$set": update})
+        return model.model_copy(update={**update, "tensors": [TensorDocument(**t) for t in facts.tensors]})
 
     async def create(self, owner: User, data: ModelCreate, stored: StoredFile) -> Model:
         """Record the metadata of a stored file as a new model, with its format and tensor signature."""

@@ -232,7 +232,7 @@ class TrainingService:
                 raise Conflict(f"Training {training_id} is not in state INITIAL!")
             if not training.participants:
                 raise Conflict("At least one participant must be registered!")
-            model = await self._models.get(training.model)
+            model = await self._models.described(await self._models.get(training.model))
             if model.format is None:
                 raise Conflict(f"The training's model cannot be trained federatedly: {model.format_problem}")
             effects = new_effects(training)
