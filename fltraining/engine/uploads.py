@@ -163,16 +163,25 @@ class ContributionService:
         stat = SwagStatistic(training=training.id, model=target.model.id, round=round_, user=user.id,
                              sample_size=sample_size, first_file_id=first.file_id, second_file_id=second.file_id,
                              sha256=digest)
+        fresh = True
         try:
             await stat.insert()
         except DuplicateKeyError:
+            fresh = False
             await self._files.delete(first.file_id)
             await self._files.delete(second.file_id)
             existing = await find_document(SwagStatistic, {"training": training.id, "round": round_, "user": user.id})
             if existing is None or (existing.sha256, existing.sample_size) != (digest, sample_size):
                 raise Conflict(f"You already sent different SWAG statistics for round {round_}.") from None
-        await self._count(training, user, TrainingState.SWAG_ROUND, Phase.SWAG, "swag_statistics_accepted",
-                          sample_size=sample_size)
+        try:
+            await self._count(training, user, TrainingState.SWAG_ROUND, Phase.SWAG, "swag_statistics_accepted",
+                              sample_size=sample_size)
+        except FLTrainingError:
+            if fresh:  # refused after all: nothing of it stays
+                await SwagStatistic.get_pymongo_collection().delete_one({"_id": stat.id})
+                await self._models.drop_unshared_file(first.file_id)
+                await self._models.drop_unshared_file(second.file_id)
+            raise
 
     async def accept_metrics(self, user: User, model_id: UUID, names: list[str], values: list[float]) -> UUID:
         """POST /api/models/{id}/metrics/: test metrics of a global model, or metrics of any model one owns."""
