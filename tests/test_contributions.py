@@ -691,3 +691,46 @@ async def test_dlr_client_round_with_basic_auth(api: TestClient, silent: list[Si
     metrics = await metrics_of(api, actor, final["model"])
     assert sorted((m["key"], m["reporter"]) for m in metrics if m["step"] == 1) == sorted(
         (key, client.account.id) for key in ("accuracy", "f1") for client in silent)
+
+
+# 8. Limits of contributions and engine options
+
+
+@pytest.mark.parametrize(("round_", "sample_size", "extra"), [
+    ("10000001", "1", ()),
+    ("0", str(2**53 + 1), ()),
+    ("0", "1", tuple(pair for i in range(101) for pair in (("metric_names", f"m{i}"), ("metric_values", "1.0")))),
+    ("0", "1", (("metric_names", "x" * 65), ("metric_values", "1.0"))),
+])
+async def test_update_past_a_limit_refused(
+    api: TestClient, started: Round, round_: str, sample_size: str, extra: tuple[tuple[str, str], ...]
+) -> None:
+    before = await snapshot(api, started.actor, started.training_id)
+    status, body = await post_update(api, started.first, started.model_id,
+                                     update_form(round_, sample_size, trained(1), extra))
+    assert status == 400, body
+    assert "detail" in body
+    assert await snapshot(api, started.actor, started.training_id) == before
+
+
+async def test_metrics_past_the_limit_refused(api: TestClient, started: Round) -> None:
+    payload = {"metric_names": [f"m{i}" for i in range(101)], "metric_values": [1.0] * 101}
+    response = await api.post(f"/api/models/{started.model_id}/metrics/", json=payload, headers=started.first.headers)
+    assert response.status == 400, await response.text()
+    assert await metrics_of(api, started.actor, started.model_id) == []
+
+
+@pytest.mark.parametrize("options", [
+    {"fedprox_mu": -0.1}, {"fedprox_mu": 1e7}, {"fedprox_mu": "0.1"},
+    {"round_timeout_seconds": 0}, {"round_timeout_seconds": 366 * 86_400 + 1}, {"round_timeout_seconds": 1.5},
+    {"min_updates": 0}, {"min_updates": 1_000_001}, {"keep_local_models": "yes"}, {"skip_model_tests": 1},
+])
+async def test_engine_options_past_their_limits_refused(api: TestClient, options: dict[str, Any]) -> None:
+    actor = await register(api, actor=True)
+    model_id = await upload_model(api, actor, model_bytes())
+    response = await api.post("/api/trainings/", json={"model_id": model_id, "target_num_updates": 1,
+                                                        "options": options}, headers=actor.headers)
+    assert response.status == 400, await response.text()
+    assert (await response.json())["errors"][0]["loc"][:2] == ["options", next(iter(options))]
+    listed = await api.get("/api/trainings/", headers=actor.headers)
+    assert await listed.json() == []
