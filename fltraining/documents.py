@@ -306,6 +306,8 @@ class Notification(Document):
         name = "notifications"
         indexes: ClassVar[list[IndexModel]] = [
             IndexModel([("status", pymongo.ASCENDING), ("next_attempt_at", pymongo.ASCENDING)], name="due"),
+            IndexModel([("user", pymongo.ASCENDING), ("status", pymongo.ASCENDING), ("_id", pymongo.ASCENDING)],
+                       name="receiver_queue"),
             IndexModel([("training", pymongo.ASCENDING), ("_id", pymongo.ASCENDING)], name="training_order"),
         ]
 

@@ -16,6 +16,7 @@ from tests.fl_clients import (
     model_bytes,
     wait_for_notification,
     wait_for_state,
+    wait_until,
 )
 from tests.helpers import Account, create_training, register, upload_model
 
@@ -100,3 +101,31 @@ async def test_a_model_stored_before_formats_were_recorded_is_described_at_start
     finally:
         await mongo.close()
     assert (await wait_for_state(api, actor, training_id, {"C", "E"}))["state"] == "C"
+
+
+async def test_a_receiver_gets_its_notifications_in_order_across_retries(
+    api: TestClient, clients: list[SimulatedClient], database_url: str
+) -> None:
+    flaky = clients[0]
+    flaky.answer_status = 503
+    actor = await register(api, actor=True)
+    training_id = await run_training(api, actor, clients, target_num_updates=1)
+    mongo = make_client(database_url)
+    try:
+        notifications = mongo[database_name(database_url, "fltraining")]["notifications"]
+
+        async def retried_twice() -> bool:
+            entry = await notifications.find_one({"user": UUID(flaky.account.id), "notification_type": "TRAINING_START"})
+            return entry is not None and entry["attempts"] >= 2
+
+        await wait_until(retried_twice, "TRAINING_START retried")
+        # While its first notification waits for a retry, the next one is not sent ahead of it.
+        assert set(flaky.types()) == {"TRAINING_START"}
+        flaky.answer_status = None
+    finally:
+        await mongo.close()
+    assert (await wait_for_state(api, actor, training_id, {"C", "E"}))["state"] == "C"
+    types = flaky.types()
+    last_start = len(types) - 1 - types[::-1].index("TRAINING_START")
+    assert types[last_start + 1:][:1] == ["UPDATE_ROUND_START"]
+    assert "UPDATE_ROUND_START" not in types[:last_start]

@@ -119,6 +119,13 @@ class NotificationDelivery:
         for entry in due:
             if entry.user not in self._busy:
                 by_receiver[entry.user].append(entry)
+        for receiver, entries in list(by_receiver.items()):
+            # In order per receiver: while an older entry waits for its retry, newer ones wait too.
+            older = await Notification.get_pymongo_collection().find_one(
+                {"user": receiver, "status": "pending", "_id": {"$lt": entries[0].id}}, {"_id": 1}
+            )
+            if older is not None:
+                del by_receiver[receiver]
         for receiver, entries in by_receiver.items():
             task = asyncio.create_task(self._deliver_in_order(entries), name="notify")
             self._busy[receiver] = task
@@ -132,7 +139,8 @@ class NotificationDelivery:
     async def _deliver_in_order(self, entries: list[Notification]) -> None:
         for entry in entries:
             try:
-                await self._deliver(entry)
+                if not await self._deliver(entry):
+                    return  # to be retried: the receiver's later entries wait for it
             except PyMongoError as error:
                 log.warning("notification delivery: database unavailable (%s)", type(error).__name__)
                 return
@@ -146,28 +154,29 @@ class NotificationDelivery:
             {"$set": {"status": status, "finished_at": utcnow(), "last_error": error}},
         )
 
-    async def _deliver(self, entry: Notification) -> None:
+    async def _deliver(self, entry: Notification) -> bool:
+        """Try one entry; True when it is settled (delivered, rejected, dropped or failed for good)."""
         claimed = await Notification.get_pymongo_collection().find_one_and_update(
             {"_id": entry.id, "status": "pending", "next_attempt_at": entry.next_attempt_at},
             {"$set": {"next_attempt_at": utcnow() + timedelta(seconds=self._timeout * 2 + 5)}},
         )
         if claimed is None:
-            return  # another process is on it
+            return False  # another process is on it
         training = await Training.get_pymongo_collection().find_one(
             {"_id": entry.training}, {"state": 1, "round": 1, "phase": 1}
         )
         if training is None:
             await self._finish(entry, "dropped", "the training is gone")
-            return
+            return True
         if entry.round_notification and not _current(entry, training):
             # A round that is over (cancelled, timed out, moved on) must not make a client work for it.
             await self._finish(entry, "dropped", "the round it announced is over")
-            return
+            return True
         user = await User.get_pymongo_collection().find_one({"_id": entry.user}, {"message_endpoint": 1})
         endpoint = None if user is None else user.get("message_endpoint")
         if not endpoint:
             await self._finish(entry, "dropped", "the user has no message endpoint")
-            return
+            return True
         payload = {"notification_type": entry.notification_type, "training_uuid": str(entry.training),
                    "body": entry.body}
         try:
@@ -177,31 +186,33 @@ class NotificationDelivery:
                 status = response.status
         except InvalidInput as error:
             await self._give_up(entry, error.detail)
-            return
+            return True
         except (aiohttp.ClientError, TimeoutError, OSError) as error:
-            await self._retry(entry, f"{type(error).__name__}: {error}"[:500])
-            return
+            return await self._retry(entry, f"{type(error).__name__}: {error}"[:500])
         if 200 <= status < 300:
             await self._finish(entry, "delivered")
-        elif 400 <= status < 500:
+            return True
+        if 400 <= status < 500:
             await self._finish(entry, "rejected", f"HTTP {status}")
             if entry.round_notification:
                 await self._engine.remove_participant(entry.training, entry.user, {
                     "reason": "notification_rejected", "notification_type": entry.notification_type,
                     "status": status})
-        else:
-            await self._retry(entry, f"HTTP {status}")
+            return True
+        return await self._retry(entry, f"HTTP {status}")
 
-    async def _retry(self, entry: Notification, error: str) -> None:
+    async def _retry(self, entry: Notification, error: str) -> bool:
+        """Count a failed attempt; True when that was the last one."""
         attempts = entry.attempts + 1
         if attempts >= self._max_attempts:
             await self._give_up(entry, error, attempts)
-            return
+            return True
         delay = min(self._backoff * 2 ** (attempts - 1), MAX_BACKOFF_SECONDS)
         await Notification.get_pymongo_collection().update_one(
             {"_id": entry.id, "status": "pending"},
             {"$set": {"attempts": attempts, "last_error": error, "next_attempt_at": utcnow() + timedelta(seconds=delay)}},
         )
+        return False
 
     async def _give_up(self, entry: Notification, error: str, attempts: int | None = None) -> None:
         await Notification.get_pymongo_collection().update_one(
