@@ -7,10 +7,10 @@ from uuid import UUID
 from pymongo.errors import DuplicateKeyError
 
 from fltraining.clock import utcnow
-from fltraining.notifications.endpoints import check_endpoint_url
 from fltraining.credential_cache import CredentialCache
 from fltraining.documents import Model, Training, User
 from fltraining.errors import Conflict, InvalidInput, NotFound
+from fltraining.notifications.endpoints import check_endpoint_url
 from fltraining.schemas.users import UserCreate
 from fltraining.security import PasswordHashing, new_token, token_hash, tokens_match
 from fltraining.services.login_throttle import LoginThrottle
