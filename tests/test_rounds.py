@@ -1,5 +1,7 @@
 """End to end over real HTTP: simulated clients run trainings to completion through notifications."""
 
+import asyncio
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -7,6 +9,7 @@ import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient
 
+from fltraining.engine.rounds import LeaseKeeper
 from fltraining.settings import Settings
 from fltraining.storage.database import database_name, make_client
 from routes.app import create_app
@@ -16,9 +19,17 @@ from tests.fl_clients import (
     model_bytes,
     wait_for_notification,
     wait_for_state,
+    assert_stays,
     wait_until,
 )
-from tests.helpers import Account, create_training, register, upload_model
+from tests.helpers import (
+    Account,
+    create_training,
+    register,
+    stored_training,
+    update_stored_training,
+    upload_model,
+)
 
 
 async def run_training(api: TestClient, actor: Account, clients: list[SimulatedClient], **body: Any) -> str:
@@ -129,3 +140,36 @@ async def test_a_receiver_gets_its_notifications_in_order_across_retries(
     last_start = len(types) - 1 - types[::-1].index("TRAINING_START")
     assert types[last_start + 1:][:1] == ["UPDATE_ROUND_START"]
     assert "UPDATE_ROUND_START" not in types[:last_start]
+
+
+async def test_the_lease_is_renewed_only_while_the_aggregation_makes_progress(
+    api: TestClient, database_url: str
+) -> None:
+    actor = await register(api, actor=True)
+    training_id = await create_training(api, actor, await upload_model(api, actor, model_bytes()))
+    claimed_until = datetime.now(UTC) + timedelta(seconds=0.3)
+    # State C keeps the service's own reconciler away from this hand-made claim (it only looks at O and S).
+    await update_stored_training(database_url, training_id, state="C", phase="aggregating",
+                                 lease_owner="host:1:token", lease_until=claimed_until)
+    keeper = LeaseKeeper(UUID(training_id), "host:1:token", timedelta(seconds=0.3))
+    keeping = asyncio.create_task(keeper.run())
+    try:
+        keeper.advanced()
+
+        async def renewed() -> bool:
+            stored = await stored_training(database_url, training_id)
+            return stored is not None and stored["lease_until"] > claimed_until
+
+        await wait_until(renewed, "lease renewed after progress", seconds=5)
+        stored = await stored_training(database_url, training_id)
+        assert stored is not None
+        last = stored["lease_until"]
+        # No progress: the lease is left to run out, so another process can take over stuck work.
+        await assert_stays(lambda: _lease_is(database_url, training_id, last), "lease not renewed", 0.5)
+    finally:
+        keeping.cancel()
+
+
+async def _lease_is(database_url: str, training_id: str, until: datetime) -> bool:
+    stored = await stored_training(database_url, training_id)
+    return stored is not None and stored["lease_until"] == until

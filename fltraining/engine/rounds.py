@@ -8,6 +8,7 @@ update; they are applied afterwards and again by the reconciler if a process die
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -53,6 +54,34 @@ def daisy_chain(updates: list[Update], participants: list[UUID], rng: random.Ran
     # Participants who joined after the sub-round began have no model of their own to avoid.
     links += [ChainLink(user=user, model=rng.choice(pool)) for user in participants if user not in by_user]
     return links
+
+
+class LeaseKeeper:
+    """Extends an aggregation lease while the work behind it makes progress; stuck work lets it run out."""
+
+    def __init__(self, training_id: UUID, token: str, lease: timedelta) -> None:
+        self._training_id = training_id
+        self._token = token
+        self._lease = lease
+        self.progress = 0
+        self._renewed_at_progress = 0
+
+    def advanced(self) -> None:
+        """Record a step of progress (an update added, a file stored)."""
+        self.progress += 1
+
+    async def run(self) -> None:
+        """Renew the lease every third of its length if progress was made since the last renewal."""
+        while True:
+            await asyncio.sleep(self._lease.total_seconds() / 3)
+            if self.progress == self._renewed_at_progress:
+                continue
+            self._renewed_at_progress = self.progress
+            with contextlib.suppress(PyMongoError):  # the lease may run out; the commit then says so
+                await Training.get_pymongo_collection().update_one(
+                    {"_id": self._training_id, "lease_owner": self._token, "phase": str(Phase.AGGREGATING)},
+                    {"$set": {"lease_until": utcnow() + self._lease}},
+                )
 
 
 class RoundEngine:
@@ -234,14 +263,16 @@ class RoundEngine:
         if self._hold_after_claim:
             await asyncio.Event().wait()
         created: list[StoredFile] = []
+        keeper = LeaseKeeper(training.id, token, self._lease)
+        keeping = asyncio.create_task(keeper.run(), name=f"lease-{training.id}")
         try:
             model = Model.model_validate(await Model.get_pymongo_collection().find_one({"_id": training.model}))
             effects = plans.new_effects(training)
             fields: plans.Fields = {}
             if training.state == TrainingState.SWAG_ROUND:
-                await self._aggregate_moments(training, model, fields, effects, created)
+                await self._aggregate_moments(training, model, fields, effects, created, keeper)
             else:
-                await self._aggregate_updates(training, model, fields, effects, created)
+                await self._aggregate_updates(training, model, fields, effects, created, keeper)
         except (FLTrainingError, ValueError) as error:
             await self._drop(created)
             log.warning("aggregation of round %d failed: %s", training.round, error)
@@ -250,6 +281,8 @@ class RoundEngine:
         except BaseException:
             await self._drop(created)
             raise
+        finally:
+            keeping.cancel()
         condition = {**self._pinned(training), "lease_owner": token}
         committed = await plans.write_step(training, condition, fields, effects)
         if committed is None:
@@ -263,7 +296,8 @@ class RoundEngine:
             await self._files.delete(stored.file_id)
 
     async def _aggregate_updates(
-        self, training: Training, model: Model, fields: plans.Fields, effects: Effects, created: list[StoredFile]
+        self, training: Training, model: Model, fields: plans.Fields, effects: Effects, created: list[StoredFile],
+        keeper: LeaseKeeper,
     ) -> None:
         round_ = training.round
         new_round = round_ + 1
@@ -281,10 +315,12 @@ class RoundEngine:
                 data = await self._files.read_all(update.file_id)
                 await asyncio.to_thread(lambda d=data, n=update.sample_size: accumulator.add(load_tensors(d), n))
                 del data
+                keeper.advanced()
             blob = await asyncio.to_thread(lambda: dump_tensors(accumulator.result(), model.format or "safetensors"))
             stored = await self._files.store_bytes(blob, f"model-{model.id}-round-{new_round}")
             del blob
             created.append(stored)
+            keeper.advanced()
             effects.sync_model(model.id, new_round, stored)
             effects.event("aggregated", round_, updates=len(updates), samples=accumulator.total_samples,
                           users=[str(update.user) for update in updates])
@@ -301,7 +337,8 @@ class RoundEngine:
             effects.drop_local_files(new_round if aggregate else round_)
 
     async def _aggregate_moments(
-        self, training: Training, model: Model, fields: plans.Fields, effects: Effects, created: list[StoredFile]
+        self, training: Training, model: Model, fields: plans.Fields, effects: Effects, created: list[StoredFile],
+        keeper: LeaseKeeper,
     ) -> None:
         stats = [SwagStatistic.model_validate(raw) async for raw in SwagStatistic.get_pymongo_collection().find(
             {"training": training.id, "round": training.round, "user": {"$in": training.round_arrived}}).sort("user", 1)]
@@ -314,6 +351,7 @@ class RoundEngine:
             await asyncio.to_thread(
                 lambda a=first, b=second, n=stat.sample_size: accumulator.add(load_tensors(a), load_tensors(b), n))
             del first, second
+            keeper.advanced()
         fmt = model.format or "safetensors"
         first_mean, second_mean = await asyncio.to_thread(accumulator.result)
         for which, moment in (("first", first_mean), ("second", second_mean)):
