@@ -16,10 +16,10 @@ from routes.app import create_app
 from tests.fl_clients import (
     GLOBAL_TENSORS,
     SimulatedClient,
+    assert_stays,
     model_bytes,
     wait_for_notification,
     wait_for_state,
-    assert_stays,
     wait_until,
 )
 from tests.helpers import (
