@@ -208,7 +208,7 @@ class ContributionService:
                 and user.id not in training.round_arrived):
             try:
                 await self._count(training, user, TrainingState.ONGOING, Phase.TESTING, "test_metrics_accepted",
-                                  metrics=dict(zip(names, values)))
+                                  metrics=[{"key": name, "value": value} for name, value in zip(names, values)])
             except Conflict:
                 pass  # the test phase ended meanwhile; the metrics are stored all the same
         return model.id
