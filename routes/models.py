@@ -3,15 +3,15 @@
 from aiohttp import web
 from gridfs.errors import NoFile
 
-from fltraining.engine.uploads import local_model_visible
-from fltraining.errors import Conflict, InvalidInput, NotFound, UnsupportedMediaType
+from fltraining.engine.uploads import visible_file
+from fltraining.errors import Conflict, InvalidInput, UnsupportedMediaType
 from fltraining.schemas.common import Message
 from fltraining.schemas.models import ModelCreate, ModelMetadata, ModelUploadAccepted
 from routes.auth import current_user
 from routes.keys import models_key
 from routes.multipart import FormSpec, discard, read_form
 from routes.parsing import path_uuid, validate
-from routes.responses import detail, json_model, json_models
+from routes.responses import detail, json_model, json_models, stream_file
 from routes.table import Endpoint
 
 UPLOAD_FORM = FormSpec(
@@ -57,32 +57,17 @@ async def metadata(request: web.Request) -> web.Response:
 async def download(request: web.Request) -> web.StreamResponse:
     """GET /api/models/{id}/: the bytes of a global model or a local update, streamed from GridFS."""
     service = request.app[models_key]
-    user = current_user(request)
     model_id = path_uuid(request, "model_id")
     for attempt in range(2):
+        ref = await visible_file(service, current_user(request), model_id)
         try:
-            model = await service.get_accessible(user, model_id)
-            file_id, size, sha256 = model.file_id, model.size, model.sha256
-        except NotFound:
-            local = await local_model_visible(user, model_id)
-            file_id, size, sha256 = local.file_id, local.size, local.sha256
-        try:
-            chunks = await service.files.open_chunks(file_id)
+            chunks = await service.files.open_chunks(ref.file_id)
             break
         except NoFile:
             if attempt:  # an aggregation replaced the weights twice while we looked: the client may retry
                 raise Conflict("The model changed while it was being read; try again.") from None
-    response = web.StreamResponse(headers={
-        "Content-Type": "application/octet-stream",
-        "Content-Disposition": f'attachment; filename="model-{model_id}.pt"',
-        "Content-Length": str(size),
-        "ETag": f'"{sha256}"',
-    })
-    await response.prepare(request)
-    async for chunk in chunks:
-        await response.write(chunk)
-    await response.write_eof()
-    return response
+    headers = {"Content-Length": str(ref.size), "ETag": f'"{ref.sha256}"'}
+    return await stream_file(request, chunks, f"model-{model_id}.pt", headers)
 
 
 async def delete_model(request: web.Request) -> web.Response:

@@ -1,6 +1,6 @@
 """Building JSON responses from public schemas (never from documents)."""
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -20,3 +20,19 @@ def json_models(models: Sequence[BaseModel], headers: dict[str, str] | None = No
 def detail(message: str, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     """A `{"detail": message}` response."""
     return web.json_response({"detail": message}, status=status, headers=headers)
+
+
+async def stream_file(
+    request: web.Request, chunks: AsyncIterator[bytes], filename: str, headers: dict[str, str] | None = None
+) -> web.StreamResponse:
+    """Stream an opened file as an `application/octet-stream` attachment."""
+    response = web.StreamResponse(headers={
+        "Content-Type": "application/octet-stream",
+        "Content-Disposition": f'attachment; filename="{filename}"',
+        **(headers or {}),
+    })
+    await response.prepare(request)
+    async for chunk in chunks:
+        await response.write(chunk)
+    await response.write_eof()
+    return response

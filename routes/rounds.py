@@ -6,9 +6,8 @@ from uuid import UUID
 
 from aiohttp import web
 
-from fltraining.documents import Metric
 from fltraining.engine.events import list_events
-from fltraining.engine.uploads import local_model_visible, training_models
+from fltraining.engine.uploads import metrics_of, training_models, visible_file
 from fltraining.errors import InvalidInput, NotFound
 from fltraining.schemas.common import Message
 from fltraining.schemas.rounds import (
@@ -26,7 +25,7 @@ from routes.auth import current_user
 from routes.keys import contributions_key, models_key, trainings_key
 from routes.multipart import Form, FormSpec, read_form
 from routes.parsing import path_uuid, read_body, read_query, validate
-from routes.responses import json_model, json_models
+from routes.responses import json_model, json_models, stream_file
 from routes.table import Endpoint
 
 UPDATE_FORM = FormSpec(
@@ -122,36 +121,11 @@ async def post_metrics(request: web.Request) -> web.Response:
     return json_model(MetricsAccepted(model_id=accepted), status=201)
 
 
-async def _visible_model_id(request: web.Request) -> UUID:
-    """A global model the caller reaches, or a local update the caller sent or reaches."""
-    model_id = path_uuid(request, "model_id")
-    user = current_user(request)
-    try:
-        await request.app[models_key].get_accessible(user, model_id)
-    except NotFound:
-        await local_model_visible(user, model_id)
-    return model_id
-
-
 async def get_metrics(request: web.Request) -> web.Response:
-    """GET /api/models/{id}/metrics/."""
-    model_id = await _visible_model_id(request)
-    cursor = Metric.get_pymongo_collection().find({"model": model_id}).sort([("step", 1), ("created_at", 1)])
-    return json_models([MetricPublic.model_validate(raw) async for raw in cursor])
-
-
-async def _download(request: web.Request, file_id: UUID | None, name: str) -> web.StreamResponse:
-    if file_id is None:
-        raise NotFound("No aggregated SWAG moments yet.")
-    files = request.app[models_key].files
-    response = web.StreamResponse(headers={
-        "Content-Type": "application/octet-stream", "Content-Disposition": f'attachment; filename="{name}"',
-    })
-    await response.prepare(request)
-    async for chunk in files.read_chunks(file_id):
-        await response.write(chunk)
-    await response.write_eof()
-    return response
+    """GET /api/models/{id}/metrics/ (a global model the caller reaches, or a local update)."""
+    model_id = path_uuid(request, "model_id")
+    await visible_file(request.app[models_key], current_user(request), model_id)
+    return json_models([MetricPublic.model_validate(raw) for raw in await metrics_of(model_id)])
 
 
 async def swag_first(request: web.Request) -> web.StreamResponse:
@@ -165,9 +139,12 @@ async def swag_second(request: web.Request) -> web.StreamResponse:
 
 
 async def _swag_moment(request: web.Request, which: str) -> web.StreamResponse:
-    model = await request.app[models_key].get_accessible(current_user(request), path_uuid(request, "model_id"))
+    models = request.app[models_key]
+    model = await models.get_accessible(current_user(request), path_uuid(request, "model_id"))
     file_id = model.swag_first_file_id if which == "first" else model.swag_second_file_id
-    return await _download(request, file_id, f"model-{model.id}-swag-{which}")
+    if file_id is None:
+        raise NotFound("No aggregated SWAG moments yet.")
+    return await stream_file(request, await models.files.open_chunks(file_id), f"model-{model.id}-swag-{which}")
 
 
 async def list_training_models(request: web.Request) -> web.Response:

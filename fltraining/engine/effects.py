@@ -16,7 +16,7 @@ from pymongo.errors import DuplicateKeyError
 from fltraining.documents import Event, Model, Notification, SwagStatistic, Training, Update
 from fltraining.storage.files import StoredFile
 
-DropFile = Callable[[UUID], Awaitable[None]]
+DropFile = Callable[[UUID], Awaitable[object]]
 
 
 def effect_id(at: datetime, index: int) -> str:
@@ -27,8 +27,7 @@ def effect_id(at: datetime, index: int) -> str:
 class Effects:
     """The effects of one step, in order, stamped with the step's time."""
 
-    def __init__(self, training: Training, at: datetime) -> None:
-        self.training = training
+    def __init__(self, at: datetime) -> None:
         self.at = at
         self.items: list[dict[str, Any]] = []
 

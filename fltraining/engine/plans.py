@@ -167,6 +167,6 @@ async def write_step(
     return None if written is None else Training.model_validate(written)
 
 
-def new_effects(training: Training) -> Effects:
+def new_effects() -> Effects:
     """An empty effect list for a step happening now."""
-    return Effects(training, utcnow())
+    return Effects(utcnow())

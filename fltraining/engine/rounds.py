@@ -208,24 +208,23 @@ class RoundEngine:
 
     async def _prune(self, training: Training) -> bool:
         stale = [user for user in training.round_participants if user not in set(training.participants)]
-        effects = plans.new_effects(training)
+        effects = plans.new_effects()
         written = await plans.write_step(training, self._pinned(training), {}, effects,
                                          {"$pull": {"round_participants": {"$in": stale}}})
         return written is not None
 
     async def _fail(self, training: Training, detail: dict[str, Any]) -> bool:
-        effects = plans.new_effects(training)
-        fields: plans.Fields = {}
-        plans.fail(training, fields, effects, Transition.FAIL, {**detail, "at": iso_z(effects.at)})
-        written = await plans.write_step(training, self._pinned(training), fields, effects)
-        if written is not None:
-            await self.apply_effects(written)
-        return written is not None
+        return await self._step(training, lambda fields, effects: plans.fail(
+            training, fields, effects, Transition.FAIL, {**detail, "at": iso_z(effects.at)}))
 
     async def _end_testing(self, training: Training) -> bool:
-        effects = plans.new_effects(training)
+        return await self._step(training, lambda fields, effects: plans.after_testing(training, fields, effects))
+
+    async def _step(self, training: Training, plan: Callable[[plans.Fields, Effects], None]) -> bool:
+        """One planned step, written conditionally on the training not having moved, its effects applied."""
+        effects = plans.new_effects()
         fields: plans.Fields = {}
-        plans.after_testing(training, fields, effects)
+        plan(fields, effects)
         written = await plans.write_step(training, self._pinned(training), fields, effects)
         if written is not None:
             await self.apply_effects(written)
@@ -238,7 +237,7 @@ class RoundEngine:
         token = self._new_token()
         fields = {"phase": str(Phase.AGGREGATING), "locked": True, "lease_owner": token,
                   "lease_until": now + self._lease, "round_deadline": None}
-        claimed = await plans.write_step(training, self._pinned(training), fields, plans.new_effects(training))
+        claimed = await plans.write_step(training, self._pinned(training), fields, plans.new_effects())
         if claimed is None:
             return False
         await self._aggregate(claimed, token)
@@ -247,7 +246,7 @@ class RoundEngine:
     async def _reclaim(self, training: Training, now: datetime) -> bool:
         token = self._new_token()
         condition = {**self._pinned(training), "lease_owner": training.lease_owner, "lease_until": {"$lte": now}}
-        effects = plans.new_effects(training)
+        effects = plans.new_effects()
         effects.event("lease_expired", training.round, previous_owner=training.lease_owner)
         claimed = await plans.write_step(training, condition, {"lease_owner": token, "lease_until": now + self._lease},
                                          effects)
@@ -267,7 +266,7 @@ class RoundEngine:
         keeping = asyncio.create_task(keeper.run(), name=f"lease-{training.id}")
         try:
             model = Model.model_validate(await Model.get_pymongo_collection().find_one({"_id": training.model}))
-            effects = plans.new_effects(training)
+            effects = plans.new_effects()
             fields: plans.Fields = {}
             if training.state == TrainingState.SWAG_ROUND:
                 await self._aggregate_moments(training, model, fields, effects, created, keeper)
@@ -380,7 +379,7 @@ class RoundEngine:
         training = Training.model_validate(raw)
         if training.state not in RUNNING or user not in training.participants:
             return False
-        effects = plans.new_effects(training)
+        effects = plans.new_effects()
         effects.event("participant_removed", training.round, user, **detail)
         effects.notify("CLIENT_REMOVED", [training.actor], {"client_uuid": str(user), **detail}, False)
         written = await plans.write_step(

@@ -35,7 +35,6 @@ class Target:
 
     training: Training
     model: Model
-    local: Update | None = None
 
 
 def check_metrics(names: Sequence[str], values: Sequence[float]) -> None:
@@ -64,7 +63,6 @@ class ContributionService:
     async def resolve(self, model_id: UUID) -> Target:
         """The training a global model or a local update belongs to (404 for neither)."""
         model = await find_document(Model, {"_id": model_id})
-        local = None
         if model is None:
             local = await find_document(Update, {"_id": model_id})
             if local is None:
@@ -78,7 +76,7 @@ class ContributionService:
             model = await find_document(Model, {"_id": training.model})
             if model is None:
                 raise NotFound(f"Model {training.model} not found.")
-        return Target(training, model, local)
+        return Target(training, model)
 
     def _check_waiting(self, training: Training, user: User, state: TrainingState, phase: Phase, round_: int) -> None:
         if user.id not in training.participants:
@@ -100,7 +98,7 @@ class ContributionService:
     async def _count(self, training: Training, user: User, state: TrainingState, phase: Phase, event: str,
                      **data: Any) -> None:
         """Count the contribution in the training (once), then let the engine look at the round."""
-        effects = plans.new_effects(training)
+        effects = plans.new_effects()
         effects.event(event, training.round, user.id, **data)
         condition = {"state": str(state), "phase": str(phase), "round": training.round,
                      "round_participants": user.id, "round_arrived": {"$ne": user.id}}
@@ -141,7 +139,7 @@ class ContributionService:
         try:
             names, values = metrics
             if names:
-                await self.store_metrics(update.id, training.id, update.round, user, names, values)
+                await self._store_metrics(update.id, training.id, update.round, user, names, values)
             await self._count(training, user, TrainingState.ONGOING, Phase.UPDATES, "update_accepted",
                               update=str(update.id), sample_size=sample_size)
         except FLTrainingError:
@@ -195,14 +193,14 @@ class ContributionService:
                 raise NotFound(f"Model {model_id} not found.")
             if local.user != user.id:
                 raise PermissionDenied()
-            await self.store_metrics(local.id, local.training, local.round, user, names, values)
+            await self._store_metrics(local.id, local.training, local.round, user, names, values)
             return local.id
         training = await find_document(Training, {"model": model.id})
         participant = training is not None and user.id in training.participants
         if model.owner != user.id and not participant:
             raise PermissionDenied()
         step = model.round if training is None else training.round
-        await self.store_metrics(model.id, None if training is None else training.id, step, user, names, values)
+        await self._store_metrics(model.id, None if training is None else training.id, step, user, names, values)
         if (training is not None and participant and training.state == TrainingState.ONGOING
                 and training.phase == Phase.TESTING and user.id in training.round_participants
                 and user.id not in training.round_arrived):
@@ -213,11 +211,10 @@ class ContributionService:
                 pass  # the test phase ended meanwhile; the metrics are stored all the same
         return model.id
 
-    async def store_metrics(
+    async def _store_metrics(
         self, model_id: UUID, training_id: UUID | None, step: int, user: User, names: list[str], values: list[float]
     ) -> None:
-        """Store metric values once; resending the same values is fine, changing one is a conflict (409)."""
-        check_metrics(names, values)
+        """Store checked metric values once; resending the same values is fine, changing one is a conflict (409)."""
         collection = Metric.get_pymongo_collection()
         query = {"model": model_id, "step": step, "reporter": user.id, "key": {"$in": names}}
         stored = {raw["key"]: raw["value"] async for raw in collection.find(query)}
@@ -245,6 +242,31 @@ async def local_model_visible(user: User, update_id: UUID) -> Update:
     if training is None or (training.actor != user.id and user.id not in training.participants):
         raise PermissionDenied()
     return update
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """Where a downloadable model's bytes are."""
+
+    file_id: UUID
+    size: int
+    sha256: str
+
+
+async def visible_file(models: ModelService, user: User, model_id: UUID) -> FileRef:
+    """The bytes of a global model the user reaches, or of a local update the user sent or reaches."""
+    try:
+        model = await models.get_accessible(user, model_id)
+        return FileRef(model.file_id, model.size, model.sha256)
+    except NotFound:
+        local = await local_model_visible(user, model_id)
+        return FileRef(local.file_id, local.size, local.sha256)
+
+
+async def metrics_of(model_id: UUID) -> list[dict[str, Any]]:
+    """Every metric stored for a model, by step and time."""
+    cursor = Metric.get_pymongo_collection().find({"model": model_id}).sort([("step", 1), ("created_at", 1)])
+    return [raw async for raw in cursor]
 
 
 async def training_models(training: Training, latest: bool) -> list[dict[str, Any]]:

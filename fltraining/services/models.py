@@ -13,7 +13,7 @@ from fltraining.errors import NotFound, PermissionDenied
 from fltraining.schemas.models import ModelCreate
 from fltraining.storage.files import ModelFiles, StoredFile
 from fltraining.storage.queries import find_document
-from fltraining.storage.references import file_in_use
+from fltraining.storage.references import file_in_use, referenced_file_ids
 from fltraining.weights.inspect import FileFacts, inspect_file
 
 
@@ -43,9 +43,9 @@ class ModelService:
         await self._files.delete(stored.file_id)
 
     async def inspect(self, file_id: UUID) -> FileFacts:
-        """Read a stored file back and describe its format and tensors (off the event loop)."""
-        data = await self._files.read_all(file_id)
-        return await asyncio.to_thread(inspect_file, data)
+        """Read a stored file back (once the upload is complete, so uploads in flight hold no copy)
+        and describe its format and tensors (off the event loop)."""
+        return await asyncio.to_thread(inspect_file, await self._files.read_all(file_id))
 
     async def described(self, model: Model) -> Model:
         """The model with its format and signature recorded (models stored before they were, get them now)."""
@@ -132,9 +132,9 @@ class ModelService:
             ):
                 removed += 1
                 await self.drop_unshared_file(clone.file_id)
+        referenced = await referenced_file_ids()  # one query per reference, not per file
         async for file_id in self._files.ids_older_than(older_than):
-            if not await file_in_use(file_id):
-                await self._files.delete(file_id)
+            if file_id not in referenced and await self.drop_unshared_file(file_id):
                 removed += 1
         return removed
 
@@ -161,7 +161,9 @@ class ModelService:
         await model.delete()
         await self.drop_unshared_file(model.file_id)
 
-    async def drop_unshared_file(self, file_id: UUID) -> None:
-        """Delete a file once no document points at it any more."""
-        if not await file_in_use(file_id):
-            await self._files.delete(file_id)
+    async def drop_unshared_file(self, file_id: UUID) -> bool:
+        """Delete a file once no document points at it any more; True when it was deleted."""
+        if await file_in_use(file_id):
+            return False
+        await self._files.delete(file_id)
+        return True

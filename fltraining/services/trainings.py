@@ -5,10 +5,8 @@ from typing import Any
 from uuid import UUID
 
 from pydantic import ValidationError
-from pymongo import ReturnDocument
 from pymongo.errors import DuplicateKeyError
 
-from fltraining.clock import utcnow
 from fltraining.documents import Training, User
 from fltraining.engine.plans import Fields, begin_round, fail, move_state, new_effects, write_step
 from fltraining.errors import Conflict, InvalidInput, NotFound, PermissionDenied, PreconditionFailed
@@ -21,19 +19,6 @@ from fltraining.states import PARTICIPANTS_EDITABLE, PATCHABLE, TRANSITIONS, Tra
 from fltraining.storage.queries import find_document
 
 PATCH_RETRIES = 8
-
-
-def _touch() -> dict[str, Any]:
-    """The fields every write to a training sets."""
-    return {"$set": {"last_update": utcnow()}, "$inc": {"version": 1}}
-
-
-async def _update_and_return(query: dict[str, Any], update: dict[str, Any]) -> Training | None:
-    """One conditional update; the training as written, or None when the condition failed."""
-    written = await Training.get_pymongo_collection().find_one_and_update(
-        query, update, return_document=ReturnDocument.AFTER
-    )
-    return None if written is None else Training.model_validate(written)
 
 
 class TrainingService:
@@ -170,15 +155,15 @@ class TrainingService:
                 )
             if not changes:
                 return training
-            update = _touch()
+            fields: Fields = {}
             for field, value in changes.items():
                 if field == "target_num_updates":
-                    update["$set"]["base_target_num_updates"] = value
-                    update["$set"]["target_num_updates"] = daisy_chained_target(value, period)
+                    fields["base_target_num_updates"] = value
+                    fields["target_num_updates"] = daisy_chained_target(value, period)
                 else:
-                    update["$set"][field] = value
-            patched = await _update_and_return(
-                {"_id": training.id, "version": training.version, "state": str(TrainingState.INITIAL)}, update
+                    fields[field] = value
+            patched = await write_step(
+                training, {"version": training.version, "state": str(TrainingState.INITIAL)}, fields, new_effects()
             )
             if patched is not None:
                 return patched
@@ -206,20 +191,16 @@ class TrainingService:
         """
         training = await self.get_as_actor(user, training_id)
         clients = await self._users.require_all_exist(client_ids)
-        update = _touch()
-        update[operator] = {"participants": {each: clients}}
+        change = {"participants": {each: clients}}
         if operator == "$pull":
-            update[operator]["round_participants"] = {each: clients}
+            change["round_participants"] = {each: clients}
+        effects = new_effects()
         if training.state != TrainingState.INITIAL:
-            effects = new_effects(training)
             kind = "participants_added" if operator == "$addToSet" else "participants_removed"
             effects.event(kind, training.round, user.id, users=[str(client) for client in clients])
-            update["$push"] = {"effects": {"$each": effects.items}}
         editable = [str(state) for state in PARTICIPANTS_EDITABLE]
-        result = await Training.get_pymongo_collection().update_one(
-            {"_id": training_id, "state": {"$in": editable}}, update
-        )
-        if not result.matched_count:
+        written = await write_step(training, {"state": {"$in": editable}}, {}, effects, {operator: change})
+        if written is None:
             training = await self.get(training_id)
             raise Conflict(f"Participants cannot change in state {training.state}.")
         self._kick(training_id)
@@ -235,7 +216,7 @@ class TrainingService:
             model = await self._models.described(await self._models.get(training.model))
             if model.format is None:
                 raise Conflict(f"The training's model cannot be trained federatedly: {model.format_problem}")
-            effects = new_effects(training)
+            effects = new_effects()
             fields: Fields = {}
             move_state(training, Transition.START, fields)
             effects.notify("TRAINING_START", training.participants, {"global_model_uuid": str(training.model)}, False)
@@ -255,7 +236,7 @@ class TrainingService:
         sources, _ = TRANSITIONS[Transition.CANCEL]
         if training.state not in sources:
             raise Conflict(f"Training {training_id} is in state {training.state} and cannot be cancelled.")
-        effects = new_effects(training)
+        effects = new_effects()
         fields: Fields = {}
         fail(training, fields, effects, Transition.CANCEL,
              {"reason": "cancelled", "by": str(user.id), "at": iso_z(effects.at)})

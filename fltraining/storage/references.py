@@ -13,3 +13,11 @@ async def file_in_use(file_id: UUID) -> bool:
         for document, field in FILE_REFERENCES
     ))
     return any(item is not None for item in found)
+
+
+async def referenced_file_ids() -> set[UUID]:
+    """Every file id some document names (one `distinct` per reference)."""
+    found = await asyncio.gather(*(
+        document.get_pymongo_collection().distinct(field) for document, field in FILE_REFERENCES
+    ))
+    return {file_id for ids in found for file_id in ids if file_id is not None}
