@@ -87,3 +87,9 @@ class ClientClosedRequest(FLTrainingError):
     """The client closed the connection before its body arrived; logged as nginx's 499, sent to no one."""
 
     status = 499
+
+
+class InsufficientStorage(FLTrainingError):
+    """The server's disk is full: nothing was stored, the client may retry later."""
+
+    status = 507

@@ -1,6 +1,7 @@
 """Service configuration, read from `FLTRAINING_*` environment variables."""
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,7 +24,13 @@ class Settings(BaseSettings):
     )
     data_dir: Path = Field(
         default=Path("./fltraining-data"),
-        description="Where the embedded store keeps its SQLite file.",
+        description="Where the embedded store keeps its SQLite file, the `files` blob store its blobs "
+        "(`blobs/`), and uploads are staged.",
+    )
+    blob_store: Literal["files", "gridfs"] | None = Field(
+        default=None,
+        description="Where model bytes live: `files` (under the data directory; the default with the "
+        "embedded store) or `gridfs` (in the database; the default with a MongoDB URL).",
     )
     embedded_host: str = Field(default="127.0.0.1", description="Embedded store address.")
     embedded_port: int = Field(

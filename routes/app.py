@@ -55,7 +55,8 @@ async def embedded_store_ctx(app: web.Application) -> AsyncIterator[None]:
     # the thread that forked it, and a pool thread may exit while the service runs on.
     url = store.start()
     log.info("store: embedded (mongoeco on SQLite), data in %s, reachable at %s", store.data_path, url)
-    app[settings_key] = settings.model_copy(update={"mongodb_url": url})
+    # Model bytes stay out of the embedded store (it keeps documents as JSON text): files by default.
+    app[settings_key] = settings.model_copy(update={"mongodb_url": url, "blob_store": settings.blob_store or "files"})
     try:
         yield
     finally:
@@ -70,6 +71,7 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     name = database_name(settings.mongodb_url, settings.database)
     await init_database(client[name])
     services = build_services(client[name], settings)
+    log.info("blob store: %s", services.models.files.kind)
     app[mongo_client_key] = client
     app[database_name_key] = name
     app[models_key] = services.models

@@ -1,17 +1,17 @@
-"""Model endpoints: multipart upload streamed into GridFS, download, metadata, delete."""
+"""Model endpoints: multipart upload streamed into the blob store, download, metadata, delete."""
 
 from aiohttp import web
-from gridfs.errors import NoFile
 
 from fltraining.engine.uploads import visible_file
 from fltraining.errors import Conflict, InvalidInput, UnsupportedMediaType
 from fltraining.schemas.common import Message
+from fltraining.storage.blobs import BlobMissing
 from fltraining.schemas.models import ModelCreate, ModelMetadata, ModelUploadAccepted
 from routes.auth import current_user
 from routes.keys import models_key
 from routes.multipart import FormSpec, discard, read_form
 from routes.parsing import path_uuid, validate
-from routes.responses import detail, json_model, json_models, stream_file
+from routes.responses import detail, json_model, json_models, send_blob
 from routes.table import Endpoint
 
 UPLOAD_FORM = FormSpec(
@@ -55,19 +55,17 @@ async def metadata(request: web.Request) -> web.Response:
 
 
 async def download(request: web.Request) -> web.StreamResponse:
-    """GET /api/models/{id}/: the bytes of a global model or a local update, streamed from GridFS."""
+    """GET /api/models/{id}/: the bytes of a global model or a local update, from the blob store."""
     service = request.app[models_key]
     model_id = path_uuid(request, "model_id")
     for attempt in range(2):
         ref = await visible_file(service, current_user(request), model_id)
         try:
-            chunks = await service.files.open_chunks(ref.file_id)
-            break
-        except NoFile:
+            return await send_blob(request, service.files, ref.file_id, f"model-{model_id}.pt", ref.size, ref.sha256)
+        except BlobMissing:
             if attempt:  # an aggregation replaced the weights twice while we looked: the client may retry
                 raise Conflict("The model changed while it was being read; try again.") from None
-    headers = {"Content-Length": str(ref.size), "ETag": f'"{ref.sha256}"'}
-    return await stream_file(request, chunks, f"model-{model_id}.pt", headers)
+    raise AssertionError("unreachable")
 
 
 async def delete_model(request: web.Request) -> web.Response:

@@ -7,7 +7,7 @@ from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from fltraining.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from fltraining.storage.files import StoredFile
+from fltraining.storage.blobs import StoredFile
 from routes.keys import settings_key
 from routes.parsing import BodyDeadline
 

@@ -1,9 +1,16 @@
 """Building JSON responses from public schemas (never from documents)."""
 
+import os
+import weakref
 from collections.abc import AsyncIterator, Sequence
+from uuid import UUID
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.helpers import ETag
 from pydantic import BaseModel
+
+from fltraining.storage.blobs import BlobMissing, BlobStore
 
 
 def json_model(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -36,3 +43,58 @@ async def stream_file(
         await response.write(chunk)
     await response.write_eof()
     return response
+
+
+class BlobFileResponse(web.FileResponse):
+    """aiohttp's sendfile response over an already open file (so a deletion after the lookup cannot
+    turn the answer into a 404 or cut it short), with the blob's SHA-256 as its ETag when known."""
+
+    def __init__(self, fd: int, sha256: str | None, headers: dict[str, str]) -> None:
+        # aiohttp opens files by path; /proc/self/fd/N names the inode this descriptor holds, unlinked or not.
+        super().__init__(f"/proc/self/fd/{fd}", headers=headers)
+        self._blob_etag = sha256
+        self._close_fd = weakref.finalize(self, os.close, fd)
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        """Send the file, then let go of the descriptor (aiohttp's own prepare re-opens the file each call)."""
+        if self.prepared:
+            return self._payload_writer
+        try:
+            return await super().prepare(request)
+        finally:
+            self._close_fd()
+
+    @property
+    def etag(self) -> ETag | None:  # type: ignore[override]
+        """The blob's SHA-256 when known, else aiohttp's own."""
+        if self._blob_etag is not None:
+            return ETag(value=self._blob_etag)
+        return web.FileResponse.etag.fget(self)  # type: ignore[attr-defined]
+
+    @etag.setter
+    def etag(self, value: ETag | str | None) -> None:
+        if self._blob_etag is None:
+            web.FileResponse.etag.fset(self, value)  # type: ignore[attr-defined]
+        else:
+            self._headers["ETag"] = f'"{self._blob_etag}"'
+
+
+async def send_blob(
+    request: web.Request, blobs: BlobStore, file_id: UUID, filename: str, size: int | None = None,
+    sha256: str | None = None,
+) -> web.StreamResponse:
+    """A blob as an attachment: straight from its file with sendfile where the store keeps one on disk
+    (returned unprepared, as aiohttp sends files), else streamed from the store (BlobMissing when it is gone)."""
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Content-Disposition": f'attachment; filename="{filename}"',
+    }
+    path = blobs.local_path(file_id)
+    if path is not None:
+        try:
+            return BlobFileResponse(os.open(path, os.O_RDONLY), sha256, headers)
+        except FileNotFoundError:
+            raise BlobMissing(f"no blob with id {file_id}") from None
+    chunks = await blobs.open_chunks(file_id)
+    known = {"Content-Length": None if size is None else str(size), "ETag": None if sha256 is None else f'"{sha256}"'}
+    return await stream_file(request, chunks, filename, {name: value for name, value in known.items() if value})

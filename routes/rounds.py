@@ -8,7 +8,7 @@ from aiohttp import web
 
 from fltraining.engine.events import list_events
 from fltraining.engine.uploads import metrics_of, training_models, visible_file
-from fltraining.errors import InvalidInput, NotFound
+from fltraining.errors import Conflict, InvalidInput, NotFound
 from fltraining.schemas.common import Message
 from fltraining.schemas.rounds import (
     EventPublic,
@@ -21,11 +21,12 @@ from fltraining.schemas.rounds import (
     UpdateForm,
 )
 from fltraining.states import TrainingState
+from fltraining.storage.blobs import BlobMissing
 from routes.auth import current_user
 from routes.keys import contributions_key, models_key, trainings_key
 from routes.multipart import Form, FormSpec, read_form
 from routes.parsing import path_uuid, read_body, read_query, validate
-from routes.responses import json_model, json_models, stream_file
+from routes.responses import json_model, json_models, send_blob
 from routes.table import Endpoint
 
 UPDATE_FORM = FormSpec(
@@ -144,7 +145,10 @@ async def _swag_moment(request: web.Request, which: str) -> web.StreamResponse:
     file_id = model.swag_first_file_id if which == "first" else model.swag_second_file_id
     if file_id is None:
         raise NotFound("No aggregated SWAG moments yet.")
-    return await stream_file(request, await models.files.open_chunks(file_id), f"model-{model.id}-swag-{which}")
+    try:
+        return await send_blob(request, models.files, file_id, f"model-{model.id}-swag-{which}")
+    except BlobMissing:  # replaced by the next SWAG aggregation while we looked
+        raise Conflict("The SWAG moments changed while they were being read; try again.") from None
 
 
 async def list_training_models(request: web.Request) -> web.Response:

@@ -70,7 +70,7 @@ def serve(settings: Settings, workers: int) -> None:
         store = EmbeddedStore(settings.data_dir, settings.embedded_host, settings.embedded_port)
         url = store.start()
         log.info("store: embedded (mongoeco on SQLite), data in %s, reachable at %s", store.data_path, url)
-        settings = settings.model_copy(update={"mongodb_url": url})
+        settings = settings.model_copy(update={"mongodb_url": url, "blob_store": settings.blob_store or "files"})
     context = multiprocessing.get_context("spawn")
     stopping = False
 

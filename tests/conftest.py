@@ -17,6 +17,8 @@ from routes.app import create_app
 from tests.fl_clients import SimulatedClient, start_clients, stop_clients
 
 TEST_URL_VARIABLE = "FLTRAINING_TEST_MONGODB_URL"
+# The blob store tier: `files` (the embedded default) unless FLTRAINING_BLOB_STORE says `gridfs`.
+BLOB_STORE = "gridfs" if os.environ.get("FLTRAINING_BLOB_STORE") == "gridfs" else "files"
 
 
 def with_database(url: str, name: str) -> str:
@@ -34,6 +36,11 @@ def store_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     with EmbeddedStore(tmp_path_factory.mktemp("store")) as store:
         yield store.url
+
+
+def pytest_report_header() -> str:
+    """Say which blob store tier runs."""
+    return f"fltraining blob store: {BLOB_STORE}"
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +63,7 @@ async def database_url(store_url: str) -> AsyncIterator[str]:
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path) -> Settings:
     """Test settings on the fresh database (cheap password hashing)."""
-    return Settings(mongodb_url=database_url, data_dir=tmp_path, password_hash_time_cost=1)
+    return Settings(mongodb_url=database_url, data_dir=tmp_path, password_hash_time_cost=1, blob_store=BLOB_STORE)
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 import itertools
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -11,6 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from fltraining.storage.database import database_name, make_client
 from fltraining.weights import dump_tensors
+from routes.keys import models_key
 
 _counter = itertools.count()
 PASSWORD = "correct horse battery"
@@ -100,3 +102,25 @@ async def update_stored_training(database_url: str, training_id: str, **fields: 
         assert result.matched_count == 1
     finally:
         await mongo.close()
+
+
+async def stored_blobs(client: TestClient) -> set[UUID]:
+    """Ids of every blob in the service's blob store (whichever kind it is)."""
+    far_future = datetime.now(UTC) + timedelta(days=1)
+    return {file_id async for file_id in client.server.app[models_key].files.ids_older_than(far_future)}
+
+
+async def blob_bytes(client: TestClient, file_id: UUID) -> bytes:
+    """A stored blob's bytes, read from the blob store."""
+    return b"".join([chunk async for chunk in await client.server.app[models_key].files.open_chunks(file_id)])
+
+
+def staging_leftovers(client: TestClient) -> list[str]:
+    """Staging files still on disk (a refused or interrupted upload must leave none)."""
+    staging = client.server.app[models_key].files.staging.directory
+    return sorted(path.name for path in staging.glob("*")) if staging.is_dir() else []
+
+
+async def nothing_stored(client: TestClient) -> bool:
+    """No blob and no staging file: what a refused upload must leave."""
+    return not await stored_blobs(client) and not staging_leftovers(client)

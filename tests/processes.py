@@ -32,6 +32,8 @@ class ServiceProcess:
             "FLTRAINING_DATA_DIR": str(data_dir),
             "FLTRAINING_EMBEDDED_PORT": str(self.embedded_port),
             "FLTRAINING_PASSWORD_HASH_TIME_COST": "1",
+            # The suite's blob store tier (the service picks its own default when none is named).
+            **({"FLTRAINING_BLOB_STORE": blob} if (blob := os.environ.get("FLTRAINING_BLOB_STORE")) else {}),
             **(env or {}),
         }
         self.process: subprocess.Popen[bytes] | None = None

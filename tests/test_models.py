@@ -15,7 +15,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from fltraining.settings import Settings
 from fltraining.storage.database import database_name, make_client
 from routes.app import create_app
-from tests.helpers import Account, create_training, register, upload_model
+from tests.helpers import Account, blob_bytes, create_training, nothing_stored, register, stored_blobs, upload_model
 
 METADATA_KEYS = {"id", "name", "description", "owner", "round", "input_shape", "size", "sha256", "created_at"}
 
@@ -104,7 +104,7 @@ async def test_empty_file_round_trips(client: TestClient) -> None:
     assert await response.read() == b""
 
 
-async def test_multi_mib_file_round_trips_through_gridfs(
+async def test_multi_mib_file_round_trips_through_the_blob_store(
     client: TestClient, raw_db: AsyncDatabase[dict[str, Any]]
 ) -> None:
     owner = await register(client)
@@ -119,16 +119,12 @@ async def test_multi_mib_file_round_trips_through_gridfs(
     assert body["size"] == len(content)
     assert body["sha256"] == hashlib.sha256(content).hexdigest()
 
-    # The bytes live in GridFS; the model document only points at them.
+    # The bytes live in the blob store; the model document only points at them.
     document = await raw_db["models"].find_one({"_id": uuid.UUID(model_id)})
     assert document is not None
     assert len(repr(document)) < 2000
-    gridfs_file = await raw_db["model_files.files"].find_one({"_id": document["file_id"]})
-    assert gridfs_file is not None
-    assert gridfs_file["length"] == len(content)
-    chunks = await raw_db["model_files.chunks"].find({"files_id": document["file_id"]}).sort("n").to_list()
-    assert len(chunks) > 1
-    assert b"".join(chunk["data"] for chunk in chunks) == content
+    assert await stored_blobs(client) == {document["file_id"]}
+    assert await blob_bytes(client, document["file_id"]) == content
 
 
 @pytest.mark.parametrize(
@@ -194,8 +190,7 @@ async def test_invalid_upload_fields_are_400(
     assert "detail" in await response.json()
     # A rejected upload leaves neither a model nor its bytes behind.
     assert await raw_db["models"].count_documents({}) == 0
-    assert await raw_db["model_files.files"].count_documents({}) == 0
-    assert await raw_db["model_files.chunks"].count_documents({}) == 0
+    assert await nothing_stored(client)
 
 
 async def test_missing_model_file_is_400(client: TestClient) -> None:
@@ -213,7 +208,7 @@ async def test_two_model_files_are_400(client: TestClient, raw_db: AsyncDatabase
     form.add_field("model_file", b"two", filename="second.pt", content_type="application/octet-stream")
     response = await client.post("/api/models/", data=form, headers=owner.headers)
     assert response.status == 400
-    assert await raw_db["model_files.files"].count_documents({}) == 0
+    assert await nothing_stored(client)
 
 
 async def test_unknown_multipart_field_is_400(
@@ -226,7 +221,7 @@ async def test_unknown_multipart_field_is_400(
     assert response.status == 400
     assert "surprise" in (await response.json())["detail"]
     assert await raw_db["models"].count_documents({}) == 0
-    assert await raw_db["model_files.files"].count_documents({}) == 0
+    assert await nothing_stored(client)
 
 
 @pytest.mark.parametrize(
@@ -249,7 +244,7 @@ async def test_malformed_multipart_is_400_and_leaves_nothing(
     assert response.status == 400, await response.text()
     assert (await response.json())["detail"].startswith("Malformed multipart body")
     assert await raw_db["models"].count_documents({}) == 0
-    assert await raw_db["model_files.files"].count_documents({}) == 0
+    assert await nothing_stored(client)
 
 
 @pytest.mark.parametrize(
@@ -281,8 +276,7 @@ async def test_file_over_the_limit_is_413_and_leaves_nothing(
     assert response.status == 413
     assert "detail" in await response.json()
     assert await raw_db["models"].count_documents({}) == 0
-    assert await raw_db["model_files.files"].count_documents({}) == 0
-    assert await raw_db["model_files.chunks"].count_documents({}) == 0
+    assert await nothing_stored(client)
     # A file at the limit is still accepted.
     await upload_model(client, owner, os.urandom(1000))
 
@@ -368,8 +362,7 @@ async def test_owner_deletes_a_model_and_its_training(
     assert await response.json() == {"detail": "Model removed!"}
     assert (await client.get(f"/api/models/{model_id}/metadata/", headers=owner.headers)).status == 404
     assert (await client.get(f"/api/trainings/{training_id}/", headers=owner.headers)).status == 404
-    assert await raw_db["model_files.files"].count_documents({"_id": file_id}) == 0
-    assert await raw_db["model_files.chunks"].count_documents({"files_id": file_id}) == 0
+    assert file_id not in await stored_blobs(client)
     response = await client.delete(f"/api/models/{model_id}/", headers=owner.headers)
     assert response.status == 404
 

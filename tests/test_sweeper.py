@@ -9,7 +9,14 @@ from aiohttp.test_utils import TestClient
 from fltraining.clock import utcnow
 from fltraining.documents import Model, Training
 from routes.keys import models_key
-from tests.helpers import create_training, register, upload_model
+from tests.helpers import (
+    create_training,
+    register,
+    small_model,
+    staging_leftovers,
+    stored_blobs,
+    upload_model,
+)
 
 
 async def anything() -> Any:
@@ -57,7 +64,22 @@ async def test_a_file_without_a_model_is_removed(client: TestClient) -> None:
     model_id = await upload_model(client, owner)
     service = client.server.app[models_key]
     stored = await service.store_file(anything())  # an upload interrupted before its model was written
+    assert await service.sweep(older_than=utcnow() - timedelta(minutes=5)) == 0  # still within grace
+    assert stored.file_id in await stored_blobs(client)
     assert await service.sweep(older_than=utcnow() + timedelta(seconds=1)) == 1
-    files = Model.get_pymongo_collection().database["model_files.files"]
-    assert await files.count_documents({"_id": stored.file_id}) == 0
+    assert stored.file_id not in await stored_blobs(client)
     assert (await client.get(f"/api/models/{model_id}/", headers=owner.headers)).status == 200
+
+
+async def test_a_staging_file_of_an_interrupted_upload_is_removed(client: TestClient) -> None:
+    owner = await register(client)
+    model_id = await upload_model(client, owner)
+    service = client.server.app[models_key]
+    # What a process killed while an upload streamed in leaves: a partial staging file, no blob.
+    staged = await service.files.stage(anything(), max_bytes=100)
+    assert staging_leftovers(client) == [staged.path.name]
+    assert await service.sweep(older_than=utcnow() - timedelta(minutes=5)) == 0  # may still be in flight
+    assert await service.sweep(older_than=utcnow() + timedelta(seconds=1)) == 1
+    assert staging_leftovers(client) == []
+    response = await client.get(f"/api/models/{model_id}/", headers=owner.headers)
+    assert response.status == 200 and await response.read() == small_model()

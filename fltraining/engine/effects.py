@@ -14,7 +14,7 @@ from uuid import UUID
 from pymongo.errors import DuplicateKeyError
 
 from fltraining.documents import Event, Model, Notification, SwagStatistic, Training, Update
-from fltraining.storage.files import StoredFile
+from fltraining.storage.blobs import StoredFile
 
 DropFile = Callable[[UUID], Awaitable[object]]
 

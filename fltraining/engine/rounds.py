@@ -29,10 +29,10 @@ from fltraining.errors import FLTrainingError
 from fltraining.schemas.common import iso_z
 from fltraining.services.models import ModelService
 from fltraining.states import RUNNING, Phase, TrainingState, Transition
-from fltraining.storage.files import StoredFile
-from fltraining.weights.aggregate import FedAvgAccumulator, MomentsAccumulator, derangement
-from fltraining.weights.formats import dump_tensors, load_tensors
-from fltraining.weights.signature import from_documents
+from fltraining.storage.blobs import StoredFile, staged_from_path
+from fltraining.weights.aggregate import derangement, mean_of_files
+from fltraining.weights.formats import Format
+from fltraining.weights.signature import Signature, from_documents
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +290,24 @@ class RoundEngine:
             return
         await self.apply_effects(committed)
 
+    async def _mean_file(
+        self, files: list[UUID], weights: list[int], signature: Signature, fmt: Format, keeper: LeaseKeeper,
+        field: str,
+    ) -> StoredFile:
+        """The weighted mean of stored files, computed from local (mapped) copies into a staged file, stored."""
+        async with contextlib.AsyncExitStack() as stack:
+            paths = [await stack.enter_async_context(self._files.local_copy(file_id)) for file_id in files]
+            out = self._files.staging.new_path()
+            try:
+                # A full disk is not the round's fault: the error ends this attempt and the lease lets another redo it.
+                await asyncio.to_thread(mean_of_files, paths, weights, signature, fmt, out, keeper.advanced, field)
+                staged = await asyncio.to_thread(staged_from_path, out)
+            except BaseException:
+                out.unlink(missing_ok=True)
+                raise
+        keeper.advanced()
+        return await self._files.commit(staged)
+
     async def _drop(self, created: list[StoredFile]) -> None:
         for stored in created:
             await self._files.delete(stored.file_id)
@@ -309,19 +327,14 @@ class RoundEngine:
         keep = plans.option(training, "keep_local_models", False)
         chain: list[ChainLink] = []
         if aggregate:
-            accumulator = FedAvgAccumulator(from_documents([t.model_dump() for t in model.tensors]))
-            for update in updates:
-                data = await self._files.read_all(update.file_id)
-                await asyncio.to_thread(lambda d=data, n=update.sample_size: accumulator.add(load_tensors(d), n))
-                del data
-                keeper.advanced()
-            blob = await asyncio.to_thread(lambda: dump_tensors(accumulator.result(), model.format or "safetensors"))
-            stored = await self._files.store_bytes(blob, f"model-{model.id}-round-{new_round}")
-            del blob
+            signature = from_documents([t.model_dump() for t in model.tensors])
+            stored = await self._mean_file([update.file_id for update in updates],
+                                           [update.sample_size for update in updates], signature,
+                                           model.format or "safetensors", keeper, "model_file")
             created.append(stored)
-            keeper.advanced()
             effects.sync_model(model.id, new_round, stored)
-            effects.event("aggregated", round_, updates=len(updates), samples=accumulator.total_samples,
+            effects.event("aggregated", round_, updates=len(updates),
+                          samples=sum(update.sample_size for update in updates),
                           users=[str(update.user) for update in updates])
         else:
             chain = daisy_chain(updates, list(training.participants), self._rng)
@@ -343,19 +356,12 @@ class RoundEngine:
             {"training": training.id, "round": training.round, "user": {"$in": training.round_arrived}}).sort("user", 1)]
         if not stats:
             raise ValueError(f"no stored SWAG statistics for round {training.round}")
-        accumulator = MomentsAccumulator(from_documents([t.model_dump() for t in model.tensors]))
-        for stat in stats:
-            first = await self._files.read_all(stat.first_file_id)
-            second = await self._files.read_all(stat.second_file_id)
-            await asyncio.to_thread(
-                lambda a=first, b=second, n=stat.sample_size: accumulator.add(load_tensors(a), load_tensors(b), n))
-            del first, second
-            keeper.advanced()
+        signature = from_documents([t.model_dump() for t in model.tensors])
+        weights = [stat.sample_size for stat in stats]
         fmt = model.format or "safetensors"
-        first_mean, second_mean = await asyncio.to_thread(accumulator.result)
-        for which, moment in (("first", first_mean), ("second", second_mean)):
-            blob = await asyncio.to_thread(dump_tensors, moment, fmt)  # type: ignore[arg-type]
-            created.append(await self._files.store_bytes(blob, f"model-{model.id}-swag-{which}-{training.round}"))
+        for which in ("first", "second"):
+            files = [stat.first_file_id if which == "first" else stat.second_file_id for stat in stats]
+            created.append(await self._mean_file(files, weights, signature, fmt, keeper, f"{which}_moment_file"))
         effects.store_moments(model.id, created[0], created[1])
         effects.event("swag_aggregated", training.round, statistics=len(stats))
         plans.after_swag(training, fields, effects)

@@ -5,7 +5,6 @@ one conditional `$addToSet` on the training that only matches while the training
 an identical retry finds its stored twin and answers as the first attempt did.
 """
 
-import asyncio
 import hashlib
 import math
 from collections.abc import Sequence
@@ -19,11 +18,10 @@ from fltraining.documents import Metric, Model, SwagStatistic, Training, Update,
 from fltraining.engine import plans
 from fltraining.engine.rounds import RoundEngine
 from fltraining.errors import Conflict, FLTrainingError, InvalidInput, NotFound, PermissionDenied
-from fltraining.services.models import ModelService
+from fltraining.services.models import ModelService, Upload
 from fltraining.states import Phase, TrainingState
-from fltraining.storage.files import StoredFile
 from fltraining.storage.queries import find_document
-from fltraining.weights.inspect import load_matching
+from fltraining.weights.inspect import check_facts
 from fltraining.weights.signature import from_documents
 
 MAX_METRICS = 100
@@ -91,9 +89,9 @@ class ContributionService:
             raise Conflict(f"You joined training {training.id} during round {training.round}; "
                            "you take part from the next round on.")
 
-    async def _check_file(self, stored: StoredFile, model: Model, field: str) -> None:
-        data = await self._files.read_all(stored.file_id)
-        await asyncio.to_thread(load_matching, data, from_documents([t.model_dump() for t in model.tensors]), field)
+    def _check_file(self, stored: Upload, model: Model, field: str) -> None:
+        # What the upload was found to be when it was staged: the stored bytes are never read back.
+        check_facts(stored.facts, from_documents([t.model_dump() for t in model.tensors]), field)
 
     async def _count(self, training: Training, user: User, state: TrainingState, phase: Phase, event: str,
                      **data: Any) -> None:
@@ -115,7 +113,7 @@ class ContributionService:
         self._engine.kick(training.id)
 
     async def accept_update(
-        self, user: User, model_id: UUID, round_: int, sample_size: int, stored: StoredFile,
+        self, user: User, model_id: UUID, round_: int, sample_size: int, stored: Upload,
         metrics: tuple[list[str], list[float]],
     ) -> None:
         """POST /api/models/{id}/: a participant's local model for the current round."""
@@ -123,7 +121,7 @@ class ContributionService:
         target = await self.resolve(model_id)
         training = target.training
         self._check_waiting(training, user, TrainingState.ONGOING, Phase.UPDATES, round_)
-        await self._check_file(stored, target.model, "model_file")
+        self._check_file(stored, target.model, "model_file")
         update = Update(training=training.id, model=target.model.id, round=round_, user=user.id,
                         sample_size=sample_size, file_id=stored.file_id, size=stored.size, sha256=stored.sha256)
         fresh = True
@@ -149,14 +147,14 @@ class ContributionService:
             raise
 
     async def accept_swag(
-        self, user: User, model_id: UUID, round_: int, sample_size: int, first: StoredFile, second: StoredFile
+        self, user: User, model_id: UUID, round_: int, sample_size: int, first: Upload, second: Upload
     ) -> None:
         """POST /api/models/{id}/swag/: a participant's SWAG moments in state S."""
         target = await self.resolve(model_id)
         training = target.training
         self._check_waiting(training, user, TrainingState.SWAG_ROUND, Phase.SWAG, round_)
-        await self._check_file(first, target.model, "first_moment_file")
-        await self._check_file(second, target.model, "second_moment_file")
+        self._check_file(first, target.model, "first_moment_file")
+        self._check_file(second, target.model, "second_moment_file")
         digest = hashlib.sha256(f"{first.sha256}:{second.sha256}".encode()).hexdigest()
         stat = SwagStatistic(training=training.id, model=target.model.id, round=round_, user=user.id,
                              sample_size=sample_size, first_file_id=first.file_id, second_file_id=second.file_id,

@@ -16,7 +16,9 @@ from fltraining.services.models import ModelService
 from fltraining.services.trainings import TrainingService
 from fltraining.services.users import UserService
 from fltraining.settings import Settings
-from fltraining.storage.files import ModelFiles
+from fltraining.storage.blob_files import FileBlobStore
+from fltraining.storage.blob_gridfs import GridFSBlobStore
+from fltraining.storage.blobs import STAGING_DIR, BlobStore, Staging
 
 
 @dataclass(frozen=True)
@@ -31,9 +33,19 @@ class Services:
     delivery: NotificationDelivery
 
 
+BLOBS_DIR = "blobs"
+
+
+def build_blob_store(database: AsyncDatabase[dict[str, Any]], settings: Settings) -> BlobStore:
+    """The configured blob store (`gridfs` unless chosen otherwise: the embedded store's start-up chooses `files`)."""
+    if settings.blob_store == "files":
+        return FileBlobStore(settings.data_dir / BLOBS_DIR)
+    return GridFSBlobStore(database, Staging(settings.data_dir / STAGING_DIR))
+
+
 def build_services(database: AsyncDatabase[dict[str, Any]], settings: Settings) -> Services:
     """Wire the services of one process to one database."""
-    models = ModelService(ModelFiles(database), settings.max_model_bytes)
+    models = ModelService(build_blob_store(database, settings), settings.max_model_bytes)
     lifetime = timedelta(days=settings.token_lifetime_days) if settings.token_lifetime_days else None
     users = UserService(
         PasswordHashing(settings.password_hash_time_cost),

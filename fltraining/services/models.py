@@ -2,6 +2,7 @@
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID, uuid4
@@ -11,22 +12,29 @@ from fltraining.documents import Model, TensorDocument, Training, User
 from fltraining.engine.effects import drop_local_files
 from fltraining.errors import NotFound, PermissionDenied
 from fltraining.schemas.models import ModelCreate
-from fltraining.storage.files import ModelFiles, StoredFile
+from fltraining.storage.blobs import BlobStore, StoredFile
 from fltraining.storage.queries import find_document
 from fltraining.storage.references import file_in_use, referenced_file_ids
 from fltraining.weights.inspect import FileFacts, inspect_file
 
 
-class ModelService:
-    """Every model rule; bytes go through GridFS, metadata through the `models` collection."""
+@dataclass(frozen=True)
+class Upload(StoredFile):
+    """An uploaded file in the blob store, with what its content was found to be."""
 
-    def __init__(self, files: ModelFiles, max_model_bytes: int) -> None:
+    facts: FileFacts
+
+
+class ModelService:
+    """Every model rule; bytes go through the blob store, metadata through the `models` collection."""
+
+    def __init__(self, files: BlobStore, max_model_bytes: int) -> None:
         self._files = files
         self._max_bytes = max_model_bytes
 
     @property
-    def files(self) -> ModelFiles:
-        """The GridFS bucket every model, update and statistic file lives in."""
+    def files(self) -> BlobStore:
+        """The blob store every model, update and statistic file lives in."""
         return self._files
 
     @property
@@ -34,18 +42,27 @@ class ModelService:
         """The largest file an upload may store."""
         return self._max_bytes
 
-    async def store_file(self, chunks: AsyncIterator[bytes]) -> StoredFile:
-        """Stream an uploaded file into GridFS (413 past the size limit)."""
-        return await self._files.store(chunks, self._max_bytes, "model.pt")
+    async def store_file(self, chunks: AsyncIterator[bytes]) -> Upload:
+        """Stream an uploaded file to local staging (413 past the size limit), describe it from there
+        (mapped, off the event loop: never read back from the store), then commit it to the blob store."""
+        staged = await self._files.stage(chunks, self._max_bytes)
+        try:
+            facts = await asyncio.to_thread(inspect_file, staged.path)
+        except BaseException:
+            await self._files.discard(staged)
+            raise
+        stored = await self._files.commit(staged)
+        return Upload(stored.file_id, stored.size, stored.sha256, facts)
 
     async def discard_file(self, stored: StoredFile) -> None:
         """Remove a stored file whose upload was rejected."""
         await self._files.delete(stored.file_id)
 
     async def inspect(self, file_id: UUID) -> FileFacts:
-        """Read a stored file back (once the upload is complete, so uploads in flight hold no copy)
-        and describe its format and tensors (off the event loop)."""
-        return await asyncio.to_thread(inspect_file, await self._files.read_all(file_id))
+        """Describe a stored file's format and tensors (off the event loop), for models stored before
+        uploads were described."""
+        async with self._files.local_copy(file_id) as path:
+            return await asyncio.to_thread(inspect_file, path)
 
     async def described(self, model: Model) -> Model:
         """The model with its format and signature recorded (models stored before they were, get them now)."""
@@ -56,9 +73,9 @@ class ModelService:
         await Model.get_pymongo_collection().update_many({"file_id": model.file_id}, {"$set": update})
         return model.model_copy(update={**update, "tensors": [TensorDocument(**t) for t in facts.tensors]})
 
-    async def create(self, owner: User, data: ModelCreate, stored: StoredFile) -> Model:
-        """Record the metadata of a stored file as a new model, with its format and tensor signature."""
-        facts = await self.inspect(stored.file_id)
+    async def create(self, owner: User, data: ModelCreate, stored: Upload) -> Model:
+        """Record the metadata of an uploaded file as a new model, with its format and tensor signature."""
+        facts = stored.facts
         model = Model(
             format=facts.format,
             format_problem=facts.problem,
@@ -132,6 +149,7 @@ class ModelService:
             ):
                 removed += 1
                 await self.drop_unshared_file(clone.file_id)
+        removed += await self._files.sweep_staging(older_than)
         referenced = await referenced_file_ids()  # one query per reference, not per file
         async for file_id in self._files.ids_older_than(older_than):
             if file_id not in referenced and await self.drop_unshared_file(file_id):

@@ -1,14 +1,22 @@
-"""Server-side aggregation: the streaming sample-size weighted mean (FedAvg, FedProx, FedDC, SWAG
-moments) and the daisy-chain permutation.
+"""Server-side aggregation: the sample-size weighted mean (FedAvg, FedProx, FedDC, SWAG moments)
+and the daisy-chain permutation.
 
-Updates are added one at a time and never kept, so memory holds one float64 sum per tensor plus
-the update being added, however many participants there are.
+Two ways to the same numbers: `weighted_mean_into` works block-major over updates that are all
+at hand (memory-mapped files: their pages are the page cache's, not the heap's), the way the
+engine aggregates; `FedAvgAccumulator` takes updates one at a time, for sources that arrive as
+a stream. Both add nᵢ·wᵢ into float64 sums in the same order, so their results are identical.
 """
 
+import os
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
 
 import numpy as np
+
+from fltraining.weights.formats import Format, create_safetensors, flush_mapped, load_tensors, write_tensors
 
 from fltraining.weights.signature import Signature, TensorSpec, check_matches, signature_of
 
@@ -133,6 +141,112 @@ def weighted_mean_moments(
         accumulator.add(first, second, sample_size)
         del first, second  # released before the next statistics are produced
     return accumulator.result()
+
+
+# Elements per block of the block-major mean: its float64 sums (512 KiB) and the scratch beside
+# them stay in the CPU's L2 cache while every update's slice is added.
+MEAN_BLOCK = 1 << 16
+
+
+@cache
+def _pool() -> ThreadPoolExecutor:
+    # NumPy releases the GIL inside its loops, so the blocks run on every core.
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="aggregate")
+
+
+def _check_weights(weights: Sequence[int]) -> int:
+    for weight in weights:
+        if isinstance(weight, bool) or not isinstance(weight, int | np.integer) or weight < 1:
+            raise ValueError(f"sample_size must be an integer ≥ 1, not {weight!r}")
+    if not weights:
+        raise ValueError("no updates were added")
+    return sum(int(weight) for weight in weights)
+
+
+type Span = tuple[str, int, int]
+
+
+def _spans(signature: Mapping[str, TensorSpec], parts: int) -> list[list[Span]]:
+    """Cut every tensor into blocks and deal contiguous runs of blocks to `parts` workers."""
+    blocks = [
+        (name, start, min(start + MEAN_BLOCK, size))
+        for name, spec in signature.items()
+        for size in [int(np.prod(spec.shape, dtype=np.int64))]
+        for start in range(0, size, MEAN_BLOCK)
+    ]
+    share = -(-len(blocks) // parts) if blocks else 1
+    return [blocks[index : index + share] for index in range(0, len(blocks), share)]
+
+
+def _mean_spans(
+    spans: list[Span], updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[int], total: int,
+    out: Mapping[str, np.ndarray], progress: Callable[[], None],
+) -> None:
+    sums = np.empty(MEAN_BLOCK, dtype=np.float64)
+    wide = np.empty(MEAN_BLOCK, dtype=np.float64)
+    narrow = np.empty(MEAN_BLOCK, dtype=np.float32)
+    flat = {name: [np.asarray(update[name]).reshape(-1) for update in updates] for name in out}
+    targets = {name: array.reshape(-1) for name, array in out.items()}
+    for name, start, stop in spans:
+        count = stop - start
+        block = sums[:count]
+        block.fill(0.0)
+        for values, weight in zip(flat[name], weights):
+            part = values[start:stop]
+            if part.dtype == np.float32 and weight < 2**24:
+                # n·w rounded once to float32, as FedAvgAccumulator does (see _add_weighted).
+                product = np.multiply(part, np.float32(weight), out=narrow[:count])
+                np.copyto(wide[:count], product)
+                np.add(block, wide[:count], out=block)
+            else:
+                np.add(block, np.multiply(part, float(weight), out=wide[:count], dtype=np.float64), out=block)
+        np.divide(block, total, out=block)
+        target = targets[name]
+        if target.dtype.kind == "f":
+            target[start:stop] = block  # the same rounding as astype, without a temporary
+        else:
+            target[start:stop] = _to_dtype(block, target.dtype)
+        progress()
+
+
+def weighted_mean_into(
+    updates: Sequence[Mapping[str, np.ndarray]], weights: Sequence[int], signature: Mapping[str, TensorSpec],
+    out: Mapping[str, np.ndarray], progress: Callable[[], None] = lambda: None, field: str = "model_file",
+) -> None:
+    """Write the sample-size weighted mean of `updates` into `out` (arrays of the signature's shapes
+    and dtypes), block-major: each cache-sized block takes every update's slice before the next
+    block starts, with the blocks spread over the machine's cores. Results equal FedAvgAccumulator's."""
+    if len(updates) != len(weights):
+        raise ValueError("one sample size per update")
+    total = _check_weights(weights)
+    for update in updates:
+        check_matches(signature, signature_of(update), field)
+    check_matches(signature, signature_of(out), "result")
+    parts = _spans(signature, os.cpu_count() or 1)
+    if len(parts) <= 1:
+        for spans in parts:
+            _mean_spans(spans, updates, weights, total, out, progress)
+        return
+    futures = [_pool().submit(_mean_spans, spans, updates, weights, total, out, progress) for spans in parts]
+    for future in futures:
+        future.result()
+
+
+def mean_of_files(
+    paths: Sequence[Path], weights: Sequence[int], signature: Mapping[str, TensorSpec], fmt: Format, out: Path,
+    progress: Callable[[], None] = lambda: None, field: str = "model_file",
+) -> None:
+    """Write the weighted mean of model files as a model file: inputs mapped into memory (zero copy);
+    a safetensors result is computed straight into its own mapped file."""
+    updates = [load_tensors(path) for path in paths]
+    if fmt == "safetensors":
+        target = create_safetensors(out, signature)
+        weighted_mean_into(updates, weights, signature, target, progress, field)
+        flush_mapped(target)
+        return
+    result = {name: np.empty(spec.shape, spec.dtype) for name, spec in signature.items()}
+    weighted_mean_into(updates, weights, signature, result, progress, field)
+    write_tensors(out, result, fmt)
 
 
 def derangement(n: int, rng: random.Random) -> list[int]:

@@ -11,7 +11,9 @@ import json
 import math
 import os
 import pickle  # for its exception type only: nothing is ever unpickled
+import struct
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,9 +24,11 @@ import numpy.lib.format as npy
 import safetensors.numpy
 
 from fltraining.errors import InvalidInput
+from fltraining.weights.signature import Signature, TensorSpec, signature_of
 
 type Format = Literal["safetensors", "npz", "torch"]
-type Source = bytes | bytearray | memoryview | str | os.PathLike[str]
+type Buffer = bytes | bytearray | memoryview
+type Source = Buffer | str | os.PathLike[str]
 
 # Above this many bytes of tensors once unpacked, a zip is refused before anything is unpacked:
 # a compressed `.npz` of zeros is tiny on the wire and huge in memory.
@@ -80,7 +84,7 @@ class UnsupportedModelFormat(InvalidInput):
         )
 
 
-def detect_format(data: bytes | bytearray | memoryview) -> Format:
+def detect_format(data: Buffer) -> Format:
     """Name the format of a model file from its content (which is not validated beyond that)."""
     head = bytes(data[:8])
     if len(data) == 0:
@@ -98,18 +102,48 @@ def detect_format(data: bytes | bytearray | memoryview) -> Format:
 
 def load_tensors(source: Source, *, max_tensor_bytes: int = MAX_TENSOR_BYTES) -> dict[str, np.ndarray]:
     """Read a model file's tensors by name, in file order (safetensors gives read-only views of `source`)."""
-    data = source if isinstance(source, bytes | bytearray | memoryview) else Path(source).read_bytes()
+    data = _buffer(source)
     fmt = detect_format(data)
-    readers: dict[Format, Callable[[bytes | bytearray | memoryview, int], dict[str, np.ndarray]]] = {
+    readers: dict[Format, Callable[[memoryview, int], dict[str, np.ndarray]]] = {
         "safetensors": _read_safetensors,
         "npz": _read_npz,
         "torch": _read_torch,
     }
     with _refusing(f"{fmt} file"):
-        tensors = readers[fmt](data, max_tensor_bytes)
+        tensors = readers[fmt](memoryview(data).cast("B"), max_tensor_bytes)
     if not tensors:
         raise UnsupportedModelFormat(f"the {fmt} file holds no tensors")
     return tensors
+
+
+def read_signature(source: Source, *, max_tensor_bytes: int = MAX_TENSOR_BYTES) -> tuple[Format, Signature]:
+    """A model file's format and tensor signature, without holding its tensors in memory.
+
+    A file on disk is mapped, not read: safetensors and uncompressed `.npz` members are looked at
+    through their headers; compressed `.npz` members are decompressed a block at a time to check them.
+    """
+    data = _buffer(source)
+    fmt = detect_format(data)
+    with _refusing(f"{fmt} file"):
+        view = memoryview(data).cast("B")
+        if fmt == "npz":
+            signature = _npz_signature(view, max_tensor_bytes)
+        else:
+            signature = signature_of(_read_safetensors(view, max_tensor_bytes) if fmt == "safetensors"
+                                     else _read_torch(view, max_tensor_bytes))
+    if not signature:
+        raise UnsupportedModelFormat(f"the {fmt} file holds no tensors")
+    return fmt, signature
+
+
+def _buffer(source: Source) -> Buffer:
+    """The bytes of a model file; a path is mapped into memory (its pages stay the page cache's)."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return source
+    path = Path(source)
+    if path.stat().st_size == 0:
+        return b""
+    return memoryview(np.memmap(path, dtype=np.uint8, mode="r"))
 
 
 def dump_tensors(tensors: Mapping[str, np.ndarray], fmt: Format = "safetensors") -> bytes:
@@ -127,6 +161,61 @@ def dump_tensors(tensors: Mapping[str, np.ndarray], fmt: Format = "safetensors")
     raise ValueError(f"unknown model format {fmt!r}")
 
 
+def write_tensors(path: Path, tensors: Mapping[str, np.ndarray], fmt: Format = "safetensors") -> None:
+    """Write tensors as a model file at `path` (safetensors straight from the arrays, no copy in memory)."""
+    if fmt == "safetensors":
+        target = create_safetensors(path, signature_of(tensors))
+        for name, array in tensors.items():
+            target[name][...] = array
+        flush_mapped(target)
+        return
+    path.write_bytes(dump_tensors(tensors, fmt))
+
+
+SAFETENSORS_CODES = {dtype.name: code for code, dtype in SAFETENSORS_DTYPES.items()}
+SAFETENSORS_ALIGNMENT = 8
+
+
+def create_safetensors(path: Path, signature: Mapping[str, TensorSpec]) -> dict[str, np.ndarray]:
+    """Create a safetensors file for `signature` and return its tensors as writable memory-mapped
+    arrays, to be filled in place (the file's pages are the page cache's, never the heap's)."""
+    header: dict[str, Any] = {}
+    offset = 0
+    # Widest dtypes first, as the library lays files out: every tensor then starts aligned.
+    for name, spec in sorted(signature.items(), key=lambda item: -np.dtype(item[1].dtype).itemsize):
+        nbytes = math.prod(spec.shape) * np.dtype(spec.dtype).itemsize
+        header[name] = {"dtype": SAFETENSORS_CODES[spec.dtype], "shape": list(spec.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % SAFETENSORS_ALIGNMENT)  # padded as the library pads it
+    start = 8 + len(text)
+    with path.open("wb") as out:
+        out.write(len(text).to_bytes(8, "little") + text)
+        if offset:
+            # Blocks reserved now: a full disk is an OSError here, not a SIGBUS when a page is written.
+            os.posix_fallocate(out.fileno(), start, offset)
+    if offset == 0:
+        return {name: np.zeros(spec.shape, spec.dtype) for name, spec in signature.items()}
+    mapped = np.memmap(path, dtype=np.uint8, mode="r+", offset=start, shape=(offset,))
+    return {
+        name: mapped[header[name]["data_offsets"][0] : header[name]["data_offsets"][1]]
+        .view(np.dtype(spec.dtype).newbyteorder("<")).reshape(spec.shape)
+        for name, spec in signature.items()
+    }
+
+
+def flush_mapped(tensors: Mapping[str, np.ndarray]) -> None:
+    """Write the pages of arrays from `create_safetensors` back to their file."""
+    for array in tensors.values():
+        base = array
+        while isinstance(base, np.ndarray) and not isinstance(base, np.memmap):
+            base = base.base
+        if isinstance(base, np.memmap):
+            base.flush()
+            return  # one map holds every tensor
+
+
 @contextmanager
 def _refusing(what: str) -> Iterator[None]:
     # The readers parse untrusted bytes: whatever they raise means the file is unreadable.
@@ -139,8 +228,43 @@ def _refusing(what: str) -> Iterator[None]:
         raise UnsupportedModelFormat(f"damaged {what} ({first_line[:MAX_REASON_CHARS]})") from error
 
 
-def _zip_format(data: bytes | bytearray | memoryview) -> Format:
-    with _refusing("zip archive"), zipfile.ZipFile(io.BytesIO(data)) as archive:
+class ViewFile(io.RawIOBase):
+    """A read-only, seekable file over a buffer, without copying it (zipfile needs a file)."""
+
+    def __init__(self, data: Buffer) -> None:
+        super().__init__()
+        self._view = memoryview(data).cast("B")
+        self._position = 0
+
+    def readable(self) -> bool:
+        """Always readable."""
+        return True
+
+    def seekable(self) -> bool:
+        """Always seekable."""
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        """Copy the next bytes into `buffer`."""
+        target = memoryview(buffer).cast("B")
+        count = max(0, min(len(target), len(self._view) - self._position))
+        target[:count] = self._view[self._position : self._position + count]
+        self._position += count
+        return count
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Move the read position."""
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def tell(self) -> int:
+        """The read position."""
+        return self._position
+
+
+def _zip_format(data: Buffer) -> Format:
+    with _refusing("zip archive"), zipfile.ZipFile(ViewFile(data)) as archive:
         names = archive.namelist()
     if all(name.endswith(".npy") for name in names):
         return "npz"
@@ -177,7 +301,7 @@ def _native(array: np.ndarray) -> np.ndarray:
     return array.astype(array.dtype.newbyteorder("="))
 
 
-def _read_safetensors(data: bytes | bytearray | memoryview, max_tensor_bytes: int) -> dict[str, np.ndarray]:
+def _read_safetensors(data: memoryview, max_tensor_bytes: int) -> dict[str, np.ndarray]:
     # Parsed here rather than by the library, whose reader copies every tensor: arrays stay views
     # of the file's bytes, so the file is held in memory once. The rules are the library's.
     view = memoryview(data).cast("B")
@@ -245,22 +369,80 @@ def _unpacked_size(archive: zipfile.ZipFile, max_tensor_bytes: int) -> None:
         )
 
 
-def _read_npz(data: bytes | bytearray | memoryview, max_tensor_bytes: int) -> dict[str, np.ndarray]:
+def _read_npz(data: memoryview, max_tensor_bytes: int) -> dict[str, np.ndarray]:
     # Each `.npy` member is read by hand (header, then raw bytes) rather than with np.load: the
     # header is checked before anything is allocated, and object arrays are refused outright.
+    # Uncompressed members (what np.savez and fltraining write) stay views of `data`.
     tensors: dict[str, np.ndarray] = {}
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+    with zipfile.ZipFile(ViewFile(data)) as archive:
         _unpacked_size(archive, max_tensor_bytes)
         for info in archive.infolist():
-            name = info.filename.removesuffix(".npy")
-            if name in tensors:
-                raise UnsupportedModelFormat(f"damaged npz file ({name!r} appears twice)")
-            with archive.open(info) as member:
-                tensors[name] = _read_npy(name, member)
+            name = _npz_member_name(info, tensors)
+            stored = _stored_member(data, info)
+            if stored is not None:
+                shape, fortran_order, dtype, header_bytes = _npy_header(name, ViewFile(stored))
+                raw: Buffer = stored[header_bytes:]
+            else:
+                with archive.open(info) as member:
+                    shape, fortran_order, dtype, _ = _npy_header(name, member)
+                    raw = member.read()
+            _check_size(name, len(raw), shape, dtype)
+            array = np.frombuffer(raw, dtype=dtype)
+            array = array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
+            tensors[name] = _native(array)
     return tensors
 
 
-def _read_npy(name: str, member: IO[bytes]) -> np.ndarray:
+def _npz_signature(data: memoryview, max_tensor_bytes: int) -> Signature:
+    signature: Signature = {}
+    with zipfile.ZipFile(ViewFile(data)) as archive:
+        _unpacked_size(archive, max_tensor_bytes)
+        for info in archive.infolist():
+            name = _npz_member_name(info, signature)
+            stored = _stored_member(data, info)
+            if stored is not None:
+                if zlib.crc32(stored) != info.CRC:
+                    raise UnsupportedModelFormat(f"damaged npz file (bad CRC-32 for {name!r})")
+                shape, _, dtype, header_bytes = _npy_header(name, ViewFile(stored))
+                _check_size(name, len(stored) - header_bytes, shape, dtype)
+            else:
+                with archive.open(info) as member:
+                    shape, _, dtype, header_bytes = _npy_header(name, member)
+                    size = 0
+                    while block := member.read(1 << 20):  # read to the end: zipfile checks the CRC
+                        size += len(block)
+                    _check_size(name, size, shape, dtype)
+            signature[name] = TensorSpec(tuple(shape), dtype.name)
+    return signature
+
+
+def _npz_member_name(info: zipfile.ZipInfo, seen: Mapping[str, Any]) -> str:
+    name = info.filename.removesuffix(".npy")
+    if name in seen:
+        raise UnsupportedModelFormat(f"damaged npz file ({name!r} appears twice)")
+    return name
+
+
+ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")
+
+
+def _stored_member(data: memoryview, info: zipfile.ZipInfo) -> memoryview | None:
+    """An uncompressed, unencrypted member's bytes as a view of the archive (None for others)."""
+    if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+        return None
+    start = info.header_offset
+    if start + ZIP_LOCAL_HEADER.size > len(data):
+        raise UnsupportedModelFormat("damaged npz file (a member lies outside the archive)")
+    magic, name_length, extra_length = ZIP_LOCAL_HEADER.unpack(data[start : start + ZIP_LOCAL_HEADER.size])
+    if magic != b"PK\x03\x04":
+        raise UnsupportedModelFormat("damaged npz file (bad local header)")
+    begin = start + ZIP_LOCAL_HEADER.size + name_length + extra_length
+    if begin + info.file_size > len(data):
+        raise UnsupportedModelFormat("damaged npz file (a member lies outside the archive)")
+    return data[begin : begin + info.file_size]
+
+
+def _npy_header(name: str, member: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype[Any], int]:
     version = npy.read_magic(member)
     if version == (1, 0):
         shape, fortran_order, dtype = npy.read_array_header_1_0(member, max_header_size=MAX_NPY_HEADER)
@@ -271,21 +453,21 @@ def _read_npy(name: str, member: IO[bytes]) -> np.ndarray:
     _check_dtype(name, dtype)
     if any(size < 0 for size in shape):
         raise UnsupportedModelFormat(f"damaged npz file ({name!r} has a negative dimension)")
-    raw = member.read()
-    if len(raw) != math.prod(shape) * dtype.itemsize:
+    return shape, fortran_order, dtype, member.tell()
+
+
+def _check_size(name: str, size: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
+    if size != math.prod(shape) * dtype.itemsize:
         raise UnsupportedModelFormat(f"damaged npz file (the size of {name!r} does not match its shape)")
-    array = np.frombuffer(raw, dtype=dtype)
-    array = array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
-    return _native(array)
 
 
-def _read_torch(data: bytes | bytearray | memoryview, max_tensor_bytes: int) -> dict[str, np.ndarray]:
+def _read_torch(data: memoryview, max_tensor_bytes: int) -> dict[str, np.ndarray]:
     import torch
 
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+    with zipfile.ZipFile(ViewFile(data)) as archive:
         _unpacked_size(archive, max_tensor_bytes)
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        state = torch.load(ViewFile(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         # torch's own message advises loading with weights_only=False: not for a server's clients.
         raise UnsupportedModelFormat(

@@ -3,10 +3,9 @@
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from fltraining.weights.formats import UnsupportedModelFormat, detect_format, load_tensors
-from fltraining.weights.signature import Signature, check_matches, signature_of, to_documents
+from fltraining.errors import InvalidInput
+from fltraining.weights.formats import Source, UnsupportedModelFormat, read_signature
+from fltraining.weights.signature import Signature, check_matches, from_documents, to_documents
 
 
 @dataclass(frozen=True)
@@ -18,20 +17,17 @@ class FileFacts:
     problem: str | None = None
 
 
-def inspect_file(data: bytes | bytearray | memoryview) -> FileFacts:
-    """Read a file's format and signature; an unsupported file is described, not refused."""
+def inspect_file(source: Source) -> FileFacts:
+    """Read a file's format and signature (a path is mapped, not read); an unsupported file is described."""
     try:
-        fmt = detect_format(data)
-        tensors = load_tensors(data)
+        fmt, signature = read_signature(source)
     except UnsupportedModelFormat as error:
         return FileFacts(format=None, problem=error.detail)
-    return FileFacts(format=fmt, tensors=to_documents(signature_of(tensors)))
+    return FileFacts(format=fmt, tensors=to_documents(signature))
 
 
-def load_matching(
-    data: bytes | bytearray | memoryview, expected: Signature, field_name: str
-) -> dict[str, np.ndarray]:
-    """Load an uploaded file and check it has the global model's tensors (400 naming the first mismatch)."""
-    tensors = load_tensors(data)
-    check_matches(expected, signature_of(tensors), field_name)
-    return tensors
+def check_facts(facts: FileFacts, expected: Signature, field_name: str) -> None:
+    """An uploaded file is readable and has the global model's tensors (400 naming the first mismatch)."""
+    if facts.format is None:
+        raise InvalidInput(facts.problem or "Unsupported model file.")
+    check_matches(expected, from_documents(facts.tensors), field_name)
