@@ -24,6 +24,7 @@ class ServiceProcess:
 
     def __init__(self, data_dir: Path, workers: int = 1, env: dict[str, str] | None = None,
                  port: int | None = None, embedded_port: int | None = None) -> None:
+        self.data_dir = data_dir
         self.port = port or free_port()
         self.embedded_port = embedded_port or free_port()
         self.workers = workers

@@ -5,6 +5,7 @@ import json
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -12,7 +13,8 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from fltraining.storage.database import database_name, make_client
-from fltraining.storage.files import CHUNK_BYTES, UPLOAD_BATCH_BYTES, ModelFiles
+from fltraining.storage.blob_gridfs import BUCKET, CHUNK_BYTES, GridFSBlobStore
+from fltraining.storage.blobs import WRITE_BATCH_BYTES, Staging
 from tests.helpers import PASSWORD
 from tests.processes import ServiceProcess
 
@@ -148,11 +150,11 @@ async def test_model_upload_that_stops_mid_file_gets_408_and_keeps_nothing(
     store: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
         f"mongodb://127.0.0.1:{impatient.embedded_port}/?directConnection=true",
         uuidRepresentation="standard")
-    chunks = store["fltraining"]["model_files.chunks"]
+    chunks = store["fltraining"][f"{BUCKET}.chunks"]
     try:
-        before = await chunks.count_documents({})
+        before = (await chunks.count_documents({}), blob_files(impatient))
         await stall_an_upload(impatient, connections, token)
-        assert await chunks.count_documents({}) == before
+        assert (await chunks.count_documents({}), blob_files(impatient)) == before
     finally:
         await store.close()
     async with (aiohttp.ClientSession() as session,
@@ -160,6 +162,12 @@ async def test_model_upload_that_stops_mid_file_gets_408_and_keeps_nothing(
                             headers={"Authorization": f"Token {token}"}) as response):
         assert response.status == 200
         assert await response.json() == []
+
+
+def blob_files(service: ServiceProcess) -> list[str]:
+    """Every file under the service's blob and staging folders (whichever blob store it runs)."""
+    return sorted(str(path) for folder in ("blobs", "staging") for path in (service.data_dir / folder).rglob("*")
+                  if path.is_file())
 
 
 async def stall_an_upload(service: ServiceProcess, connections: list[Connection], token: str) -> None:
@@ -296,21 +304,37 @@ async def test_client_that_disconnects_mid_body_is_no_server_error(impatient: Se
     assert "Connection lost" not in impatient.log()
 
 
-async def test_upload_holds_at_most_one_batch_before_it_reaches_the_store(database_url: str) -> None:
-    client = make_client(database_url)
-    database = client[database_name(database_url, "fltraining")]
-    files = ModelFiles(database)
-    unstored: list[int] = []
+async def test_upload_holds_at_most_one_batch_before_it_reaches_the_disk(tmp_path: Path) -> None:
+    staging = Staging(tmp_path)
+    unwritten: list[int] = []
     piece = b"\1" * (64 * 1024)
 
     async def pieces() -> AsyncIterator[bytes]:
         for index in range(1, 4 * 16 + 1):  # 4 MiB
             yield piece
-            stored = await database["model_files.chunks"].count_documents({})
-            unstored.append(index * len(piece) - stored * CHUNK_BYTES)
+            on_disk = sum(path.stat().st_size for path in tmp_path.glob("*"))
+            unwritten.append(index * len(piece) - on_disk)
+
+    staged = await staging.write(pieces(), 16 * MIB)
+    assert staged.size == 4 * MIB and staged.path.stat().st_size == 4 * MIB
+    assert max(unwritten) <= WRITE_BATCH_BYTES
+
+
+async def test_gridfs_commit_moves_the_staged_file_into_the_bucket(database_url: str, tmp_path: Path) -> None:
+    client = make_client(database_url)
+    database = client[database_name(database_url, "fltraining")]
+    store = GridFSBlobStore(database, Staging(tmp_path))
+
+    async def content() -> AsyncIterator[bytes]:
+        yield b"\2" * (4 * MIB)
 
     try:
-        await files.store(pieces(), 16 * MIB, "m.pt")
+        staged = await store.stage(content(), 16 * MIB)
+        stored = await store.commit(staged)
+        chunks = await database[f"{BUCKET}.chunks"].count_documents({"files_id": stored.file_id})
+        read_back = b"".join([chunk async for chunk in await store.open_chunks(stored.file_id)])
     finally:
         await client.close()
-    assert max(unstored) <= UPLOAD_BATCH_BYTES + 2 * CHUNK_BYTES
+    assert chunks == -(-4 * MIB // CHUNK_BYTES)
+    assert read_back == b"\2" * (4 * MIB)
+    assert not staged.path.exists()

@@ -654,14 +654,15 @@ async def test_unique_index_check_does_not_scan_the_collection(
     assert array_scans[0] >= 1
 
 
-async def test_gridfs_chunk_index_rejects_a_duplicate_chunk_over_the_wire(raw_db: AsyncDatabase[Raw]) -> None:
-    from fltraining.storage.files import BUCKET, CHUNK_BYTES, ModelFiles
+async def test_gridfs_chunk_index_rejects_a_duplicate_chunk_over_the_wire(raw_db: AsyncDatabase[Raw], tmp_path: Path) -> None:
+    from fltraining.storage.blob_gridfs import BUCKET, CHUNK_BYTES, GridFSBlobStore
+    from fltraining.storage.blobs import Staging
 
     async def content() -> AsyncIterator[bytes]:
         yield bytes(3 * CHUNK_BYTES)
 
-    files = ModelFiles(raw_db)
-    stored = [await files.store(content(), 10 * CHUNK_BYTES, f"m{i}") for i in range(3)]
+    files = GridFSBlobStore(raw_db, Staging(tmp_path))
+    stored = [await files.put(content(), 10 * CHUNK_BYTES) for _ in range(3)]
     chunks = raw_db[f"{BUCKET}.chunks"]
     assert await chunks.count_documents({}) == 9
     with pytest.raises(DuplicateKeyError):

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 from uuid import UUID, uuid4
 
 from fltraining.errors import InsufficientStorage, PayloadTooLarge
@@ -67,6 +67,11 @@ def storage_errors() -> Iterator[None]:
         raise
 
 
+def open_for_writing(path: Path) -> BinaryIO:
+    """Create a staging file for unbuffered writes (the writes are batched by the caller)."""
+    return path.open("wb", buffering=0)
+
+
 def fsync_directory(directory: Path) -> None:
     """Make a rename in `directory` durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
@@ -94,7 +99,7 @@ class Staging:
         size = 0
         pending = bytearray()
         try:
-            with storage_errors(), path.open("wb", buffering=0) as out:
+            with storage_errors(), open_for_writing(path) as out:
                 async for chunk in chunks:
                     size += len(chunk)
                     if size > max_bytes:
