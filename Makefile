@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 BENCH_VENV := .venv-bench
 
-.PHONY: run test bench bench-aggregation bench-rounds demo clean
+.PHONY: run test bench bench-aggregation bench-rounds bench-transfer demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13) and "fltraining needs Python 3.13 (see .python-version)")'
@@ -18,8 +18,17 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(VENV)/bin/fltraining serve $(ARGS)
 
+# The whole suite twice: on the `files` blob store (the embedded default) and on `gridfs`, side by
+# side (each tier starts its own embedded store); the gridfs tier's output follows the files tier's.
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	@rm -f .test-gridfs.log; \
+	FLTRAINING_BLOB_STORE=gridfs $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS) > .test-gridfs.log 2>&1 & gridfs=$$!; \
+	echo "== blob store tier: files (the gridfs tier runs beside it; its output follows) =="; \
+	FLTRAINING_BLOB_STORE=files $(PY) -m pytest $(PYTEST_ARGS); files=$$?; \
+	wait $$gridfs; gridfs_status=$$?; \
+	echo "== blob store tier: gridfs =="; cat .test-gridfs.log; \
+	echo "files tier exit $$files, gridfs tier exit $$gridfs_status"; \
+	[ $$files -eq 0 ] && [ $$gridfs_status -eq 0 ]
 
 bench: $(STAMP)
 	$(PY) bench/api_bench.py
@@ -36,6 +45,9 @@ bench-aggregation: $(BENCH_VENV)/.installed
 
 bench-rounds: $(STAMP)
 	$(PY) bench/round_latency_bench.py $(ARGS)
+
+bench-transfer: $(STAMP)
+	$(PY) bench/transfer_bench.py $(ARGS)
 
 demo: $(STAMP)
 	$(PY) examples/federated_digits.py $(ARGS)

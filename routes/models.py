@@ -76,7 +76,7 @@ async def delete_model(request: web.Request) -> web.Response:
 
 ENDPOINTS = [
     Endpoint("POST", "/api/models", upload_model, "Upload a model", "models", multipart=ModelCreate,
-             responses={201: ModelUploadAccepted}, errors=(400, 413, 415), headers={201: ("Location",)}),
+             responses={201: ModelUploadAccepted}, errors=(400, 413, 415, 507), headers={201: ("Location",)}),
     Endpoint("GET", "/api/models", list_models, "Models the caller owns or reaches", "models",
              responses={200: [ModelMetadata]}),
     Endpoint("GET", "/api/models/{model_id}/metadata", metadata, "Model metadata", "models",

@@ -17,6 +17,7 @@ _STATUS_TEXT = {
     403: "Not allowed", 404: "Unknown resource", 408: "Body did not arrive in time",
     409: "Conflict with the current state", 412: "If-Match does not match", 413: "Body too large",
     415: "Wrong content type", 429: "Too many requests", 503: "Database unreachable",
+    507: "No room to store the file right now (nothing was kept)",
 }
 SECURITY = [{"tokenAuth": []}, {"bearerAuth": []}, {"basicAuth": []}]
 _ERROR_HEADERS = {401: "WWW-Authenticate", 429: "Retry-After"}

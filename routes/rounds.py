@@ -236,7 +236,7 @@ _MODEL = "/api/models/{model_id}"
 _TRAINING = "/api/trainings/{training_id}"
 ENDPOINTS = [
     Endpoint("POST", _MODEL, upload_update, "Upload a local model update", "rounds", multipart=UpdateForm,
-             responses={201: Message}, errors=(400, 403, 404, 408, 409, 413, 415),
+             responses={201: Message}, errors=(400, 403, 404, 408, 409, 413, 415, 507),
              description="Multipart `model_file`, `round`, `sample_size`, optional repeated `metric_names` and "
                          "`metric_values`. The id may be the global model or the local model handed out in a "
                          "daisy-chain round. An identical retry answers 201 again."),
@@ -247,7 +247,7 @@ ENDPOINTS = [
              responses={200: [MetricPublic]}, errors=(403, 404)),
     Endpoint("POST", _MODEL + "/swag", upload_swag, "Upload SWAG statistics (state S)", "rounds", multipart=SwagForm,
              files=("first_moment_file", "second_moment_file"),
-             responses={201: Message}, errors=(400, 403, 404, 408, 409, 413, 415)),
+             responses={201: Message}, errors=(400, 403, 404, 408, 409, 413, 415, 507)),
     Endpoint("GET", _MODEL + "/swag/first", swag_first, "Aggregated SWAG first moment", "rounds",
              responses={200: "application/octet-stream"}, errors=(403, 404), headers={200: ("Content-Disposition",)}),
     Endpoint("GET", _MODEL + "/swag/second", swag_second, "Aggregated SWAG second moment", "rounds",

@@ -55,11 +55,12 @@ async def mongo(store: str) -> AsyncIterator[Any]:
     await client.close()
 
 
-def service(tmp_path: Path, name: str, store: str, **env: str) -> ServiceProcess:
-    """A service process on the shared store (loopback endpoints, fast reconciling and retries)."""
+def service(tmp_path: Path, store: str, **env: str) -> ServiceProcess:
+    """A service process on the shared store and the shared data directory, as processes of one
+    machine share it (the `files` blob store needs that); loopback endpoints, fast reconciling and retries."""
     settings = {"FLTRAINING_MONGODB_URL": store, **ENGINE_ENV}
     settings.update({f"FLTRAINING_{key.upper()}": value for key, value in env.items()})
-    return ServiceProcess(tmp_path / name, env=settings)
+    return ServiceProcess(tmp_path / "shared", env=settings)
 
 
 def talk_to(clients: list[SimulatedClient], api: HttpApi) -> None:
@@ -113,8 +114,8 @@ async def assert_completed_correctly(api: HttpApi, actor: Account, training_id: 
 
 
 async def test_two_processes_aggregate_every_round_once(tmp_path: Path, store: str) -> None:
-    first = service(tmp_path, "a", store)
-    second = service(tmp_path, "b", store)
+    first = service(tmp_path, store)
+    second = service(tmp_path, store)
     clients: list[SimulatedClient] = []
     with first, second:
         api_a, api_b = HttpApi(first.base_url), HttpApi(second.base_url)
@@ -137,8 +138,8 @@ async def test_two_processes_aggregate_every_round_once(tmp_path: Path, store: s
 
 
 async def test_sigkilled_lease_holder_is_replaced(tmp_path: Path, store: str, mongo: Any) -> None:
-    holder = service(tmp_path, "a", store, fault_hold_after_claim="true", lock_lease_seconds="2")
-    rescuer = service(tmp_path, "b", store)
+    holder = service(tmp_path, store, fault_hold_after_claim="true", lock_lease_seconds="2")
+    rescuer = service(tmp_path, store)
     clients: list[SimulatedClient] = []
     api_a = api_b = None
     try:
@@ -183,8 +184,8 @@ async def test_sigkilled_lease_holder_is_replaced(tmp_path: Path, store: str, mo
 async def test_restart_delivers_pending_notifications(tmp_path: Path, store: str, mongo: Any) -> None:
     env = {"notification_max_attempts": "50", "notification_backoff_seconds": "0.2",
            "notification_timeout_seconds": "2"}
-    before = service(tmp_path, "before", store, **env)
-    after = service(tmp_path, "after", store, **env)
+    before = service(tmp_path, store, **env)
+    after = service(tmp_path, store, **env)
     clients: list[SimulatedClient] = []
     api_before = api_after = None
     try:
