@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fltraining.weights.formats import Format, create_safetensors, flush_mapped, load_tensors, write_tensors
+from fltraining.weights.formats import Format, create_safetensors, load_tensors, write_tensors
 
 from fltraining.weights.signature import Signature, TensorSpec, check_matches, signature_of
 
@@ -240,9 +240,8 @@ def mean_of_files(
     a safetensors result is computed straight into its own mapped file."""
     updates = [load_tensors(path) for path in paths]
     if fmt == "safetensors":
-        target = create_safetensors(out, signature)
-        weighted_mean_into(updates, weights, signature, target, progress, field)
-        flush_mapped(target)
+        # Written through the map; the blob store's commit fsyncs the file (no msync here).
+        weighted_mean_into(updates, weights, signature, create_safetensors(out, signature), progress, field)
         return
     result = {name: np.empty(spec.shape, spec.dtype) for name, spec in signature.items()}
     weighted_mean_into(updates, weights, signature, result, progress, field)

@@ -5,6 +5,7 @@ Python literals, read with `ast.literal_eval` by NumPy), and PyTorch files only 
 `torch.load(weights_only=True)`, whose unpickler admits tensors and plain containers only.
 """
 
+import functools
 import importlib.util
 import io
 import json
@@ -61,6 +62,7 @@ DTYPE_NAMES = frozenset(dtype.name for dtype in SAFETENSORS_DTYPES.values())
 MAX_REASON_CHARS = 200
 
 
+@functools.cache
 def torch_available() -> bool:
     """Whether the optional `torch` extra is installed (PyTorch state dicts are then accepted)."""
     return importlib.util.find_spec("torch") is not None
@@ -167,8 +169,7 @@ def write_tensors(path: Path, tensors: Mapping[str, np.ndarray], fmt: Format = "
         target = create_safetensors(path, signature_of(tensors))
         for name, array in tensors.items():
             target[name][...] = array
-        flush_mapped(target)
-        return
+        return  # the pages are in the page cache: readers see them; whoever needs durability fsyncs
     path.write_bytes(dump_tensors(tensors, fmt))
 
 
@@ -203,17 +204,6 @@ def create_safetensors(path: Path, signature: Mapping[str, TensorSpec]) -> dict[
         .view(np.dtype(spec.dtype).newbyteorder("<")).reshape(spec.shape)
         for name, spec in signature.items()
     }
-
-
-def flush_mapped(tensors: Mapping[str, np.ndarray]) -> None:
-    """Write the pages of arrays from `create_safetensors` back to their file."""
-    for array in tensors.values():
-        base = array
-        while isinstance(base, np.ndarray) and not isinstance(base, np.memmap):
-            base = base.base
-        if isinstance(base, np.memmap):
-            base.flush()
-            return  # one map holds every tensor
 
 
 @contextmanager
@@ -342,14 +332,14 @@ def _is_size(value: Any) -> bool:
 
 
 def _safetensors_entry(name: str, info: Any) -> tuple[str, np.dtype[Any], tuple[int, ...], int, int]:
-    damaged = UnsupportedModelFormat(f"damaged safetensors file (bad header entry for {name!r})")
-    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-        raise damaged
+    if not (
+        isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}
+        and isinstance(info["dtype"], str) and isinstance(info["shape"], list) and all(map(_is_size, info["shape"]))
+        and isinstance(info["data_offsets"], list) and len(info["data_offsets"]) == 2
+        and all(map(_is_size, info["data_offsets"]))
+    ):
+        raise UnsupportedModelFormat(f"damaged safetensors file (bad header entry for {name!r})")
     code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if not isinstance(code, str) or not isinstance(shape, list) or not all(map(_is_size, shape)):
-        raise damaged
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_size, offsets)):
-        raise damaged
     begin, end = offsets
     if code not in SAFETENSORS_DTYPES:
         raise UnsupportedModelFormat(f"tensor {name!r} has dtype {code}; accepted dtypes: {ACCEPTED_DTYPES}")
