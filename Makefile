@@ -26,8 +26,8 @@ test: $(STAMP)
 	echo "== blob store tier: files (the gridfs tier runs beside it; its output follows) =="; \
 	FLTRAINING_BLOB_STORE=files $(PY) -m pytest $(PYTEST_ARGS); files=$$?; \
 	wait $$gridfs; gridfs_status=$$?; \
-	echo "== blob store tier: gridfs =="; cat .test-gridfs.log; \
-	echo "files tier exit $$files, gridfs tier exit $$gridfs_status"; \
+	echo "== files tier exit $$files, gridfs tier exit $$gridfs_status; the gridfs tier's output: =="; \
+	cat .test-gridfs.log; \
 	[ $$files -eq 0 ] && [ $$gridfs_status -eq 0 ]
 
 bench: $(STAMP)

@@ -359,58 +359,58 @@ def _unpacked_size(archive: zipfile.ZipFile, max_tensor_bytes: int) -> None:
         )
 
 
+def _npz_members(
+    data: memoryview, max_tensor_bytes: int
+) -> Iterator[tuple[str, zipfile.ZipInfo, memoryview | None, zipfile.ZipFile]]:
+    """Each member's tensor name, zip entry, bytes (a view, when stored uncompressed) and archive."""
+    seen: set[str] = set()
+    with zipfile.ZipFile(ViewFile(data)) as archive:
+        _unpacked_size(archive, max_tensor_bytes)
+        for info in archive.infolist():
+            name = info.filename.removesuffix(".npy")
+            if name in seen:
+                raise UnsupportedModelFormat(f"damaged npz file ({name!r} appears twice)")
+            seen.add(name)
+            yield name, info, _stored_member(data, info), archive
+
+
 def _read_npz(data: memoryview, max_tensor_bytes: int) -> dict[str, np.ndarray]:
     # Each `.npy` member is read by hand (header, then raw bytes) rather than with np.load: the
     # header is checked before anything is allocated, and object arrays are refused outright.
     # Uncompressed members (what np.savez and fltraining write) stay views of `data`.
     tensors: dict[str, np.ndarray] = {}
-    with zipfile.ZipFile(ViewFile(data)) as archive:
-        _unpacked_size(archive, max_tensor_bytes)
-        for info in archive.infolist():
-            name = _npz_member_name(info, tensors)
-            stored = _stored_member(data, info)
-            if stored is not None:
-                shape, fortran_order, dtype, header_bytes = _npy_header(name, ViewFile(stored))
-                raw: Buffer = stored[header_bytes:]
-            else:
-                with archive.open(info) as member:
-                    shape, fortran_order, dtype, _ = _npy_header(name, member)
-                    raw = member.read()
-            _check_size(name, len(raw), shape, dtype)
-            array = np.frombuffer(raw, dtype=dtype)
-            array = array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
-            tensors[name] = _native(array)
+    for name, info, stored, archive in _npz_members(data, max_tensor_bytes):
+        if stored is not None:
+            shape, fortran_order, dtype, header_bytes = _npy_header(name, ViewFile(stored))
+            raw: Buffer = stored[header_bytes:]
+        else:
+            with archive.open(info) as member:
+                shape, fortran_order, dtype, _ = _npy_header(name, member)
+                raw = member.read()
+        _check_size(name, len(raw), shape, dtype)
+        array = np.frombuffer(raw, dtype=dtype)
+        array = array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
+        tensors[name] = _native(array)
     return tensors
 
 
 def _npz_signature(data: memoryview, max_tensor_bytes: int) -> Signature:
     signature: Signature = {}
-    with zipfile.ZipFile(ViewFile(data)) as archive:
-        _unpacked_size(archive, max_tensor_bytes)
-        for info in archive.infolist():
-            name = _npz_member_name(info, signature)
-            stored = _stored_member(data, info)
-            if stored is not None:
-                if zlib.crc32(stored) != info.CRC:
-                    raise UnsupportedModelFormat(f"damaged npz file (bad CRC-32 for {name!r})")
-                shape, _, dtype, header_bytes = _npy_header(name, ViewFile(stored))
-                _check_size(name, len(stored) - header_bytes, shape, dtype)
-            else:
-                with archive.open(info) as member:
-                    shape, _, dtype, header_bytes = _npy_header(name, member)
-                    size = 0
-                    while block := member.read(1 << 20):  # read to the end: zipfile checks the CRC
-                        size += len(block)
-                    _check_size(name, size, shape, dtype)
-            signature[name] = TensorSpec(tuple(shape), dtype.name)
+    for name, info, stored, archive in _npz_members(data, max_tensor_bytes):
+        if stored is not None:
+            if zlib.crc32(stored) != info.CRC:
+                raise UnsupportedModelFormat(f"damaged npz file (bad CRC-32 for {name!r})")
+            shape, _, dtype, header_bytes = _npy_header(name, ViewFile(stored))
+            _check_size(name, len(stored) - header_bytes, shape, dtype)
+        else:
+            with archive.open(info) as member:
+                shape, _, dtype, _ = _npy_header(name, member)
+                size = 0
+                while block := member.read(1 << 20):  # read to the end: zipfile checks the CRC
+                    size += len(block)
+                _check_size(name, size, shape, dtype)
+        signature[name] = TensorSpec(tuple(shape), dtype.name)
     return signature
-
-
-def _npz_member_name(info: zipfile.ZipInfo, seen: Mapping[str, Any]) -> str:
-    name = info.filename.removesuffix(".npy")
-    if name in seen:
-        raise UnsupportedModelFormat(f"damaged npz file ({name!r} appears twice)")
-    return name
 
 
 ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")
