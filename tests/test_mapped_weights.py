@@ -1,6 +1,7 @@
 """The engine's aggregation path: model files mapped into memory, the block-major weighted mean written
 straight into a mapped result file, signatures read from headers."""
 
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -60,9 +61,16 @@ def test_block_major_mean_equals_the_streaming_accumulator_bit_for_bit(
     expected = streamed_mean(updates, weights)
     out = {name: np.empty_like(array) for name, array in updates[0].items()}
     weighted_mean_into(updates, weights, signature_of(updates[0]), out)
+    with tempfile.TemporaryDirectory() as folder:  # and the engine's way: files in, a file out
+        paths = [Path(folder) / f"u{index}" for index in range(len(updates))]
+        for path, update in zip(paths, updates):
+            write_tensors(path, update)
+        mean_of_files(paths, weights, signature_of(updates[0]), "safetensors", Path(folder) / "mean")
+        from_file = {name: np.array(array) for name, array in load_tensors(Path(folder) / "mean").items()}
     for name, array in expected.items():
-        assert out[name].dtype == array.dtype and out[name].shape == array.shape
-        assert out[name].tobytes() == array.tobytes(), name
+        for got in (out[name], from_file[name]):
+            assert got.dtype == array.dtype and got.shape == array.shape
+            assert got.tobytes() == array.tobytes(), name
 
 
 def model(fill: float) -> dict[str, np.ndarray]:

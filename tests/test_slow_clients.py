@@ -304,6 +304,33 @@ async def test_client_that_disconnects_mid_body_is_no_server_error(impatient: Se
     assert "Connection lost" not in impatient.log()
 
 
+async def test_model_upload_cut_off_mid_file_leaves_no_blob_and_no_model(impatient: ServiceProcess) -> None:
+    token = register(impatient)
+    before = blob_files(impatient)
+    boundary = "cutboundary"
+    marker = f"cut{uuid.uuid4().hex}"
+    preamble = (f'--{boundary}\r\nContent-Disposition: form-data; name="name"\r\n\r\ncut\r\n'
+                f'--{boundary}\r\nContent-Disposition: form-data; name="model_file"; filename="m.pt"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n").encode()
+    head = request_head("POST", "/api/models/", {
+        "Authorization": f"Token {token}", "Content-Type": f"multipart/form-data; boundary={boundary}",
+        "Content-Length": str(len(preamble) + 8 * MIB), "X-Request-ID": marker,
+    })
+    connection = await Connection.open(impatient)
+    await connection.send(head + preamble + b"\0" * (3 * MIB))  # more than a write batch reaches the disk
+    connection.close()
+    async with asyncio.timeout(ANSWER_WITHIN):
+        while marker not in impatient.log():
+            await asyncio.sleep(0.05)  # polling the log for the request's line, not waiting out a race
+    line = next(line for line in impatient.log().splitlines() if marker in line)
+    assert json.loads(line)["status"] == 499
+    assert blob_files(impatient) == before
+    async with (aiohttp.ClientSession() as session,
+                session.get(impatient.base_url + "/api/models/",
+                            headers={"Authorization": f"Token {token}"}) as response):
+        assert all(model["name"] != "cut" for model in await response.json())
+
+
 async def test_upload_holds_at_most_one_batch_before_it_reaches_the_disk(tmp_path: Path) -> None:
     staging = Staging(tmp_path)
     unwritten: list[int] = []

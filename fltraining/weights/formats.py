@@ -165,21 +165,34 @@ def dump_tensors(tensors: Mapping[str, np.ndarray], fmt: Format = "safetensors")
 
 def write_tensors(path: Path, tensors: Mapping[str, np.ndarray], fmt: Format = "safetensors") -> None:
     """Write tensors as a model file at `path` (safetensors straight from the arrays, no copy in memory)."""
-    if fmt == "safetensors":
-        target = create_safetensors(path, signature_of(tensors))
+    if fmt != "safetensors":
+        path.write_bytes(dump_tensors(tensors, fmt))
+        return
+    offsets = create_safetensors(path, signature_of(tensors))
+    fd = os.open(path, os.O_WRONLY)
+    try:
         for name, array in tensors.items():
-            target[name][...] = array
-        return  # the pages are in the page cache: readers see them; whoever needs durability fsyncs
-    path.write_bytes(dump_tensors(tensors, fmt))
+            little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+            write_at(fd, little.reshape(-1).view(np.uint8), offsets[name])
+    finally:
+        os.close(fd)
+
+
+def write_at(fd: int, data: np.ndarray, offset: int) -> None:
+    """pwrite all of `data` (bytes) at `offset`, however many calls it takes."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 SAFETENSORS_CODES = {dtype.name: code for code, dtype in SAFETENSORS_DTYPES.items()}
 SAFETENSORS_ALIGNMENT = 8
 
 
-def create_safetensors(path: Path, signature: Mapping[str, TensorSpec]) -> dict[str, np.ndarray]:
-    """Create a safetensors file for `signature` and return its tensors as writable memory-mapped
-    arrays, to be filled in place (the file's pages are the page cache's, never the heap's)."""
+def create_safetensors(path: Path, signature: Mapping[str, TensorSpec]) -> dict[str, int]:
+    """Create a safetensors file for `signature`, its header written and its data blocks reserved,
+    and return where each tensor's bytes start in it, to be filled in place."""
     header: dict[str, Any] = {}
     offset = 0
     # Widest dtypes first, as the library lays files out: every tensor then starts aligned.
@@ -194,16 +207,9 @@ def create_safetensors(path: Path, signature: Mapping[str, TensorSpec]) -> dict[
     with path.open("wb") as out:
         out.write(len(text).to_bytes(8, "little") + text)
         if offset:
-            # Blocks reserved now: a full disk is an OSError here, not a SIGBUS when a page is written.
+            # Blocks reserved now: a full disk is an error here, not half-way through the data.
             os.posix_fallocate(out.fileno(), start, offset)
-    if offset == 0:
-        return {name: np.zeros(spec.shape, spec.dtype) for name, spec in signature.items()}
-    mapped = np.memmap(path, dtype=np.uint8, mode="r+", offset=start, shape=(offset,))
-    return {
-        name: mapped[header[name]["data_offsets"][0] : header[name]["data_offsets"][1]]
-        .view(np.dtype(spec.dtype).newbyteorder("<")).reshape(spec.shape)
-        for name, spec in signature.items()
-    }
+    return {name: start + header[name]["data_offsets"][0] for name in signature}
 
 
 @contextmanager
