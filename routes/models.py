@@ -16,7 +16,8 @@ from routes.table import Endpoint
 
 UPLOAD_FORM = FormSpec(
     files=frozenset({"model_file"}),
-    texts=frozenset({"name", "description", "input_shape"}),
+    texts=frozenset({"name", "description"}),
+    lists=frozenset({"input_shape"}),  # once as JSON, or repeated once per dimension (DLR's MNIST scripts)
     # Sent by DLR clients and accepted for compatibility; fltraining has no use for them.
     ignored=frozenset({"round", "type", "owner"}),
 )
@@ -33,7 +34,7 @@ async def upload_model(request: web.Request) -> web.Response:
             raise InvalidInput("Missing required field: name")
         if "model_file" not in form.files:
             raise InvalidInput("Missing required field: model_file")
-        data = validate(ModelCreate, dict(form.texts))
+        data = validate(ModelCreate, {**form.texts, **form.lists})
         model = await service.create(current_user(request), data, form.files["model_file"])
     except BaseException:
         await discard(form, service.discard_file)

@@ -126,7 +126,7 @@ async def get_metrics(request: web.Request) -> web.Response:
     """GET /api/models/{id}/metrics/ (a global model the caller reaches, or a local update)."""
     model_id = path_uuid(request, "model_id")
     await visible_file(request.app[models_key], current_user(request), model_id)
-    return json_models([MetricPublic.model_validate(raw) for raw in await metrics_of(model_id)])
+    return json_models([MetricPublic.of(raw) for raw in await metrics_of(model_id)])
 
 
 async def swag_first(request: web.Request) -> web.StreamResponse:

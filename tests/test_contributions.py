@@ -36,7 +36,7 @@ from tests.test_rounds import events_of, run_training
 
 SSE_SECONDS = 20.0
 EVENT_FIELDS = {"id", "training", "type", "round", "at", "user", "data"}
-METRIC_FIELDS = {"key", "value", "step", "reporter", "created_at"}
+METRIC_FIELDS = {"id", "model", "identifier", "key", "value_float", "value_binary", "step", "reporter", "created_at"}
 
 
 def trained(delta: float) -> bytes:
@@ -362,7 +362,7 @@ async def test_update_bracket_metric_spelling_accepted(api: TestClient, started:
     assert (status, body) == (201, {"detail": "Model Update Accepted"})
     [local] = [e for e in await training_models(api, started.actor, started.training_id) if e["type"] == "LOCAL"]
     metrics = await metrics_of(api, started.first, local["id"])
-    assert {(m["key"], m["value"], m["step"], m["reporter"]) for m in metrics} == {
+    assert {(m["key"], m["value_float"], m["step"], m["reporter"]) for m in metrics} == {
         ("loss", 0.25, 0, started.first.id), ("accuracy", 0.75, 0, started.first.id)}
 
 
@@ -410,7 +410,7 @@ async def test_metrics_accepted_in_each_encoding(api: TestClient, started: Round
     status, body = await post_metrics(api, started.first, started.model_id, kind, ["a", "b"], [0.5, 2.0])
     assert (status, body) == (201, {"detail": "Model Metrics Upload Accepted", "model_id": started.model_id})
     metrics = await metrics_of(api, started.actor, started.model_id)
-    assert sorted((m["key"], m["value"], m["reporter"]) for m in metrics) == [
+    assert sorted((m["key"], m["value_float"], m["reporter"]) for m in metrics) == [
         ("a", 0.5, started.first.id), ("b", 2.0, started.first.id)]
 
 
@@ -452,7 +452,7 @@ async def test_metrics_listing_and_access(api: TestClient, started: Round) -> No
     for reader in (started.actor, started.first, started.second):
         [metric] = await metrics_of(api, reader, started.model_id)
         assert set(metric) == METRIC_FIELDS
-        assert (metric["key"], metric["value"], metric["step"], metric["reporter"]) == (
+        assert (metric["key"], metric["value_float"], metric["step"], metric["reporter"]) == (
             "accuracy", 0.9, 0, started.first.id)
     response = await api.get(f"/api/models/{started.model_id}/metrics/", headers=started.stranger.headers)
     assert response.status == 403
@@ -468,7 +468,7 @@ async def test_metrics_resend_same_is_idempotent_and_change_conflicts(api: TestC
     assert status == 409, body
     assert isinstance(body["detail"], str)
     [metric] = await metrics_of(api, started.actor, started.model_id)
-    assert metric["value"] == 0.9
+    assert metric["value_float"] == 0.9
     # Another reporter may give the same key its own value.
     status, _ = await post_metrics(api, started.second, started.model_id, "json", ["accuracy"], [0.8])
     assert status == 201
@@ -734,3 +734,18 @@ async def test_engine_options_past_their_limits_refused(api: TestClient, options
     assert (await response.json())["errors"][0]["loc"][:2] == ["options", next(iter(options))]
     listed = await api.get("/api/trainings/", headers=actor.headers)
     assert await listed.json() == []
+
+
+async def test_metric_objects_have_the_fields_dlr_frontend_draws_from(api: TestClient, started: Round) -> None:
+    """DLR's web frontend charts `value_float` of DLR's metric objects (before: empty charts)."""
+    status, _ = await post_metrics(api, started.first, started.model_id, "json", ["accuracy", "loss"], [0.9, 0.25])
+    assert status == 201
+    metrics = await metrics_of(api, started.actor, started.model_id)
+    assert {frozenset(metric) for metric in metrics} == {frozenset(
+        {"id", "model", "identifier", "key", "value_float", "value_binary", "step", "reporter", "created_at"})}
+    by_key = {metric["key"]: metric for metric in metrics}
+    assert (by_key["accuracy"]["value_float"], by_key["loss"]["value_float"]) == (0.9, 0.25)
+    for metric in metrics:
+        assert (metric["model"], metric["step"], metric["reporter"]) == (started.model_id, 0, started.first.id)
+        assert metric["value_binary"] is None and metric["identifier"] is None
+    assert len({metric["id"] for metric in metrics}) == 2

@@ -1,6 +1,8 @@
-"""Models: multipart upload into GridFS, metadata, download, access rules and deletion."""
+"""Models: multipart upload into the blob store, metadata, download, access rules and deletion."""
 
+import base64
 import hashlib
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -15,7 +17,17 @@ from pymongo.asynchronous.database import AsyncDatabase
 from fltraining.settings import Settings
 from fltraining.storage.database import database_name, make_client
 from routes.app import create_app
-from tests.helpers import Account, blob_bytes, create_training, nothing_stored, register, stored_blobs, upload_model
+from tests.helpers import (
+    PASSWORD,
+    Account,
+    blob_bytes,
+    create_training,
+    nothing_stored,
+    register,
+    small_model,
+    stored_blobs,
+    upload_model,
+)
 
 METADATA_KEYS = {"id", "name", "description", "owner", "round", "input_shape", "size", "sha256", "created_at"}
 
@@ -136,6 +148,7 @@ async def test_multi_mib_file_round_trips_through_the_blob_store(
         ("None", None),
         ("", None),
         ("[]", []),
+        ("7", [7]),  # one dimension: DLR reads the field as a list
     ],
 )
 async def test_input_shape_forms(client: TestClient, sent: str, stored: Any) -> None:
@@ -159,7 +172,6 @@ async def test_input_shape_is_optional(client: TestClient) -> None:
         {"name": "m", "input_shape": '["a"]'},
         {"name": "m", "input_shape": "[true]"},
         {"name": "m", "input_shape": '{"a": 1}'},
-        {"name": "m", "input_shape": "7"},
         {"name": "m", "input_shape": "[" + ", ".join(["1"] * 33) + "]"},
         {"name": "m", "input_shape": "[1, 99999999999999999999999999]"},
         {"name": ""},
@@ -173,7 +185,6 @@ async def test_input_shape_is_optional(client: TestClient) -> None:
         "string item",
         "bool item",
         "object",
-        "scalar",
         "too many dims",
         "dim past 64 bits",
         "empty name",
@@ -396,3 +407,36 @@ async def test_actor_of_its_training_may_delete(
     assert response.status == 200
     assert await raw_db["models"].count_documents({"_id": uuid.UUID(model_id)}) == 0
     assert await raw_db["trainings"].count_documents({"model": uuid.UUID(model_id)}) == 0
+
+
+async def test_dlr_mnist_create_model_request_is_accepted(client: TestClient) -> None:
+    """DLR's MNIST create-model.sh: Basic auth, `Accept: application/json`, `input_shape` repeated once
+    per dimension with None for the batch (before: 400 "Field 'input_shape' may be sent once.")."""
+    owner = await register(client)
+    form = FormData()
+    form.add_field("name", "MNIST Model")
+    form.add_field("description", "A PyTorch model for MNIST classification")
+    for dimension in ("None", "1", "28", "28"):
+        form.add_field("input_shape", dimension)
+    form.add_field("model_file", small_model(), filename="torch-model.pt")
+    basic = "Basic " + base64.b64encode(f"{owner.username}:{PASSWORD}".encode()).decode()
+    response = await client.post("/api/models/", data=form,
+                                 headers={"Authorization": basic, "Accept": "application/json"})
+    assert response.status == 201, await response.text()
+    model_id = (await response.json())["model_id"]
+    assert (await metadata(client, owner, model_id))["input_shape"] == [None, 1, 28, 28]
+
+
+@pytest.mark.parametrize("dimensions", [("None", "x"), ("1", "2.5"), ("1",) * 33, ("1", "99999999999999999999")])
+async def test_bad_repeated_input_shape_is_400_and_stores_nothing(
+    client: TestClient, raw_db: AsyncDatabase[dict[str, Any]], dimensions: tuple[str, ...]
+) -> None:
+    owner = await register(client)
+    form = model_form(small_model(), name="m")
+    for dimension in dimensions:
+        form.add_field("input_shape", dimension)
+    response = await client.post("/api/models/", data=form, headers=owner.headers)
+    assert response.status == 400
+    assert "input_shape" in json.dumps(await response.json())
+    assert await raw_db["models"].count_documents({}) == 0
+    assert await nothing_stored(client)

@@ -22,15 +22,31 @@ class ModelCreate(RequestModel):
     @field_validator("input_shape", mode="before")
     @classmethod
     def parse_shape(cls, value: object) -> object:
-        """Multipart sends the shape as JSON text; "None"/"null"/"" mean no shape."""
+        """Multipart sends the shape as JSON text once ("None"/"null"/"" mean no shape), or as the field
+        repeated once per dimension with "None" for a free one, as DLR's MNIST scripts do."""
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            if len(value) == 1:
+                return cls.parse_shape(value[0])
+            return [_dimension(item) for item in value]
         if isinstance(value, str):
             if value.strip() in {"", "None", "null"}:
                 return None
             try:
-                return json.loads(value.replace("None", "null"))
+                parsed = json.loads(value.replace("None", "null"))
             except json.JSONDecodeError as error:
                 raise ValueError("input_shape must be a JSON list of integers or null") from error
+            return [parsed] if isinstance(parsed, int) and not isinstance(parsed, bool) else parsed
         return value
+
+
+def _dimension(text: str) -> int | None:
+    """One repeated `input_shape` value: an integer, or None/null/"" for a free dimension."""
+    if text.strip() in {"", "None", "null"}:
+        return None
+    try:
+        return int(text.strip())
+    except ValueError as error:
+        raise ValueError(f"input_shape dimensions must be integers or None, not {text[:32]!r}") from error
 
 
 class ModelMetadata(PublicModel):

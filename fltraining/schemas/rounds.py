@@ -53,13 +53,23 @@ class MetricsAccepted(PublicModel):
 
 
 class MetricPublic(PublicModel):
-    """One stored metric value."""
+    """One stored metric value, as DLR's metric objects (its web frontend draws charts from `value_float`)."""
 
+    id: UUID
+    model: UUID
+    identifier: str | None = None  # DLR's free-form label; fltraining records none
     key: str
-    value: float
+    value_float: float
+    value_binary: None = None  # DLR keeps pickled objects here; fltraining stores numbers only
     step: int
     reporter: UUID
     created_at: UtcDatetime
+
+    @classmethod
+    def of(cls, raw: dict[str, Any]) -> "MetricPublic":
+        """The public form of a stored metric document."""
+        return cls(id=raw["_id"], model=raw["model"], key=raw["key"], value_float=raw["value"], step=raw["step"],
+                   reporter=raw["reporter"], created_at=raw["created_at"])
 
 
 class TrainingModelEntry(PublicModel):
