@@ -59,7 +59,14 @@ class Settings(BaseSettings):
         default=0, ge=0, description="Days a new user's token stays valid (0 = no expiry, as DLR)."
     )
     login_failure_limit: int = Field(
-        default=20, ge=0, description="Failed logins per address and window before 429 (0 = no limit)."
+        default=20, ge=0,
+        description="Failed passwords per account and window before that account's password logins get 429 "
+        "(0 = no limit); tokens are never refused.",
+    )
+    login_address_failure_limit: int = Field(
+        default=1000, ge=0,
+        description="Failed logins per address and window before 429 (0 = no limit): a ceiling against "
+        "guessing across many accounts, far above what one proxy's users cause.",
     )
     login_failure_window_seconds: int = Field(
         default=60, ge=1, le=86_400, description="Length of the failed-login window."

@@ -1,4 +1,4 @@
-"""Failed-login throttling per address (429) and token expiry (401)."""
+"""Failed-login throttling per account and per address (429), and token expiry (401)."""
 
 import base64
 from datetime import timedelta
@@ -15,6 +15,7 @@ from routes.app import create_app
 from tests.helpers import PASSWORD, register
 
 LIMIT = 3
+ADDRESS_LIMIT = 10
 
 
 def basic(username: str, password: str) -> dict[str, str]:
@@ -24,11 +25,12 @@ def basic(username: str, password: str) -> dict[str, str]:
 
 @pytest.fixture
 async def throttled(aiohttp_client: Any, settings: Settings) -> TestClient:
-    """A service that allows three failed logins per address and minute."""
-    return await aiohttp_client(create_app(settings.model_copy(update={"login_failure_limit": LIMIT})))
+    """A service that allows three failed passwords per account and ten failed logins per address per minute."""
+    return await aiohttp_client(create_app(settings.model_copy(
+        update={"login_failure_limit": LIMIT, "login_address_failure_limit": ADDRESS_LIMIT})))
 
 
-async def test_failed_logins_from_one_address_are_refused_with_429(throttled: TestClient) -> None:
+async def test_failed_passwords_lock_that_account_only(throttled: TestClient) -> None:
     user = await register(throttled)
     for _ in range(LIMIT):
         response = await throttled.get("/api/users/myself/", headers=basic(user.username, "wrong password"))
@@ -36,26 +38,49 @@ async def test_failed_logins_from_one_address_are_refused_with_429(throttled: Te
     refused = await throttled.get("/api/users/myself/", headers=basic(user.username, PASSWORD))
     assert refused.status == 429
     assert int(refused.headers["Retry-After"]) >= 1
-    assert (await refused.json())["detail"].startswith("Too many failed logins")
-    # Wrong tokens count against the same address, and are refused too.
-    response = await throttled.get("/api/users/myself/", headers={"Authorization": "Token " + "0" * 40})
-    assert response.status == 429
-    # A valid token cannot be a guess: it still works from the throttled address (shared NATs).
+    assert (await refused.json())["detail"] == "Too many failed logins for this account; try again later."
+    # From another address too: the account is what is being guessed.
+    url = f"http://127.0.0.1:{throttled.port}/api/users/myself/"
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as other:
+        async with other.get(url, headers=basic(user.username, PASSWORD)) as response:
+            assert response.status == 429
+    # The account's token is never refused (160 random bits are no guess).
     assert (await throttled.get("/api/users/myself/", headers=user.headers)).status == 200
 
 
-async def test_another_address_is_not_locked_out(throttled: TestClient) -> None:
-    user = await register(throttled)
-    for _ in range(LIMIT + 1):
-        await throttled.get("/api/users/myself/", headers=basic(user.username, "wrong password"))
+async def test_frontend_users_behind_one_proxy_are_not_locked_out_by_one_guesser(throttled: TestClient) -> None:
+    """DLR's web frontend sends Basic auth on every call; behind vite or nginx all users share one
+    address. Before: 20 wrong passwords for anyone locked every user out for the window."""
+    alice, bob = await register(throttled), await register(throttled)
+    for _ in range(LIMIT + 2):  # someone guesses bob's password through the proxy
+        await throttled.get("/api/users/myself/", headers=basic(bob.username, "guess"))
+    for _ in range(3):  # alice keeps working with her password, from the same address
+        response = await throttled.get("/api/users/myself/", headers=basic(alice.username, PASSWORD))
+        assert response.status == 200
+        assert (await response.json())["username"] == alice.username
+    assert (await throttled.get("/api/users/myself/", headers=basic(bob.username, PASSWORD))).status == 429
+    assert (await throttled.get("/api/users/myself/", headers=bob.headers)).status == 200
+
+
+async def test_guessing_across_many_accounts_hits_the_address_ceiling(throttled: TestClient) -> None:
+    victim = await register(throttled)
+    for index in range(ADDRESS_LIMIT):  # one guess per name: no account reaches its own limit
+        await throttled.get("/api/users/", headers=basic(f"name{index}", "guess"))
+    refused = await throttled.get("/api/users/", headers=basic(victim.username, PASSWORD))
+    assert refused.status == 429
+    assert (await refused.json())["detail"] == "Too many failed logins for this address; try again later."
+    # Wrong tokens count against the address as well and are refused past its ceiling...
+    assert (await throttled.get("/api/users/", headers={"Authorization": "Token " + "0" * 40})).status == 429
+    # ...valid ones never are.
+    assert (await throttled.get("/api/users/myself/", headers=victim.headers)).status == 200
+    # Another address is not affected.
     url = f"http://127.0.0.1:{throttled.port}/api/users/myself/"
-    connector = aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
-    async with aiohttp.ClientSession(connector=connector) as other:
-        async with other.get(url, headers=basic(user.username, PASSWORD)) as response:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as other:
+        async with other.get(url, headers=basic(victim.username, PASSWORD)) as response:
             assert response.status == 200
 
 
-async def test_verified_token_is_not_slowed_by_other_failures(throttled: TestClient) -> None:
+async def test_verified_credentials_are_not_slowed_by_other_failures(throttled: TestClient) -> None:
     user = await register(throttled)
     assert (await throttled.get("/api/users/myself/", headers=user.headers)).status == 200
     for _ in range(LIMIT + 1):
@@ -76,7 +101,8 @@ async def test_failures_are_shared_by_every_process_on_the_database(aiohttp_clie
 
 
 async def test_limit_zero_disables_throttling(aiohttp_client: Any, settings: Settings) -> None:
-    client = await aiohttp_client(create_app(settings.model_copy(update={"login_failure_limit": 0})))
+    client = await aiohttp_client(create_app(settings.model_copy(
+        update={"login_failure_limit": 0, "login_address_failure_limit": 0})))
     user = await register(client)
     for _ in range(10):
         assert (await client.get("/api/users/", headers=basic(user.username, "nope"))).status == 401

@@ -51,7 +51,8 @@ def build_services(database: AsyncDatabase[dict[str, Any]], settings: Settings) 
         PasswordHashing(settings.password_hash_time_cost),
         models,
         CredentialCache(settings.auth_cache_seconds),
-        LoginThrottle(settings.login_failure_limit, settings.login_failure_window_seconds),
+        LoginThrottle(settings.login_failure_limit, settings.login_address_failure_limit,
+                      settings.login_failure_window_seconds),
         lifetime,
         settings.notification_allow_loopback,
     )

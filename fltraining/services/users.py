@@ -71,8 +71,7 @@ class UserService:
             if user is None or not tokens_match(user.token_hash, token):
                 # 160 random bits cannot be guessed, so a valid token is never refused (clients
                 # behind a shared address stay up); failed ones count and turn into 429s.
-                await self._throttle.check(address)
-                await self._throttle.record_failure(address)
+                await self._throttle.token_failed(address)
                 return None
             self._cache.put(key, user)
         return None if user.token_expired(utcnow()) else user
@@ -83,13 +82,13 @@ class UserService:
         if (cached := self._cache.get(key)) is not None:
             return cached
         # Checked before verifying: past the limit even a right guess is refused.
-        await self._throttle.check(address)
+        await self._throttle.check_password(username, address)
         user = await find_document(User, {"username": username})
         valid = await asyncio.to_thread(
             self._passwords.verify, user.password_hash if user else None, password
         )
         if user is None or not valid:
-            await self._throttle.record_failure(address)
+            await self._throttle.password_failed(username, address)
             return None
         self._cache.put(key, user)
         return user
