@@ -14,7 +14,6 @@ from fltraining.errors import (
     InvalidInput,
     NotFound,
     PayloadTooLarge,
-    PreconditionFailed,
     RequestTimeout,
     UnsupportedMediaType,
 )
@@ -122,14 +121,19 @@ def read_query[M: BaseModel](request: web.Request, schema: type[M], repeatable: 
         raise InvalidInput("Invalid query.", public_errors(error.errors())) from error
 
 
+# What an If-Match naming no version at all (empty, malformed) stands for: it matches nothing, but
+# only once the resource is known to exist (RFC 9110: a missing resource is 404 whatever the preconditions).
+MATCHES_NO_VERSION = -1
+
+
 def if_match_version(request: web.Request) -> int | None:
-    """The version an If-Match header names; None without one or for `*`."""
+    """The version an If-Match header names; None without one or for `*`, MATCHES_NO_VERSION if it names none."""
     header = request.headers.get("If-Match")
     if header is None or header.strip() == "*":
         return None
     tag = header.strip().removeprefix("W/").strip('"')
     if not tag.isdigit() or len(tag) > 18:
-        raise PreconditionFailed("If-Match names no version of this training.")
+        return MATCHES_NO_VERSION
     return int(tag)
 
 

@@ -209,6 +209,26 @@ async def test_patch_with_if_match_detects_lost_updates(client: TestClient) -> N
     assert (await get_training(client, actor, training_id))["metric_names"] == ["*"]
 
 
+@pytest.mark.parametrize("if_match", ["", '"nonsense"', '"7"', "*"])
+async def test_a_missing_training_is_404_whatever_if_match_says(client: TestClient, if_match: str) -> None:
+    """RFC 9110: preconditions apply to a resource that exists (found by schemathesis: an empty If-Match
+    on an unknown id answered 412)."""
+    actor = await register(client)
+    response = await client.patch(f"/api/trainings/{uuid4()}/", json={"metric_names": ["x"]},
+                                  headers={**actor.headers, "If-Match": if_match})
+    assert response.status == 404
+    assert "detail" in await response.json()
+
+
+async def test_an_empty_if_match_on_an_existing_training_is_412(client: TestClient) -> None:
+    actor = await register(client)
+    training_id = await create_training(client, actor)
+    response = await client.patch(f"/api/trainings/{training_id}/", json={"metric_names": ["x"]},
+                                  headers={**actor.headers, "If-Match": ""})
+    assert response.status == 412
+    assert (await get_training(client, actor, training_id))["metric_names"] == []
+
+
 async def test_clients_can_be_registered_and_removed(client: TestClient) -> None:
     actor = await register(client)
     first, second, third = await register(client), await register(client), await register(client)
