@@ -312,8 +312,23 @@ class Notification(Document):
         ]
 
 
+class SetAsideEffect(Document):
+    """A training's effect that could never be applied (the store refused it), kept for inspection."""
+
+    id: str = Field(max_length=64)  # type: ignore[assignment]  # the effect's own id
+    training: UUID
+    effect: dict[str, Any]
+    error: str = Field(max_length=1000)
+    at: datetime = Field(default_factory=utcnow)
+
+    class Settings:
+        name = "set_aside_effects"
+        indexes: ClassVar[list[IndexModel]] = [IndexModel("training", name="training")]
+
+
 DOCUMENT_MODELS: list[type[Document]] = [
     User, Model, Training, LoginFailures, MetricsSnapshot, Update, SwagStatistic, Metric, Event, Notification,
+    SetAsideEffect,
 ]
 
 # Every (collection, field) that may hold a GridFS file id: a file none of them names is a leftover.

@@ -7,7 +7,7 @@ from typing import Any
 from uuid import UUID
 
 import numpy as np
-from aiohttp import FormData
+from aiohttp import ClientResponse, FormData
 from aiohttp.test_utils import TestClient
 
 from fltraining.storage.database import database_name, make_client
@@ -124,3 +124,21 @@ def staging_leftovers(client: TestClient) -> list[str]:
 async def nothing_stored(client: TestClient) -> bool:
     """No blob and no staging file: what a refused upload must leave."""
     return not await stored_blobs(client) and not staging_leftovers(client)
+
+
+async def next_frame(response: ClientResponse) -> dict[str, str] | None:
+    """The next Server-Sent Events frame as field -> value (comments skipped); None at the end of the stream."""
+    frame: dict[str, str] = {}
+    while True:
+        line = await response.content.readline()
+        if not line:
+            return None
+        text = line.decode().rstrip("\r\n")
+        if text == "":
+            if frame:
+                return frame
+            continue
+        if text.startswith(":"):
+            continue
+        name, _, value = text.partition(":")
+        frame[name] = value.removeprefix(" ")

@@ -17,7 +17,7 @@ from uuid import uuid4
 
 import numpy as np
 import pytest
-from aiohttp import ClientResponse, FormData
+from aiohttp import FormData
 from aiohttp.test_utils import TestClient
 
 from fltraining.weights import dump_tensors, load_tensors
@@ -31,7 +31,7 @@ from tests.fl_clients import (
     wait_for_state,
     wait_until,
 )
-from tests.helpers import PASSWORD, Account, create_training, get_training, register, upload_model
+from tests.helpers import PASSWORD, Account, create_training, get_training, next_frame, register, upload_model
 from tests.test_rounds import events_of, run_training
 
 SSE_SECONDS = 20.0
@@ -572,24 +572,6 @@ async def test_events_json_paging_and_access(api: TestClient, started: Round) ->
         assert isinstance((await response.json())["detail"], str)
     response = await api.get(f"/api/trainings/{started.training_id}/events/", headers=started.stranger.headers)
     assert response.status == 403
-
-
-async def next_frame(response: ClientResponse) -> dict[str, str] | None:
-    """The next Server-Sent Events frame as field -> value (comments skipped); None at the end of the stream."""
-    frame: dict[str, str] = {}
-    while True:
-        line = await response.content.readline()
-        if not line:
-            return None
-        text = line.decode().rstrip("\r\n")
-        if text == "":
-            if frame:
-                return frame
-            continue
-        if text.startswith(":"):
-            continue
-        name, _, value = text.partition(":")
-        frame[name] = value.removeprefix(" ")
 
 
 async def test_events_stream_backlog_live_and_end(api: TestClient, started: Round) -> None:

@@ -1,6 +1,7 @@
 """End to end over real HTTP: simulated clients run trainings to completion through notifications."""
 
 import asyncio
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -13,6 +14,7 @@ from fltraining.engine.rounds import LeaseKeeper
 from fltraining.settings import Settings
 from fltraining.storage.database import database_name, make_client
 from routes.app import create_app
+from routes.keys import engine_key
 from tests.fl_clients import (
     GLOBAL_TENSORS,
     SimulatedClient,
@@ -25,6 +27,7 @@ from tests.fl_clients import (
 from tests.helpers import (
     Account,
     create_training,
+    next_frame,
     register,
     stored_training,
     update_stored_training,
@@ -81,6 +84,63 @@ async def test_exhausted_notification_retries_end_the_training(api: TestClient, 
     assert clients[1].types().count("TRAINING_START") + clients[1].types().count("UPDATE_ROUND_START") >= 5
     failed = [event for event in await events_of(api, actor, training_id) if event["type"] == "notification_failed"]
     assert failed and {event["user"] for event in failed} == {clients[1].account.id}
+
+
+async def test_a_client_answering_500_ends_the_training_with_its_event_and_the_stream_ends(
+    api: TestClient, clients: list[SimulatedClient], database_url: str
+) -> None:
+    """DLR's client answers SWAG_ROUND_START with 500. Before: E was reached but its state_changed event
+    failed the events validator (a string user), its effect stayed pending forever and the SSE stream
+    never ended."""
+    clients[2].answer_status = 500
+    actor = await register(api, actor=True)
+    training_id = await run_training(api, actor, clients, target_num_updates=2)
+    headers = {**actor.headers, "Accept": "text/event-stream"}
+    async with asyncio.timeout(60):
+        response = await api.get(f"/api/trainings/{training_id}/events/", headers=headers)
+        assert response.status == 200
+        frames = []
+        while (frame := await next_frame(response)) is not None:  # ends by itself once the training is E
+            frames.append(json.loads(frame["data"]))
+    final = await wait_for_state(api, actor, training_id, {"E"})
+    assert final["state_detail"]["reason"] == "notification_failed"
+    ended = [frame for frame in frames if frame["type"] == "state_changed" and frame["data"].get("state") == "E"]
+    assert len(ended) == 1
+    assert ended[0]["user"] == clients[2].account.id and ended[0]["data"]["reason"] == "notification_failed"
+    assert [event["type"] for event in await events_of(api, actor, training_id)].count("state_changed") >= 2
+    training = await stored_training(database_url, training_id)
+    assert training is not None and training["effects"] == []
+    mongo = make_client(database_url)
+    try:
+        assert await mongo[database_name(database_url, "x")]["set_aside_effects"].count_documents({}) == 0
+    finally:
+        await mongo.close()
+
+
+async def test_an_effect_the_store_refuses_is_set_aside_once_and_blocks_nothing(
+    api: TestClient, database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    actor = await register(api, actor=True)
+    training_id = await create_training(api, actor, await upload_model(api, actor, model_bytes()))
+    at = datetime.now(UTC).replace(microsecond=0)
+    broken = {"id": "0000000000001-00-broken", "kind": "event", "at": at, "type": "probe", "round": 0,
+              "user": "not a uuid", "data": {}}  # the events validator refuses a string user
+    fine = {**broken, "id": "0000000000001-01-fine", "user": None}
+    await update_stored_training(database_url, training_id, effects=[broken, fine])
+    engine = api.server.app[engine_key]
+    for _ in range(2):  # applied twice (two processes, a retry): logged and kept once
+        await engine.advance(UUID(training_id))
+    assert (await stored_training(database_url, training_id) or {}).get("effects") == []
+    assert [event["id"] for event in await events_of(api, actor, training_id)] == [fine["id"]]
+    mongo = make_client(database_url)
+    try:
+        [kept] = await mongo[database_name(database_url, "x")]["set_aside_effects"].find({}).to_list()
+    finally:
+        await mongo.close()
+    assert (kept["_id"], str(kept["training"]), kept["effect"]["user"]) == (broken["id"], training_id, "not a uuid")
+    assert "WriteError" in kept["error"]
+    logged = [record for record in caplog.records if "set aside" in record.getMessage()]
+    assert len(logged) == 1 and logged[0].levelname == "ERROR" and training_id in logged[0].getMessage()
 
 
 @pytest.mark.parametrize("endpoint", ["http://127.0.0.1:9/hook", "http://169.254.169.254/latest", "http://[::1]/x",

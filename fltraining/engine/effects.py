@@ -5,16 +5,20 @@ state it changes (a transactional outbox inside the aggregate). Any process may 
 each one is idempotent (deterministic ids, conditional writes), so applying twice changes nothing.
 """
 
+import logging
 import secrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from pymongo.errors import DuplicateKeyError
+from pymongo.errors import DuplicateKeyError, WriteError
 
-from fltraining.documents import Event, Model, Notification, SwagStatistic, Training, Update
+from fltraining.clock import utcnow
+from fltraining.documents import Event, Model, Notification, SetAsideEffect, SwagStatistic, Training, Update
 from fltraining.storage.blobs import StoredFile
+
+log = logging.getLogger(__name__)
 
 DropFile = Callable[[UUID], Awaitable[object]]
 
@@ -137,16 +141,33 @@ async def apply_pending(
 ) -> None:
     """Apply a training's pending effects of one lane in order, then remove them from the document.
 
-    `notified` is called as soon as notifications are in the outbox, so delivery starts at once.
+    `notified` is called as soon as notifications are in the outbox, so delivery starts at once. An
+    effect the store refuses for good (a validator, a malformed effect) is logged once and set aside,
+    so it neither blocks the effects behind it nor is retried forever; lost connections still raise.
     """
     effects = pending(training, cleanup)
     if not effects:
         return
     for effect in effects:
-        await apply_effect(effect, training, drop_file)
+        try:
+            await apply_effect(effect, training, drop_file)
+        except (WriteError, KeyError, TypeError, ValueError) as error:
+            await set_aside(effect, training, error)
+            continue
         if effect["kind"] == "notify":
             notified()
     ids = [effect["id"] for effect in effects]
     await Training.get_pymongo_collection().update_one(
         {"_id": training.id}, {"$pull": {"effects": {"id": {"$in": ids}}}}
     )
+
+
+async def set_aside(effect: dict[str, Any], training: Training, error: Exception) -> None:
+    """Keep an effect that can never be applied in `set_aside_effects`, with why (logged once per effect)."""
+    reason = f"{type(error).__name__}: {error}"[:1000]
+    try:
+        await SetAsideEffect.get_pymongo_collection().insert_one(
+            {"_id": effect["id"], "training": training.id, "effect": effect, "error": reason, "at": utcnow()})
+    except DuplicateKeyError:
+        return  # another process set it aside (and logged it) already
+    log.error("effect %s (%s) of training %s set aside: %s", effect["id"], effect.get("kind"), training.id, reason)

@@ -107,7 +107,10 @@ def fail(training: Training, fields: Fields, effects: Effects, move: Transition,
     move_state(training, move, fields)
     fields.update(phase=None, round_deadline=None, locked=False, lease_owner=None, lease_until=None,
                   state_detail=detail)
-    effects.event("state_changed", training.round, state="E", **detail)
+    # The event's `user` is a user id field: a detail naming a user (notification_failed) fills it.
+    data = {key: value for key, value in detail.items() if key != "user"}
+    user = detail.get("user")
+    effects.event("state_changed", training.round, None if user is None else UUID(str(user)), state="E", **data)
 
 
 def _skip_tests(training: Training) -> bool:
