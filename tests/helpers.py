@@ -46,6 +46,16 @@ def small_model() -> bytes:
     return dump_tensors({"w": np.zeros(2, np.float32)})
 
 
+def sized_model(size: int, seed: int = 0) -> bytes:
+    """A valid safetensors model file of exactly `size` bytes (one uint8 tensor of random bytes)."""
+    header = len(dump_tensors({"w": np.zeros(0, np.uint8)}))
+    for payload in range(max(0, size - header - 16), size + 1):
+        if len(content := dump_tensors({"w": np.zeros(payload, np.uint8)})) == size:
+            data = np.random.default_rng(seed).integers(0, 256, payload, dtype=np.uint8)
+            return dump_tensors({"w": data})
+    raise ValueError(f"no safetensors file of exactly {size} bytes: {len(content)}")
+
+
 async def upload_model(client: TestClient, owner: Account, content: bytes | None = None, **fields: str) -> str:
     """Upload a model through the API and return its id."""
     content = small_model() if content is None else content

@@ -20,7 +20,7 @@ from fltraining.storage.blob_gridfs import BUCKET, CHUNK_BYTES, READ_BATCH_CHUNK
 from fltraining.storage.blobs import BlobMissing, Staging
 from routes.app import create_app
 from routes.keys import models_key
-from tests.helpers import nothing_stored, register, small_model, stored_blobs, upload_model
+from tests.helpers import nothing_stored, register, sized_model, small_model, stored_blobs, upload_model
 from tests.test_models import model_form, raw_db  # noqa: F401  (raw_db: a fixture)
 
 MIB = 1024 * 1024
@@ -129,7 +129,7 @@ async def test_a_real_full_disk_answers_507_and_leaves_room(aiohttp_client: Any,
                                                             tiny_disk: Path) -> None:
     client = await aiohttp_client(create_app(settings.model_copy(update={"data_dir": tiny_disk})))
     owner = await register(client)
-    response = await client.post("/api/models/", data=model_form(os.urandom(3 * MIB)), headers=owner.headers)
+    response = await client.post("/api/models/", data=model_form(sized_model(3 * MIB)), headers=owner.headers)
     assert response.status == 507
     assert await nothing_stored(client)
     model_id = await upload_model(client, owner)  # the partial staging file was removed: there is room
@@ -139,7 +139,7 @@ async def test_a_real_full_disk_answers_507_and_leaves_room(aiohttp_client: Any,
 
 async def test_download_is_sent_from_the_file_with_ranges(client: TestClient, settings: Settings) -> None:
     owner = await register(client)
-    content = os.urandom(MIB + 7)
+    content = sized_model(MIB + 7)
     model_id = await upload_model(client, owner, content)
     response = await client.get(f"/api/models/{model_id}/", headers=owner.headers)
     assert response.headers["ETag"] == f'"{hashlib.sha256(content).hexdigest()}"'

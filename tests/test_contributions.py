@@ -13,13 +13,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import numpy as np
 import pytest
 from aiohttp import FormData
 from aiohttp.test_utils import TestClient
 
+from fltraining.storage.database import database_name, make_client
 from fltraining.weights import dump_tensors, load_tensors
 from tests.fl_clients import (
     GLOBAL_TENSORS,
@@ -369,9 +370,18 @@ async def test_update_bracket_metric_spelling_accepted(api: TestClient, started:
 # 2. Start needs a global model in an accepted format
 
 
-async def test_start_refused_for_unreadable_global_model(api: TestClient, silent: list[SimulatedClient]) -> None:
+async def test_start_refused_for_unreadable_global_model(api: TestClient, silent: list[SimulatedClient],
+                                                         database_url: str) -> None:
+    """A model stored before uploads were checked, in no accepted format (today such an upload is a 400)."""
     actor = await register(api, actor=True)
-    model_id = await upload_model(api, actor, b"not a model")  # accepted as a model (201)
+    model_id = await upload_model(api, actor)
+    mongo = make_client(database_url)
+    try:
+        await mongo[database_name(database_url, "x")]["models"].update_one(
+            {"_id": UUID(model_id)},
+            {"$set": {"format": None, "format_problem": "Unsupported model file: the file is empty.", "tensors": []}})
+    finally:
+        await mongo.close()
     training_id = await create_training(api, actor, model_id, clients=[silent[0].account.id])
     response = await api.post(f"/api/trainings/{training_id}/start/", headers=actor.headers)
     assert response.status == 409, await response.text()

@@ -14,6 +14,8 @@ from tests.helpers import (
     create_training,
     get_training,
     register,
+    sized_model,
+    small_model,
     training_total,
     upload_model,
 )
@@ -389,7 +391,7 @@ async def test_operator_shaped_path_ids_are_404_and_touch_nothing(client: TestCl
 async def other_users_training(client: TestClient) -> tuple[Account, Account, Account, str, str]:
     """Me, another actor and its participant, and the other actor's training and model."""
     me, other, participant = await register(client), await register(client), await register(client)
-    model_id = await upload_model(client, other, b"their weights")
+    model_id = await upload_model(client, other, sized_model(300))
     training_id = await create_training(client, other, model_id, clients=[participant.id])
     return me, other, participant, training_id, model_id
 
@@ -454,7 +456,7 @@ async def test_a_token_never_reaches_another_users_model(
     client: TestClient, method: str, suffix: str
 ) -> None:
     me, other, _, training_id, model_id = await other_users_training(client)
-    lone_model = await upload_model(client, other, b"other weights")  # in no training at all
+    lone_model = await upload_model(client, other, sized_model(301))  # in no training at all
     for target in (model_id, lone_model):
         metadata_before = await (
             await client.get(f"/api/models/{target}/metadata/", headers=other.headers)
@@ -465,14 +467,14 @@ async def test_a_token_never_reaches_another_users_model(
         response = await client.get(f"/api/models/{target}/metadata/", headers=other.headers)
         assert await response.json() == metadata_before
     download = await client.get(f"/api/models/{model_id}/", headers=other.headers)
-    assert await download.read() == b"their weights"
+    assert await download.read() == sized_model(300)
     assert (await get_training(client, other, training_id))["model"] == model_id
 
 
 async def test_a_participant_cannot_delete_the_actors_model(client: TestClient) -> None:
     _, other, participant, training_id, model_id = await other_users_training(client)
     response = await client.get(f"/api/models/{model_id}/", headers=participant.headers)
-    assert await response.read() == b"their weights"
+    assert await response.read() == sized_model(300)
     await assert_error(await client.delete(f"/api/models/{model_id}/", headers=participant.headers), 403)
     assert (await get_training(client, other, training_id))["model"] == model_id
     assert model_id in await model_ids(client, other)
@@ -524,6 +526,6 @@ async def test_operator_shaped_input_shapes_are_400_and_store_no_model(
     form = FormData()
     form.add_field("name", "model")
     form.add_field("input_shape", shape)
-    form.add_field("model_file", b"weights", filename="model.pt", content_type="application/octet-stream")
+    form.add_field("model_file", small_model(), filename="model.pt", content_type="application/octet-stream")
     await assert_error(await client.post("/api/models/", data=form, headers=me.headers), 400)
     assert await model_ids(client, me) == set()

@@ -6,7 +6,7 @@ import pytest
 from aiohttp import FormData
 from aiohttp.test_utils import TestClient
 
-from tests.helpers import get_training, register, training_total, upload_model
+from tests.helpers import get_training, register, small_model, training_total, upload_model
 
 
 @pytest.mark.parametrize(
@@ -64,7 +64,7 @@ async def test_multipart_text_field_over_64_kib_is_rejected(client: TestClient) 
     form = FormData()
     form.add_field("name", "m")
     form.add_field("description", "d" * (64 * 1024 + 1))
-    form.add_field("model_file", b"weights", filename="m.pt", content_type="application/octet-stream")
+    form.add_field("model_file", small_model(), filename="m.pt", content_type="application/octet-stream")
     response = await client.post("/api/models/", data=form, headers=owner.headers)
     assert response.status == 400
     response = await client.get("/api/models/", headers=owner.headers)

@@ -3,7 +3,6 @@
 import base64
 import hashlib
 import json
-import os
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,6 +23,7 @@ from tests.helpers import (
     create_training,
     nothing_stored,
     register,
+    sized_model,
     small_model,
     stored_blobs,
     upload_model,
@@ -40,7 +40,11 @@ async def raw_db(database_url: str) -> AsyncIterator[AsyncDatabase[dict[str, Any
     await mongo.close()
 
 
-def model_form(content: bytes | None = b"weights", **fields: str) -> FormData:
+WEIGHTS = small_model()
+SECRET = sized_model(400, seed=7)
+
+
+def model_form(content: bytes | None = WEIGHTS, **fields: str) -> FormData:
     """A multipart body; `content=None` leaves out the file."""
     form = FormData(default_to_multipart=True)
     for name, value in fields.items():
@@ -60,7 +64,7 @@ async def metadata(client: TestClient, account: Account, model_id: str) -> dict[
 async def test_upload_is_accepted(client: TestClient) -> None:
     owner = await register(client)
     form = model_form(
-        b"\x00\x01weights", name="mnist", description="a small CNN", input_shape="[null, 1, 28, 28]"
+        small_model(), name="mnist", description="a small CNN", input_shape="[null, 1, 28, 28]"
     )
     response = await client.post("/api/models/", data=form, headers=owner.headers)
     assert response.status == 201, await response.text()
@@ -73,7 +77,7 @@ async def test_upload_is_accepted(client: TestClient) -> None:
 
 async def test_metadata(client: TestClient) -> None:
     owner = await register(client)
-    content = os.urandom(5000)
+    content = sized_model(5000)
     model_id = await upload_model(
         client, owner, content, name="mnist", description="CNN", input_shape="[null, 1, 28, 28]"
     )
@@ -90,7 +94,7 @@ async def test_metadata(client: TestClient) -> None:
 
 async def test_download_returns_the_exact_bytes(client: TestClient) -> None:
     owner = await register(client)
-    content = bytes(range(256)) * 3
+    content = sized_model(768)
     model_id = await upload_model(client, owner, content)
     response = await client.get(f"/api/models/{model_id}/", headers=owner.headers)
     assert response.status == 200
@@ -101,26 +105,39 @@ async def test_download_returns_the_exact_bytes(client: TestClient) -> None:
 
 async def test_download_without_trailing_slash(client: TestClient) -> None:
     owner = await register(client)
-    model_id = await upload_model(client, owner, b"abc")
+    model_id = await upload_model(client, owner)
     response = await client.get(f"/api/models/{model_id}", headers=owner.headers)
     assert response.status == 200
-    assert await response.read() == b"abc"
+    assert await response.read() == small_model()
 
 
-async def test_empty_file_round_trips(client: TestClient) -> None:
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        (b"", "the file is empty"),
+        (b"just some text a user picked in the frontend's Create Model dialog\n", "not a recognised model format"),
+        (b"\x80\x04K\x01.", "pickle"),
+    ],
+    ids=["empty", "text", "pickle"],
+)
+async def test_a_file_in_no_accepted_format_is_refused_at_upload(
+    client: TestClient, raw_db: AsyncDatabase[dict[str, Any]], content: bytes, why: str
+) -> None:
+    """DLR refuses invalid model files at upload; before, fltraining answered 201 and only start failed."""
     owner = await register(client)
-    model_id = await upload_model(client, owner, b"")
-    assert (await metadata(client, owner, model_id))["size"] == 0
-    response = await client.get(f"/api/models/{model_id}/", headers=owner.headers)
-    assert response.status == 200
-    assert await response.read() == b""
+    response = await client.post("/api/models/", data=model_form(content, name="m"), headers=owner.headers)
+    assert response.status == 400
+    detail = (await response.json())["detail"]
+    assert why in detail and "Accepted formats: safetensors" in detail
+    assert await raw_db["models"].count_documents({}) == 0
+    assert await nothing_stored(client)
 
 
 async def test_multi_mib_file_round_trips_through_the_blob_store(
     client: TestClient, raw_db: AsyncDatabase[dict[str, Any]]
 ) -> None:
     owner = await register(client)
-    content = os.urandom(3 * 1024 * 1024 + 12345)
+    content = sized_model(3 * 1024 * 1024 + 12345)
     model_id = await upload_model(client, owner, content)
     response = await client.get(f"/api/models/{model_id}/", headers=owner.headers)
     assert response.status == 200
@@ -215,8 +232,8 @@ async def test_missing_model_file_is_400(client: TestClient) -> None:
 
 async def test_two_model_files_are_400(client: TestClient, raw_db: AsyncDatabase[dict[str, Any]]) -> None:
     owner = await register(client)
-    form = model_form(b"one", name="m")
-    form.add_field("model_file", b"two", filename="second.pt", content_type="application/octet-stream")
+    form = model_form(small_model(), name="m")
+    form.add_field("model_file", sized_model(200), filename="second.pt", content_type="application/octet-stream")
     response = await client.post("/api/models/", data=form, headers=owner.headers)
     assert response.status == 400
     assert await nothing_stored(client)
@@ -241,7 +258,7 @@ async def test_unknown_multipart_field_is_400(
         b"--B\r\nNone--B--\r\n",
         b"no boundary here",
         b'--B\r\nContent-Disposition: form-data; name="name"\r\n\r\nm\r\n--X\r\n',
-        b'--B\r\nContent-Disposition: form-data; name="model_file"; filename="m.pt"\r\n\r\nabc',
+        b'--B\r\nContent-Disposition: form-data; name="model_file"; filename="m.pt"\r\n\r\n' + WEIGHTS,
         b'--B\r\nContent-Disposition: form-data; name="_charset_"\r\n\r\n' + b"x" * 40 + b"\r\n--B--\r\n",
     ],
     ids=["bad part header", "no boundary", "wrong boundary", "truncated file", "long charset"],
@@ -282,14 +299,14 @@ async def test_file_over_the_limit_is_413_and_leaves_nothing(
     client = await aiohttp_client(create_app(settings.model_copy(update={"max_model_bytes": 1000})))
     owner = await register(client)
     response = await client.post(
-        "/api/models/", data=model_form(os.urandom(size), name="big"), headers=owner.headers
+        "/api/models/", data=model_form(sized_model(size), name="big"), headers=owner.headers
     )
     assert response.status == 413
     assert "detail" in await response.json()
     assert await raw_db["models"].count_documents({}) == 0
     assert await nothing_stored(client)
     # A file at the limit is still accepted.
-    await upload_model(client, owner, os.urandom(1000))
+    await upload_model(client, owner, sized_model(1000))
 
 
 async def test_declared_body_far_over_the_limit_is_413(aiohttp_client: Any, settings: Settings) -> None:
@@ -305,14 +322,14 @@ async def test_access_rules(client: TestClient, raw_db: AsyncDatabase[dict[str, 
     owner = await register(client)
     participant = await register(client)
     stranger = await register(client)
-    model_id = await upload_model(client, owner, b"secret weights")
+    model_id = await upload_model(client, owner, SECRET)
     await create_training(client, owner, model_id, clients=[participant.id])
 
     for account in (owner, participant):
         assert (await metadata(client, account, model_id))["id"] == model_id
         response = await client.get(f"/api/models/{model_id}/", headers=account.headers)
         assert response.status == 200
-        assert await response.read() == b"secret weights"
+        assert await response.read() == SECRET
 
     for path in (f"/api/models/{model_id}/metadata/", f"/api/models/{model_id}/"):
         response = await client.get(path, headers=stranger.headers)
@@ -382,14 +399,14 @@ async def test_stranger_and_participant_cannot_delete(client: TestClient) -> Non
     owner = await register(client)
     participant = await register(client)
     stranger = await register(client)
-    model_id = await upload_model(client, owner, b"keep me")
+    model_id = await upload_model(client, owner, SECRET)
     training_id = await create_training(client, owner, model_id, clients=[participant.id])
     for account in (stranger, participant):
         response = await client.delete(f"/api/models/{model_id}/", headers=account.headers)
         assert response.status == 403
         assert "detail" in await response.json()
     response = await client.get(f"/api/models/{model_id}/", headers=owner.headers)
-    assert await response.read() == b"keep me"
+    assert await response.read() == SECRET
     assert (await client.get(f"/api/trainings/{training_id}/", headers=owner.headers)).status == 200
 
 

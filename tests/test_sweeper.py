@@ -20,13 +20,13 @@ from tests.helpers import (
 
 
 async def anything() -> Any:
-    """An async iterator of one chunk."""
-    yield b"orphan bytes"
+    """An async iterator of one chunk: a model file."""
+    yield small_model()
 
 
 async def test_a_clone_whose_training_never_arrived_is_removed(client: TestClient) -> None:
     owner = await register(client)
-    model_id = await upload_model(client, owner, b"shared")
+    model_id = await upload_model(client, owner)
     await create_training(client, owner, model_id)
     service = client.server.app[models_key]
     original = await service.get(UUID(model_id))
@@ -38,7 +38,7 @@ async def test_a_clone_whose_training_never_arrived_is_removed(client: TestClien
     assert await Model.find({"_id": orphan.id}).count() == 0
     # The original and its file are untouched: the training still downloads its bytes.
     response = await client.get(f"/api/models/{model_id}/", headers=owner.headers)
-    assert response.status == 200 and await response.read() == b"shared"
+    assert response.status == 200 and await response.read() == small_model()
 
 
 async def test_a_pending_clone_whose_training_exists_is_kept(client: TestClient) -> None:

@@ -13,6 +13,7 @@ from tests.helpers import (
     create_training,
     get_training,
     register,
+    sized_model,
     stored_training,
     training_total,
     update_stored_training,
@@ -440,7 +441,7 @@ async def test_patch_applies_the_daisy_chain_rule(client: TestClient) -> None:
 
 async def test_a_model_already_in_a_training_is_cloned_for_the_next(client: TestClient) -> None:
     actor = await register(client)
-    content = b"\x00\x01weights" * 1000
+    content = sized_model(9000)
     model_id = await upload_model(client, actor, content)
     first = await create_training(client, actor, model_id)
     second = await create_training(client, actor, model_id)

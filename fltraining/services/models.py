@@ -10,7 +10,7 @@ from uuid import UUID, uuid4
 from fltraining.clock import utcnow
 from fltraining.documents import Model, TensorDocument, Training, User
 from fltraining.engine.effects import drop_local_files
-from fltraining.errors import NotFound, PermissionDenied
+from fltraining.errors import InvalidInput, NotFound, PermissionDenied
 from fltraining.schemas.models import ModelCreate
 from fltraining.storage.blobs import BlobStore, StoredFile
 from fltraining.storage.queries import find_document
@@ -44,10 +44,13 @@ class ModelService:
 
     async def store_file(self, chunks: AsyncIterator[bytes]) -> Upload:
         """Stream an uploaded file to local staging (413 past the size limit), describe it from there
-        (mapped, off the event loop: never read back from the store), then commit it to the blob store."""
+        (mapped, off the event loop: never read back from the store), refuse it unless it is a model file
+        in an accepted format (400), then commit it to the blob store."""
         staged = await self._files.stage(chunks, self._max_bytes)
         try:
             facts = await asyncio.to_thread(inspect_file, staged.path)
+            if facts.format is None:  # refused here, before anything is stored (400 naming the accepted formats)
+                raise InvalidInput(facts.problem or "Unsupported model file.")
         except BaseException:
             await self._files.discard(staged)
             raise
