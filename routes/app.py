@@ -12,7 +12,7 @@ from fltraining.clock import utcnow
 from fltraining.services.factory import build_services
 from fltraining.settings import Settings
 from fltraining.storage.database import database_name, init_database, make_client
-from fltraining.storage.embedded import EmbeddedStore
+from fltraining.storage.embedded import start_for
 from routes import models, rounds, service, trainings, users
 from routes.auth import make_auth_middleware
 from routes.background import periodic
@@ -27,6 +27,7 @@ from routes.keys import (
     mongo_client_key,
     openapi_key,
     settings_key,
+    shutting_down_key,
     trainings_key,
     users_key,
 )
@@ -50,10 +51,11 @@ async def embedded_store_ctx(app: web.Application) -> AsyncIterator[None]:
     if settings.mongodb_url is not None:
         yield
         return
-    store = EmbeddedStore(settings.data_dir, settings.embedded_host, settings.embedded_port)
     # Started from the main thread on purpose: Linux ties the child's parent-death signal to
     # the thread that forked it, and a pool thread may exit while the service runs on.
-    url = store.start()
+    store = start_for(settings.data_dir, settings.embedded_host, settings.embedded_port,
+                      "embedded_port" in settings.model_fields_set)
+    url = store.url
     log.info("store: embedded (mongoeco on SQLite), data in %s, reachable at %s", store.data_path, url)
     # Model bytes stay out of the embedded store (it keeps documents as JSON text): files by default.
     app[settings_key] = settings.model_copy(update={"mongodb_url": url, "blob_store": settings.blob_store or "files"})
@@ -116,6 +118,11 @@ async def flush_metrics(app: web.Application) -> None:
     await app[metrics_key].flush()
 
 
+async def _shutting_down(app: web.Application) -> None:
+    """Tell long-lived handlers (event streams) to end, so shutdown waits only for ordinary requests."""
+    app[shutting_down_key].set()
+
+
 def create_app(settings: Settings) -> web.Application:
     """Build the aiohttp application for these settings."""
     by_handler = {endpoint.handler: endpoint for endpoint in ENDPOINTS}
@@ -125,6 +132,8 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[settings_key] = settings
     app[metrics_key] = RequestMetrics()
+    app[shutting_down_key] = asyncio.Event()
+    app.on_shutdown.append(_shutting_down)
     app.on_response_prepare.append(add_request_id)
     app[openapi_key] = build_openapi(ENDPOINTS)
     app.cleanup_ctx.append(embedded_store_ctx)

@@ -10,6 +10,8 @@ from pymongo.errors import PyMongoError
 
 log = logging.getLogger(__name__)
 
+EXIT_JOB_SECONDS = 1.0
+
 Job = Callable[[web.Application], Awaitable[None]]
 CleanupContext = Callable[[web.Application], AsyncIterator[None]]
 
@@ -34,7 +36,9 @@ def periodic(name: str, interval: Callable[[web.Application], float], job: Job, 
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             if run_at_exit:
-                with contextlib.suppress(PyMongoError):
-                    await job(app)
+                # Bounded: at shutdown the store may be gone, and the server-selection wait is 30 s.
+                with contextlib.suppress(PyMongoError, TimeoutError):
+                    async with asyncio.timeout(EXIT_JOB_SECONDS):
+                        await job(app)
 
     return context

@@ -3,7 +3,6 @@
 import argparse
 import asyncio
 import getpass
-import socket
 import sys
 
 from pydantic import ValidationError
@@ -12,7 +11,7 @@ from fltraining.schemas.users import UserCreate
 from fltraining.services.factory import build_services
 from fltraining.settings import Settings
 from fltraining.storage.database import database_name, init_database, make_client
-from fltraining.storage.embedded import EmbeddedStore, store_url
+from fltraining.storage.embedded import EmbeddedStore, running_store
 from routes.server import serve
 
 
@@ -24,13 +23,6 @@ def _read_password() -> str:
             raise SystemExit("passwords differ")
         return first
     return sys.stdin.readline().rstrip("\r\n")
-
-
-def _embedded_running(settings: Settings) -> bool:
-    """Whether a running service's embedded store already answers on its port."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.settimeout(0.5)
-        return probe.connect_ex((settings.embedded_host, settings.embedded_port)) == 0
 
 
 async def _create_user(url: str, settings: Settings, data: UserCreate) -> str:
@@ -50,16 +42,17 @@ def create_user(settings: Settings, args: argparse.Namespace) -> None:
     try:
         data = UserCreate(
             username=args.username, password=_read_password(), email=args.email,
+            first_name=args.first_name, last_name=args.last_name,
             actor=args.actor, client=args.client, message_endpoint=args.message_endpoint,
         )
     except ValidationError as error:
         raise SystemExit("invalid user: " + "; ".join(f"{e['loc'][0]}: {e['msg']}" for e in error.errors()))
     store: EmbeddedStore | None = None
-    url = settings.mongodb_url
-    if url is None and _embedded_running(settings):
-        url = store_url(settings.embedded_host, settings.embedded_port)
-    elif url is None:
-        store = EmbeddedStore(settings.data_dir, settings.embedded_host, settings.embedded_port)
+    # The store of *this* data directory: the running service's (its record says where), else one
+    # started here on any free port — never whatever answers on the default port.
+    url = settings.mongodb_url or running_store(settings.data_dir)
+    if url is None:
+        store = EmbeddedStore(settings.data_dir, settings.embedded_host, 0)
         url = store.start()
     try:
         token = asyncio.run(_create_user(url, settings, data))
@@ -82,6 +75,8 @@ def parser() -> argparse.ArgumentParser:
     user = commands.add_parser("createuser", help="create a user; password on stdin, token printed")
     user.add_argument("username")
     user.add_argument("--email", default="")
+    user.add_argument("--first-name", default="", help="shown in DLR's web frontend (app bar, participant picker)")
+    user.add_argument("--last-name", default="")
     user.add_argument("--actor", action="store_true")
     user.add_argument("--client", action="store_true")
     user.add_argument("--message-endpoint", default=None)

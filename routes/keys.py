@@ -1,5 +1,6 @@
 """Typed application keys for state shared by the handlers."""
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -25,6 +26,7 @@ engine_key = web.AppKey("engine", RoundEngine)
 contributions_key = web.AppKey("contributions", ContributionService)
 delivery_key = web.AppKey("delivery", NotificationDelivery)
 openapi_key = web.AppKey("openapi", dict[str, Any])
+shutting_down_key = web.AppKey("shutting_down", asyncio.Event)
 
 metrics_key = web.AppKey("metrics", RequestMetrics)
 

@@ -23,7 +23,7 @@ from fltraining.schemas.rounds import (
 from fltraining.states import TrainingState
 from fltraining.storage.blobs import BlobMissing
 from routes.auth import current_user
-from routes.keys import contributions_key, models_key, trainings_key
+from routes.keys import contributions_key, models_key, shutting_down_key, trainings_key
 from routes.multipart import Form, FormSpec, read_form
 from routes.parsing import path_uuid, read_body, read_query, validate
 from routes.responses import json_model, json_models, send_blob
@@ -215,8 +215,11 @@ async def _follow_events(
         if quiet >= EVENT_HEARTBEAT_SECONDS:
             await response.write(b": keep-alive\n\n")
             quiet = 0.0
-        await asyncio.sleep(EVENT_POLL_SECONDS)
-        quiet += EVENT_POLL_SECONDS
+        try:  # a shutting-down service ends its streams (clients reconnect with Last-Event-ID)
+            await asyncio.wait_for(request.app[shutting_down_key].wait(), EVENT_POLL_SECONDS)
+            return
+        except TimeoutError:
+            quiet += EVENT_POLL_SECONDS
 
 
 async def get_events(request: web.Request) -> web.StreamResponse:

@@ -1,5 +1,6 @@
 """Running the service: one process, or a supervisor with N worker processes on one port."""
 
+import errno
 import logging
 import multiprocessing
 import signal
@@ -10,11 +11,13 @@ from types import FrameType
 from aiohttp import web
 
 from fltraining.settings import Settings
-from fltraining.storage.embedded import EmbeddedStore
+from fltraining.storage.embedded import EmbeddedStore, EmbeddedStoreError, start_for
 from routes.app import create_app
 from routes.observability import JsonFormatter
 
 log = logging.getLogger(__name__)
+
+SHUTDOWN_SECONDS = 3.0
 
 
 def redact_url(url: str) -> str:
@@ -35,18 +38,34 @@ def configure_logging(level: str) -> None:
 
 
 def run_worker(settings: Settings, reuse_port: bool) -> None:
-    """Serve HTTP in this process until SIGTERM or SIGINT."""
+    """Serve HTTP in this process until SIGTERM or SIGINT; a start-up problem is one log line and exit 1."""
     configure_logging(settings.log_level)
     if settings.mongodb_url:
         log.info("store: MongoDB at %s", redact_url(settings.mongodb_url))
-    log.info("fltraining listening on http://%s:%d", settings.host, settings.port)
-    web.run_app(
-        create_app(settings), host=settings.host, port=settings.port, reuse_port=reuse_port,
-        print=None, access_log=None, handle_signals=True,
-        # aiohttp's keep-alive timer also runs from connect until a request's headers are complete,
-        # so it bounds clients that send headers slowly as well as idle connections.
-        keepalive_timeout=settings.keepalive_timeout_seconds,
-    )
+    app = create_app(settings)
+
+    async def listening(_: web.Application) -> None:
+        log.info("fltraining listening on http://%s:%d", settings.host, settings.port)
+
+    app.on_startup.append(listening)  # after the store and the database are up
+    try:
+        web.run_app(
+            app, host=settings.host, port=settings.port, reuse_port=reuse_port,
+            print=None, access_log=None, handle_signals=True,
+            # aiohttp's keep-alive timer also runs from connect until a request's headers are complete,
+            # so it bounds clients that send headers slowly as well as idle connections.
+            keepalive_timeout=settings.keepalive_timeout_seconds,
+            # In-flight requests get this long to finish at Ctrl-C or SIGTERM; event streams end at once.
+            shutdown_timeout=SHUTDOWN_SECONDS,
+        )
+    except EmbeddedStoreError as error:
+        log.error("cannot start: %s", error)
+        raise SystemExit(1) from None
+    except OSError as error:
+        if error.errno != errno.EADDRINUSE:
+            raise
+        log.error("cannot start: FLTRAINING_PORT=%d: the port is in use on %s", settings.port, settings.host)
+        raise SystemExit(1) from None
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -67,8 +86,13 @@ def serve(settings: Settings, workers: int) -> None:
         raise SystemExit(f"port {settings.port} on {settings.host} is already in use")
     store: EmbeddedStore | None = None
     if settings.mongodb_url is None:
-        store = EmbeddedStore(settings.data_dir, settings.embedded_host, settings.embedded_port)
-        url = store.start()
+        try:
+            store = start_for(settings.data_dir, settings.embedded_host, settings.embedded_port,
+                              "embedded_port" in settings.model_fields_set)
+        except EmbeddedStoreError as error:
+            log.error("cannot start: %s", error)
+            raise SystemExit(1) from None
+        url = store.url
         log.info("store: embedded (mongoeco on SQLite), data in %s, reachable at %s", store.data_path, url)
         settings = settings.model_copy(update={"mongodb_url": url, "blob_store": settings.blob_store or "files"})
     context = multiprocessing.get_context("spawn")

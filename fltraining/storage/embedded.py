@@ -3,12 +3,15 @@
 import argparse
 import asyncio
 import ctypes
+import json
 import logging
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -18,6 +21,9 @@ log = logging.getLogger(__name__)
 
 READY_PREFIX = "FLTRAINING-STORE-READY "
 SQLITE_FILE = "fltraining.sqlite3"
+RECORD_FILE = "store.json"
+MANAGED_GRACE_SECONDS = 5.0
+STOP_SECONDS = 10.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -30,8 +36,14 @@ def store_url(host: str, port: int) -> str:
     return f"mongodb://{host}:{port}/?directConnection=true"
 
 
-async def serve_store(data_path: str, host: str, port: int) -> None:
-    """Run the wire server until SIGTERM or SIGINT; print the ready line once listening."""
+async def serve_store(data_path: str, host: str, port: int, managed: bool) -> None:
+    """Run the wire server until stopped; print the ready line once listening.
+
+    A managed store (started by a service) stops when its standard input closes: the service closes it
+    to stop the store, and the kernel closes it when the service dies. It ignores SIGINT, which a
+    terminal's Ctrl-C sends to the whole process group (the service still needs the store while it
+    shuts down), and stops MANAGED_GRACE_SECONDS after a SIGTERM sent to the group, for the same reason.
+    """
     from fltraining.storage import mongoeco_fixes
 
     mongoeco_fixes.apply()
@@ -44,11 +56,75 @@ async def serve_store(data_path: str, host: str, port: int) -> None:
     address = await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    print(READY_PREFIX + store_url(address.host, address.port), flush=True)
-    await stop.wait()
-    await server.close()
+
+    if managed:
+        loop.add_signal_handler(signal.SIGTERM, lambda: loop.call_later(MANAGED_GRACE_SECONDS, stop.set))
+        loop.add_signal_handler(signal.SIGINT, lambda: None)
+        threading.Thread(target=lambda: (sys.stdin.buffer.read(), loop.call_soon_threadsafe(stop.set)),
+                         name="parent-watch", daemon=True).start()
+    else:
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+    url = store_url(address.host, address.port)
+    record = None if data_path == ":memory:" else Path(data_path).parent / RECORD_FILE
+    if record is not None:
+        _write_record(record, url)
+    print(READY_PREFIX + url, flush=True)
+    try:
+        await stop.wait()
+        await server.close()
+    finally:
+        if record is not None and running_store(record.parent) == url:
+            record.unlink(missing_ok=True)
+
+
+def _write_record(record: Path, url: str) -> None:
+    """Say which store serves this data directory (for `createuser` and for a second instance)."""
+    temporary = record.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+    os.replace(temporary, record)
+
+
+def running_store(data_dir: Path) -> str | None:
+    """The URL of the live embedded store of `data_dir`, if one runs (its record names a live process)."""
+    try:
+        record = json.loads((Path(data_dir) / RECORD_FILE).read_text())
+        pid, url = int(record["pid"]), str(record["url"])
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return url
+
+
+def port_free(host: str, port: int) -> bool:
+    """Whether a TCP port can be listened on now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def start_for(data_dir: Path, host: str, port: int, port_is_explicit: bool) -> "EmbeddedStore":
+    """Start the embedded store of a data directory: refuse a directory another live store serves,
+    and take any free port when the default one is taken (an explicitly configured port must be free)."""
+    if (url := running_store(data_dir)) is not None:
+        raise EmbeddedStoreError(
+            f"the data directory {data_dir} is in use by another running store ({url}); "
+            "set FLTRAINING_DATA_DIR to another directory, or FLTRAINING_MONGODB_URL to that store's URL"
+        )
+    if port and not port_free(host, port):
+        if port_is_explicit:
+            raise EmbeddedStoreError(
+                f"FLTRAINING_EMBEDDED_PORT={port}: the port is in use on {host}; choose another, or 0 for any free port"
+            )
+        log.warning("embedded store port %d is in use (another instance?); using a free port instead", port)
+        port = 0
+    store = EmbeddedStore(data_dir, host, port)
+    store.start()
+    return store
 
 
 def _die_with_parent() -> None:
@@ -77,10 +153,10 @@ class EmbeddedStore:
             Path(self.data_dir).mkdir(parents=True, exist_ok=True)
         command = [
             sys.executable, "-m", "fltraining.storage.embedded",
-            "--data", self.data_path, "--host", self.host, "--port", str(self.port),
+            "--data", self.data_path, "--host", self.host, "--port", str(self.port), "--managed",
         ]
         self._process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent
         )
         assert self._process.stdout is not None
         # Read lines until the ready line; the child prints nothing else to stdout.
@@ -107,12 +183,15 @@ class EmbeddedStore:
         if self._process is None:
             return
         if self._process.poll() is None:
-            self._process.terminate()
+            assert self._process.stdin is not None
+            self._process.stdin.close()  # the store's signal to stop now (see serve_store)
             try:
-                self._process.wait(timeout=15)
+                self._process.wait(timeout=STOP_SECONDS)
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
+        elif self._process.stdin is not None:
+            self._process.stdin.close()
         if self._process.stdout is not None:
             self._process.stdout.close()
         self._process = None
@@ -133,9 +212,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", required=True, help="SQLite file, or :memory:")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--managed", action="store_true", help="started by a service, which stops it")
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("FLTRAINING_LOG_LEVEL", "WARNING"))
-    asyncio.run(serve_store(args.data, args.host, args.port))
+    asyncio.run(serve_store(args.data, args.host, args.port, args.managed))
 
 
 if __name__ == "__main__":
