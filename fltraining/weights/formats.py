@@ -1,17 +1,15 @@
 """Model files: detect the format from the content, read it into NumPy arrays, write one.
 
-Nothing here ever unpickles: safetensors and `.npz` are parsed directly (the `.npy` headers are
-Python literals, read with `ast.literal_eval` by NumPy), and PyTorch files only go through
-`torch.load(weights_only=True)`, whose unpickler admits tensors and plain containers only.
+Nothing here is ever unpickled by Python's unrestricted pickle: safetensors and `.npz` are parsed
+directly (the `.npy` headers are Python literals, read with `ast.literal_eval` by NumPy), and
+PyTorch state dicts by `torch_files`, whose unpickler admits what `torch.load(weights_only=True)`
+admits for tensors and plain containers, and nothing else.
 """
 
-import functools
-import importlib.util
 import io
 import json
 import math
 import os
-import pickle  # for its exception type only: nothing is ever unpickled
 import struct
 import zipfile
 import zlib
@@ -62,18 +60,14 @@ DTYPE_NAMES = frozenset(dtype.name for dtype in SAFETENSORS_DTYPES.values())
 MAX_REASON_CHARS = 200
 
 
-@functools.cache
-def torch_available() -> bool:
-    """Whether the optional `torch` extra is installed (PyTorch state dicts are then accepted)."""
-    return importlib.util.find_spec("torch") is not None
-
-
 def accepted_formats() -> list[str]:
-    """The model file formats this installation reads, for error messages."""
-    formats = ["safetensors", "NumPy .npz (without pickled objects)"]
-    if torch_available():
-        formats.append("PyTorch state dict (a flat mapping of name to tensor, loaded with weights_only=True)")
-    return formats
+    """The model file formats read, for error messages."""
+    return [
+        "safetensors",
+        "NumPy .npz (without pickled objects)",
+        "PyTorch state dict as torch.save(model.state_dict(), f) writes it (tensors only, as"
+        " torch.load(weights_only=True) reads them)",
+    ]
 
 
 class UnsupportedModelFormat(InvalidInput):
@@ -265,12 +259,11 @@ def _zip_format(data: Buffer) -> Format:
     if all(name.endswith(".npy") for name in names):
         return "npz"
     if any(_is_torchscript_member(name) for name in names):
-        raise UnsupportedModelFormat("the file is a TorchScript archive, which holds code")
+        raise UnsupportedModelFormat(
+            "the file is a TorchScript archive, which holds code; send torch.save(model.state_dict(), f)"
+            " or a safetensors file instead"
+        )
     if any(name.rpartition("/")[2] == "data.pkl" for name in names):
-        if not torch_available():
-            raise UnsupportedModelFormat(
-                "PyTorch files need the optional torch extra, which is not installed"
-            )
         return "torch"
     raise UnsupportedModelFormat(
         "the file is a zip archive that is neither a NumPy .npz nor a PyTorch state dict"
@@ -428,13 +421,13 @@ def _stored_member(data: memoryview, info: zipfile.ZipInfo) -> memoryview | None
         return None
     start = info.header_offset
     if start + ZIP_LOCAL_HEADER.size > len(data):
-        raise UnsupportedModelFormat("damaged npz file (a member lies outside the archive)")
+        raise UnsupportedModelFormat("damaged zip archive (a member lies outside the archive)")
     magic, name_length, extra_length = ZIP_LOCAL_HEADER.unpack(data[start : start + ZIP_LOCAL_HEADER.size])
     if magic != b"PK\x03\x04":
-        raise UnsupportedModelFormat("damaged npz file (bad local header)")
+        raise UnsupportedModelFormat("damaged zip archive (bad local header)")
     begin = start + ZIP_LOCAL_HEADER.size + name_length + extra_length
     if begin + info.file_size > len(data):
-        raise UnsupportedModelFormat("damaged npz file (a member lies outside the archive)")
+        raise UnsupportedModelFormat("damaged zip archive (a member lies outside the archive)")
     return data[begin : begin + info.file_size]
 
 
@@ -458,36 +451,10 @@ def _check_size(name: str, size: int, shape: tuple[int, ...], dtype: np.dtype[An
 
 
 def _read_torch(data: memoryview, max_tensor_bytes: int) -> dict[str, np.ndarray]:
-    import torch
+    # Imported here: torch_files builds on this module's zip helpers and errors.
+    from fltraining.weights.torch_files import read_state_dict
 
-    with zipfile.ZipFile(ViewFile(data)) as archive:
-        _unpacked_size(archive, max_tensor_bytes)
-    try:
-        state = torch.load(ViewFile(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        # torch's own message advises loading with weights_only=False: not for a server's clients.
-        raise UnsupportedModelFormat(
-            "the PyTorch file holds objects other than tensors and plain containers (such as a whole model)"
-        ) from error
-    if not isinstance(state, Mapping) or not all(
-        isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in state.items()
-    ):
-        raise UnsupportedModelFormat(
-            "the PyTorch file is not a flat mapping of name to tensor (a state dict)"
-        )
-    tensors: dict[str, np.ndarray] = {}
-    for name, tensor in state.items():
-        if (
-            tensor.layout != torch.strided
-            or tensor.is_quantized
-            or str(tensor.dtype).removeprefix("torch.") not in DTYPE_NAMES
-        ):
-            raise UnsupportedModelFormat(
-                f"tensor {name!r} is a {tensor.layout} {tensor.dtype} tensor; accepted:"
-                f" dense {ACCEPTED_DTYPES}"
-            )
-        tensors[name] = tensor.detach().cpu().numpy()
-    return tensors
+    return read_state_dict(data, max_tensor_bytes)
 
 
 def _write_npz(arrays: Mapping[str, np.ndarray]) -> bytes:
@@ -502,11 +469,6 @@ def _write_npz(arrays: Mapping[str, np.ndarray]) -> bytes:
 
 
 def _write_torch(arrays: Mapping[str, np.ndarray]) -> bytes:
-    if not torch_available():
-        raise UnsupportedModelFormat("PyTorch files need the optional torch extra, which is not installed")
-    import torch
+    from fltraining.weights.torch_files import write_state_dict  # see _read_torch
 
-    buffer = io.BytesIO()
-    # from_numpy shares memory and warns on read-only arrays; a copy keeps the caller's arrays out of it.
-    torch.save({name: torch.from_numpy(array.copy()) for name, array in arrays.items()}, buffer)
-    return buffer.getvalue()
+    return write_state_dict(arrays)
