@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fltraining.weights import dump_tensors  # noqa: E402
 from tests.processes import ServiceProcess
 
 PASSWORD = "load test password"
@@ -237,12 +239,22 @@ async def _json(session: aiohttp.ClientSession, method: str, url: str, expected:
         return await response.json()
 
 
+def safetensors_head(nbytes: int) -> bytes:
+    """The header of a safetensors file holding one uint8 tensor of `nbytes` (the data follows it)."""
+    small = dump_tensors({"w": np.zeros(1, np.uint8)})
+    text = small[8 : 8 + int.from_bytes(small[:8], "little")].decode().replace("[1]", f"[{nbytes}]", 1)
+    text = text.replace("[0,1]", f"[0,{nbytes}]", 1).rstrip()
+    text += " " * (-(8 + len(text)) % 8)
+    return len(text).to_bytes(8, "little") + text.encode()
+
+
 def model_form(size: int = 4096) -> aiohttp.FormData:
     """A small model upload."""
     form = aiohttp.FormData()
     form.add_field("name", "load")
     form.add_field("description", "load test model")
-    form.add_field("model_file", os.urandom(size), filename="model.pt",
+    weights = np.frombuffer(os.urandom(size), np.uint8)  # a real model file: others are refused (400)
+    form.add_field("model_file", dump_tensors({"w": weights}), filename="model.pt",
                    content_type="application/octet-stream")
     return form
 
@@ -466,9 +478,13 @@ async def big_json(base: str, actor: Actor, deadline: float, stats: AbuseStats, 
 async def big_uploads(base: str, actor: Actor, deadline: float, stats: AbuseStats, size: int) -> None:
     """Upload large models streamed from a generator, deleting each; whatever runs at the deadline is cut."""
     block = os.urandom(MIB)
+    # A safetensors header for one uint8 tensor of the whole size, then the bytes: a real model file.
+    blocks = size // MIB
+    head = safetensors_head(blocks * MIB)
 
     async def content() -> AsyncIterator[bytes]:
-        for _ in range(size // MIB):
+        yield head
+        for _ in range(blocks):
             yield block
             stats.upload_bytes += len(block)
 

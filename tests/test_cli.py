@@ -80,9 +80,10 @@ async def test_two_workers_share_one_port_and_one_store(tmp_path: Path) -> None:
                     return response.status
             statuses = await asyncio.gather(*(register(i) for i in range(20)))
             assert statuses == [201] * 20
-            # Each worker process logs its start; two distinct pids served.
-            lines = [json.loads(line) for line in service.log().splitlines() if line.startswith("{")]
-            pids = {line["pid"] for line in lines if line["msg"].startswith("fltraining listening")}
+            # Each worker process logs its start once its database is up; two distinct pids serve.
+            async with asyncio.timeout(30):
+                while len(pids := listening_pids(service.log())) < 2:
+                    await asyncio.sleep(0.1)  # polling the log for the second worker's start line
             assert len(pids) == 2
             async with session.post(service.base_url + "/api/users/", json={"username": "w0", "password": PASSWORD}) as r:
                 assert r.status == 409
@@ -197,6 +198,12 @@ def children_of(pid: int) -> list[int]:
     """Direct child processes of a process (Linux)."""
     return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
             for child in (task / "children").read_text().split()]
+
+
+def listening_pids(log: str) -> set[int]:
+    """The pids of the processes whose "listening" line is in a service log."""
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    return {line["pid"] for line in lines if line["msg"].startswith("fltraining listening")}
 
 
 def compose_command() -> list[str] | None:

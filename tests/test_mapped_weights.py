@@ -152,3 +152,19 @@ def test_signature_of_a_stored_npz_checks_its_crc(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedModelFormat) as caught:
         read_signature(path)
     assert "CRC" in caught.value.detail or "damaged" in caught.value.detail
+
+
+def test_bfloat16_pytorch_state_dicts_are_averaged_in_their_own_format(tmp_path: Path) -> None:
+    """PyTorch models may hold bfloat16 tensors (read with ml_dtypes, summed in float64, written back)."""
+    import ml_dtypes
+
+    bfloat16 = np.dtype(ml_dtypes.bfloat16)
+    paths = []
+    for index, values in enumerate(([1.0, 2.0], [4.0, 8.0])):
+        paths.append(tmp_path / f"u{index}.pt")
+        paths[-1].write_bytes(dump_tensors({"w": np.array(values, bfloat16)}, "torch"))
+    signature = signature_of(load_tensors(paths[0]))
+    assert signature["w"].dtype == "bfloat16"
+    mean_of_files(paths, [1, 1], signature, "torch", tmp_path / "mean.pt")
+    result = load_tensors(tmp_path / "mean.pt")["w"]
+    assert result.dtype == bfloat16 and result.astype(np.float32).tolist() == [2.5, 5.0]

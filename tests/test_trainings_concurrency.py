@@ -5,7 +5,7 @@ from collections import Counter
 
 from aiohttp.test_utils import TestClient
 
-from tests.helpers import create_training, get_training, register, training_total, upload_model
+from tests.helpers import create_training, get_training, register, sized_model, training_total, upload_model
 
 
 async def test_concurrent_client_registrations_all_land(client: TestClient) -> None:
@@ -40,7 +40,7 @@ async def test_concurrent_starts_have_one_winner(client: TestClient) -> None:
 
 async def test_concurrent_creations_on_one_model_never_share_it(client: TestClient) -> None:
     actor = await register(client)
-    content = b"shared weights"
+    content = sized_model(500)
     model_id = await upload_model(client, actor, content)
 
     async def create() -> str:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import numpy.lib.format as npy
 import pytest
@@ -36,7 +37,7 @@ from fltraining.weights import (
     weighted_mean_moments,
 )
 from fltraining.weights.aggregate import BLOCK
-from fltraining.weights.formats import torch_available
+from fltraining.weights.formats import read_signature
 from fltraining.weights.signature import from_documents, to_documents
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -591,18 +592,18 @@ def test_a_damaged_zip_is_refused() -> None:
         ["net/data.pkl", "net/constants.pkl"],
     ],
 )
-def test_a_torchscript_archive_is_refused_without_torch(members: list[str]) -> None:
-    """TorchScript holds code; it is refused from its member names, torch installed or not."""
-    refused(zip_bytes({name: pickle.dumps(Trap()) for name in members}), "TorchScript archive")
+def test_a_torchscript_archive_is_refused_from_its_member_names(members: list[str]) -> None:
+    """TorchScript holds code; it is refused from its member names, nothing unpickled."""
+    error = refused(zip_bytes({name: pickle.dumps(Trap()) for name in members}), "TorchScript archive")
+    assert "torch.save(model.state_dict(), f)" in error.reason
 
 
-def test_a_pytorch_file_is_refused_when_torch_is_not_installed() -> None:
-    """Without the torch extra, a PyTorch zip is refused and the message says why."""
-    if torch_available():
-        pytest.skip("torch is installed: PyTorch state dicts are accepted")
-    error = refused(zip_bytes({"archive/data.pkl": pickle.dumps(Trap()), "archive/version": b"3\n"}))
-    assert "optional torch extra" in error.detail
-    assert "PyTorch" not in error.detail.split("Accepted formats:")[1]
+def test_a_pytorch_zip_pickling_another_object_is_refused_without_unpickling_it() -> None:
+    """data.pkl naming any global but tensors' is refused by name; PyTorch state dicts are always accepted."""
+    data = zip_bytes({"archive/data.pkl": pickle.dumps(Trap(), protocol=2), "archive/version": b"3\n"})
+    error = refused(data)
+    assert "tests.test_weights.spring" in error.reason and "torch.save(model.state_dict(), f)" in error.reason
+    assert "PyTorch state dict" in error.detail.split("Accepted formats:")[1]
 
 
 @pytest.mark.parametrize(
@@ -730,51 +731,57 @@ def test_safetensors_reader_agrees_with_the_library_on_damaged_files(
         assert actual == expected
 
 
-# --- PyTorch (only when the optional torch extra is installed) -------------------------------
+# --- PyTorch state dicts, read and written without torch (more in test_torch_files.py) -----------
+
+TORCH_FIXTURES = Path(__file__).parent / "fixtures" / "torch"
 
 
 def test_a_pytorch_state_dict_round_trips() -> None:
-    """A state dict saved by torch.save is read with weights_only=True; dump_tensors writes one."""
-    torch = pytest.importorskip("torch", reason="the optional torch extra is not installed")
-    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
-    buffer = io.BytesIO()
-    torch.save(net.state_dict(), buffer)
-    data = buffer.getvalue()
+    """A state dict written by torch.save is read in module order; dump_tensors writes one."""
+    data = (TORCH_FIXTURES / "state_dict_mixed.pt").read_bytes()
     assert detect_format(data) == "torch"
     loaded = load_tensors(data)
-    assert list(loaded) == list(net.state_dict())
-    assert loaded["1.num_batches_tracked"].dtype == np.int64
+    assert list(loaded) == ["fc.weight", "fc.bias", "out.weight", "out.bias", "bn.num_batches_tracked"]
+    assert loaded["bn.num_batches_tracked"].dtype == np.int64 and loaded["bn.num_batches_tracked"] == 7
+    assert read_signature(data) == ("torch", signature_of(loaded))
     tensors = varied_tensors()
-    assert_same_tensors(load_tensors(dump_tensors(tensors, "torch")), tensors)
+    written = dump_tensors(tensors, "torch")
+    assert detect_format(written) == "torch"
+    assert_same_tensors(load_tensors(written), tensors)
 
 
 def test_a_whole_pytorch_module_is_refused() -> None:
-    """torch.save(module) pickles the class; weights_only loading refuses it and nothing runs."""
-    torch = pytest.importorskip("torch", reason="the optional torch extra is not installed")
-    buffer = io.BytesIO()
-    torch.save(torch.nn.Linear(2, 2), buffer)
-    refused(buffer.getvalue(), "objects other than tensors")
+    """torch.save(module) pickles the class; it is refused by name, nothing built."""
+    error = refused((TORCH_FIXTURES / "module.pt").read_bytes(), "whole pickled model")
+    assert "torch.save(model.state_dict(), f)" in error.reason
 
 
-def test_pytorch_files_that_are_not_flat_state_dicts_are_refused() -> None:
-    """A checkpoint nesting the state dict, and a bfloat16 tensor, are refused."""
-    torch = pytest.importorskip("torch", reason="the optional torch extra is not installed")
-    for content, why in [
-        ({"model": {"w": torch.ones(2)}, "epoch": 3}, "not a flat mapping"),
-        ({"w": torch.ones(2, dtype=torch.bfloat16)}, "torch.bfloat16"),
-        ([torch.ones(2)], "not a flat mapping"),
-    ]:
-        buffer = io.BytesIO()
-        torch.save(content, buffer)
-        refused(buffer.getvalue(), why)
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ({"model": {"w": 1.0}, "epoch": 3}, "'model' holds a mapping, not a tensor"),
+        ([1.0], "holds a list, not a flat state dict"),
+        ({"epoch": 3}, "'epoch' holds a value of type int, not a tensor"),
+    ],
+)
+def test_pytorch_files_that_are_not_flat_state_dicts_are_refused(content: Any, why: str) -> None:
+    """A checkpoint nesting the state dict, a list, a number: not a mapping of name to tensor."""
+    data = zip_bytes({"archive/data.pkl": pickle.dumps(content, protocol=2), "archive/version": b"3\n"})
+    error = refused(data, why)
+    assert "torch.save(model.state_dict(), f)" in error.reason
+
+
+def test_bfloat16_pytorch_tensors_are_accepted_and_kept() -> None:
+    """bfloat16, which NumPy lacks, is read without widening and named so in the signature."""
+    tensors = {"w": np.array([1.5, -2.0], dtype=ml_dtypes.bfloat16)}
+    loaded = load_tensors(dump_tensors(tensors, "torch"))
+    assert signature_of(loaded) == {"w": TensorSpec((2,), "bfloat16")}
+    assert loaded["w"].tobytes() == tensors["w"].tobytes()
 
 
 def test_a_real_torchscript_archive_is_refused() -> None:
-    """torch.jit.save output is refused before torch.load sees it."""
-    torch = pytest.importorskip("torch", reason="the optional torch extra is not installed")
-    buffer = io.BytesIO()
-    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), buffer)
-    refused(buffer.getvalue(), "TorchScript archive")
+    """torch.jit.save output is refused from its member names."""
+    refused((TORCH_FIXTURES / "script.pt").read_bytes(), "TorchScript archive")
 
 
 # --- derangements ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 from types import TracebackType
 from typing import Self
 
@@ -74,7 +75,7 @@ async def serve_store(data_path: str, host: str, port: int, managed: bool) -> No
         await stop.wait()
         await server.close()
     finally:
-        if record is not None and running_store(record.parent) == url:
+        if record is not None and _recorded_pid(record) == os.getpid():
             record.unlink(missing_ok=True)
 
 
@@ -85,12 +86,23 @@ def _write_record(record: Path, url: str) -> None:
     os.replace(temporary, record)
 
 
+def _recorded_pid(record: Path) -> int | None:
+    try:
+        return int(json.loads(record.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def running_store(data_dir: Path) -> str | None:
-    """The URL of the live embedded store of `data_dir`, if one runs (its record names a live process)."""
+    """The URL of the live embedded store of `data_dir`, if one runs: its record names a process that
+    exists and an address that accepts connections (a killed store leaves its record behind)."""
     try:
         record = json.loads((Path(data_dir) / RECORD_FILE).read_text())
         pid, url = int(record["pid"]), str(record["url"])
         os.kill(pid, 0)
+        address = urlsplit(url)
+        with socket.create_connection((address.hostname or "127.0.0.1", address.port or 0), timeout=1):
+            pass
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return url

@@ -82,7 +82,7 @@ class FedAvgAccumulator:
 
 
 def _to_dtype(mean: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if dtype.kind == "f":
+    if dtype.kind == "f" or dtype.name == "bfloat16":  # ml_dtypes' bfloat16 has kind "V"
         return mean.astype(dtype)
     if dtype.kind == "b":
         # A weighted majority vote: bools are the integers 0 and 1, rounded like them (a tie is False).

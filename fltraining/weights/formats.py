@@ -65,8 +65,10 @@ def accepted_formats() -> list[str]:
     return [
         "safetensors",
         "NumPy .npz (without pickled objects)",
-        "PyTorch state dict as torch.save(model.state_dict(), f) writes it (tensors only, as"
-        " torch.load(weights_only=True) reads them)",
+        (
+            "PyTorch state dict as torch.save(model.state_dict(), f) writes it (tensors only, as"
+            " torch.load(weights_only=True) reads them)"
+        ),
     ]
 
 

@@ -20,7 +20,7 @@ import struct
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeIs
 
 import ml_dtypes
 import numpy as np
@@ -37,7 +37,7 @@ from fltraining.weights.formats import (
 
 # NumPy has no bfloat16: ml_dtypes' keeps the bytes as they are (no copy, no widening) and is named
 # "bfloat16" in signatures; its values convert to float64 for aggregation and back.
-BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+BFLOAT16: np.dtype[Any] = np.dtype(ml_dtypes.bfloat16)
 # torch's storage classes and the element type each stands for (torch/storage.py).
 STORAGE_CLASSES: dict[str, np.dtype[Any]] = {
     "DoubleStorage": np.dtype(np.float64),
@@ -53,10 +53,14 @@ STORAGE_CLASSES: dict[str, np.dtype[Any]] = {
 }
 # dtypes without a storage class (torch.storage._new_dtypes): torch saves them as an UntypedStorage
 # of bytes and names the dtype in `_rebuild_tensor_v3`.
-UNTYPED_DTYPES = [np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint64)]
-DTYPES = {dtype.name: dtype for dtype in [*STORAGE_CLASSES.values(), *UNTYPED_DTYPES]}
+UNTYPED_DTYPES: list[np.dtype[Any]] = [np.dtype(np.uint16), np.dtype(np.uint32), np.dtype(np.uint64)]
+DTYPES: dict[str, np.dtype[Any]] = {
+    dtype.name: dtype for dtype in [*STORAGE_CLASSES.values(), *UNTYPED_DTYPES]
+}
 ACCEPTED_DTYPES = "float16/32/64, bfloat16, int8-64, uint8-64, bool"
 ADVICE = "send torch.save(model.state_dict(), f) or a safetensors file instead"
+
+type ByteOrder = Literal["<", ">"]
 
 ALIGNMENT = 64
 FILE_FORMAT_VERSION = b"3\n"  # caffe2/serialize/versions.h, kProducedFileFormatVersion
@@ -102,7 +106,7 @@ class _Storage(NamedTuple):
 
     data: np.ndarray
     dtype: np.dtype[Any]
-    order: str
+    order: ByteOrder
 
 
 class _Tensor(NamedTuple):
@@ -124,7 +128,7 @@ def _damaged(what: str) -> UnsupportedModelFormat:
     return UnsupportedModelFormat(f"damaged PyTorch file ({what})")
 
 
-def _is_count(value: object) -> bool:
+def _is_count(value: object) -> TypeIs[int]:
     return type(value) is int and value >= 0
 
 
@@ -146,11 +150,13 @@ def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
-def _strided(storage: object, dtype: np.dtype[Any], offset: object, size: object, stride: object) -> np.ndarray:
+def _strided(
+    storage: _Storage, dtype: np.dtype[Any], offset: object, size: object, stride: object
+) -> np.ndarray:
     """The tensor `torch.Tensor.set_(storage, offset, size, stride)` makes, as a read-only view."""
     if not (
-        type(storage) is _Storage and _is_count(offset) and type(size) is tuple and type(stride) is tuple
-        and len(size) == len(stride) and all(map(_is_count, size)) and all(type(step) is int for step in stride)
+        _is_count(offset) and type(size) is tuple and type(stride) is tuple and len(size) == len(stride)
+        and all(map(_is_count, size)) and all(type(step) is int for step in stride)
     ):
         raise _damaged("a tensor with a malformed storage, offset, size or stride")
     usable = storage.data.size - storage.data.size % dtype.itemsize
@@ -159,15 +165,17 @@ def _strided(storage: object, dtype: np.dtype[Any], offset: object, size: object
         return elements[:0].reshape(size)
     if any(step < 0 for step in stride):
         raise _damaged("a tensor with a negative stride")
-    last = offset + sum(step * (length - 1) for length, step in zip(size, stride))
+    dimensions = list(zip(size, stride, strict=True))
+    last = offset + sum(step * (length - 1) for length, step in dimensions)
     if last >= elements.size:
         raise _damaged(f"a tensor reaches element {last} of a storage of {elements.size}")
-    if all(step == expected for length, step, expected in zip(size, stride, _contiguous_strides(size)) if length > 1):
+    contiguous = _contiguous_strides(size)
+    if all(step == want for (length, step), want in zip(dimensions, contiguous, strict=True) if length > 1):
         return elements[offset : offset + math.prod(size)].reshape(size)
     # Sorted by stride, each dimension must step past all the elements the smaller ones reach:
     # then no two indices share an element (the layouts of slices and permutations all pass).
     reach = 0
-    for step, length in sorted((step, length) for length, step in zip(size, stride) if length > 1):
+    for step, length in sorted((step, length) for length, step in dimensions if length > 1):
         if step <= reach:
             raise UnsupportedModelFormat(
                 "a tensor's strides make its elements overlap (such as an expanded view); save a"
@@ -281,21 +289,24 @@ class _Archive:
 
     def size(self, name: str) -> int:
         """The record's size once read."""
-        if name not in self._records:
-            raise _damaged(f"it has no record {name[:100]!r}")
-        return self._records[name].file_size
+        return self._info(name).file_size
 
     def read(self, name: str) -> Buffer:
         """The record's bytes."""
-        self.size(name)
-        stored = _stored_member(self._view, self._records[name])
-        return stored if stored is not None else self._archive.read(self._records[name])
+        info = self._info(name)
+        stored = _stored_member(self._view, info)
+        return stored if stored is not None else self._archive.read(info)
+
+    def _info(self, name: str) -> zipfile.ZipInfo:
+        if name not in self._records:
+            raise _damaged(f"it has no record {name[:100]!r}")
+        return self._records[name]
 
 
 class _Unpickler(pickle.Unpickler):
     """data.pkl's unpickler: globals are the stand-ins above, persistent ids are the archive's storages."""
 
-    def __init__(self, pickled: bytes, archive: _Archive, order: str) -> None:
+    def __init__(self, pickled: bytes, archive: _Archive, order: ByteOrder) -> None:
         super().__init__(io.BytesIO(pickled))
         self._archive = archive
         self._order = order
@@ -310,7 +321,9 @@ class _Unpickler(pickle.Unpickler):
         if type(pid) is not tuple or len(pid) != 5 or pid[0] != "storage":
             raise _damaged("a persistent id that is not a storage")
         _, kind, key, location, numel = pid
-        if type(kind) is not _StorageClass or type(key) is not str or type(location) is not str or not _is_count(numel):
+        if not (
+            type(kind) is _StorageClass and type(key) is str and type(location) is str and _is_count(numel)
+        ):
             raise _damaged("a malformed storage id")
         dtype = kind.dtype.newbyteorder(self._order)
         if key in self._storages:
@@ -329,10 +342,10 @@ class _Unpickler(pickle.Unpickler):
         return self._storages[key]
 
 
-def _byte_order(archive: _Archive) -> str:
+def _byte_order(archive: _Archive) -> ByteOrder:
     if "byteorder" not in archive:
         return "<"  # what torch.load assumes for a file without the record
-    orders = {b"little": "<", b"big": ">"}
+    orders: dict[bytes, ByteOrder] = {b"little": "<", b"big": ">"}
     marker = bytes(archive.read("byteorder"))
     if marker not in orders:
         raise _damaged("the byteorder record is neither little nor big")
@@ -342,30 +355,40 @@ def _byte_order(archive: _Archive) -> str:
 def _flat(state: object, max_tensor_bytes: int) -> dict[str, np.ndarray]:
     if not isinstance(state, dict):
         raise UnsupportedModelFormat(
-            f"the PyTorch file holds {_kind(state)}, not a flat state dict (a mapping of name to tensor); {ADVICE}"
+            f"the PyTorch file holds {_kind(state)}, not a flat state dict (a mapping of name to tensor);"
+            f" {ADVICE}"
         )
     total = 0
     for name, value in state.items():
-        if type(name) is not str or type(value) is not _Tensor:
+        if type(name) is not str:
             raise UnsupportedModelFormat(
-                f"the PyTorch file is not a flat state dict (a mapping of name to tensor): {name!r:.100}"
-                f" holds {_kind(value)}; {ADVICE}"
+                f"the PyTorch file is not a flat state dict (a mapping of name to tensor): a key is"
+                f" {_kind(name)}, not text; {ADVICE}"
+            )
+        if type(value) is not _Tensor:
+            raise UnsupportedModelFormat(
+                f"the PyTorch file is not a flat state dict (a mapping of name to tensor): {name[:100]!r}"
+                f" holds {_kind(value)}, not a tensor; {ADVICE}"
             )
         try:
             name.encode("utf-8")
         except UnicodeEncodeError:
-            raise UnsupportedModelFormat("the PyTorch file names a tensor with text that is not valid UTF-8") from None
+            raise UnsupportedModelFormat("a tensor's name is not valid UTF-8 text") from None
         total += value.array.nbytes
     # Tensors may share a storage, so their sizes can add up to more than the file holds.
     if total > max_tensor_bytes:
-        raise UnsupportedModelFormat(f"the tensors hold {total} bytes, more than the {max_tensor_bytes} allowed")
+        raise UnsupportedModelFormat(
+            f"the tensors hold {total} bytes, more than the {max_tensor_bytes} allowed"
+        )
     return {name: _native(value.array) for name, value in state.items()}
 
 
 def _kind(value: object) -> str:
-    kinds = {_Tensor: "a tensor", dict: "a mapping", _StateDict: "a mapping", list: "a list", tuple: "a tuple",
-             _Storage: "a storage"}
-    return kinds.get(type(value), f"a {type(value).__name__} value")
+    kinds = {
+        _Tensor: "a tensor", dict: "a mapping", _StateDict: "a mapping", list: "a list", tuple: "a tuple",
+        _Storage: "a storage",
+    }
+    return kinds.get(type(value), f"a value of type {type(value).__name__}")
 
 
 def read_state_dict(data: Buffer, max_tensor_bytes: int = MAX_TENSOR_BYTES) -> dict[str, np.ndarray]:
@@ -424,11 +447,12 @@ class _PickleWriter:
     def dump(self, value: object) -> None:
         """Append the opcodes that rebuild `value`."""
         match value:
-            case _Global(module, name) if value in self._memo:
+            case _Global() if value in self._memo:
                 self.out += pickle.BINGET + bytes([self._memo[value]])
             case _Global(module, name):
                 self._memo[value] = len(self._memo)
-                self.out += pickle.GLOBAL + f"{module}\n{name}\n".encode() + pickle.BINPUT + bytes([self._memo[value]])
+                self.out += pickle.GLOBAL + f"{module}\n{name}\n".encode()
+                self.out += pickle.BINPUT + bytes([self._memo[value]])
             case _Reduce(function, args):
                 self.dump(function)
                 self.dump(args)
@@ -500,10 +524,15 @@ DESCRIPTOR_64 = struct.Struct("<4sIQQ")
 ZIP64_END = struct.Struct("<4sQHHIIQQQQ")
 ZIP64_LOCATOR = struct.Struct("<4sIQI")
 END = struct.Struct("<4sHHHHIIH")
-ZIP64_LIMIT = 0xFFFFFFFF
+ZIP64_LIMIT = 0xFFFFFFFF  # sizes and offsets from here on are zip64 fields, as miniz decides
 UTF8_NAME = 0x800
 HAS_DESCRIPTOR = 0x8
 ZIP64_VERSION = 45
+
+
+def _field(value: int) -> int:
+    """A 32-bit size or offset field: the value, or 0xFFFFFFFF when a zip64 field holds it."""
+    return 0xFFFFFFFF if value >= ZIP64_LIMIT else value
 
 
 def _zip(records: list[tuple[str, Buffer]]) -> Iterator[Buffer]:
@@ -524,15 +553,16 @@ def _zip(records: list[tuple[str, Buffer]]) -> Iterator[Buffer]:
         extra = zip64_extra + b"FB" + struct.pack("<H", padding) + b"Z" * padding
         flags = UTF8_NAME | (HAS_DESCRIPTOR if size else 0)
         crc = zlib.crc32(content)
-        header = LOCAL_HEADER.pack(b"PK\x03\x04", 0, flags, 0, 0, 0, 0, 0, 0, len(encoded), len(extra)) + encoded + extra
+        header = LOCAL_HEADER.pack(b"PK\x03\x04", 0, flags, 0, 0, 0, 0, 0, 0, len(encoded), len(extra))
+        header += encoded + extra
         descriptor = b""
         if size:
             form = DESCRIPTOR_64 if zip64 else DESCRIPTOR
             descriptor = form.pack(b"PK\x07\x08", crc, size, size)
         central.append(
             CENTRAL_HEADER.pack(
-                b"PK\x01\x02", 0, ZIP64_VERSION if zip64 else 0, flags, 0, 0, 0, crc, min(size, ZIP64_LIMIT),
-                min(size, ZIP64_LIMIT), len(encoded), len(zip64_extra), 0, 0, 0, 0, min(position, ZIP64_LIMIT),
+                b"PK\x01\x02", 0, ZIP64_VERSION if zip64 else 0, flags, 0, 0, 0, crc, _field(size),
+                _field(size), len(encoded), len(zip64_extra), 0, 0, 0, 0, _field(position),
             ) + encoded + zip64_extra
         )
         yield header
@@ -543,18 +573,19 @@ def _zip(records: list[tuple[str, Buffer]]) -> Iterator[Buffer]:
     yield directory
     count = len(central)
     yield ZIP64_END.pack(
-        b"PK\x06\x06", ZIP64_END.size - 12, 0x031E, ZIP64_VERSION, 0, 0, count, count, len(directory), position
+        b"PK\x06\x06", ZIP64_END.size - 12, 0x031E, ZIP64_VERSION, 0, 0, count, count, len(directory),
+        position,
     )
     yield ZIP64_LOCATOR.pack(b"PK\x06\x07", 0, position + len(directory), 1)
     yield END.pack(
-        b"PK\x05\x06", 0, 0, min(count, 0xFFFF), min(count, 0xFFFF), min(len(directory), ZIP64_LIMIT),
-        min(position, ZIP64_LIMIT), 0,
+        b"PK\x05\x06", 0, 0, min(count, 0xFFFF), min(count, 0xFFFF), _field(len(directory)),
+        _field(position), 0,
     )
 
 
 def write_state_dict(tensors: Mapping[str, np.ndarray]) -> bytes:
-    """The file `torch.save(state_dict, f)` would write for `tensors`: `torch.load(f, weights_only=True)`
-    reads it back as an OrderedDict of CPU tensors with the same names, dtypes, shapes and values."""
+    """`tensors` as torch.save writes a state dict (its records, pickle and zip layout): torch.load(f,
+    weights_only=True) reads back an OrderedDict of the same names, dtypes, shapes and values."""
     arrays = [
         (name, np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C"))
         for name, array in tensors.items()
@@ -564,7 +595,10 @@ def write_state_dict(tensors: Mapping[str, np.ndarray]) -> bytes:
         (".format_version", b"1"),
         (".storage_alignment", str(ALIGNMENT).encode()),
         ("byteorder", b"little"),
-        *((f"data/{key}", memoryview(array.reshape(-1).view(np.uint8))) for key, (_, array) in enumerate(arrays)),
+        *(
+            (f"data/{key}", memoryview(array.reshape(-1).view(np.uint8)))
+            for key, (_, array) in enumerate(arrays)
+        ),
         ("version", FILE_FORMAT_VERSION),
     ]
     return b"".join(_zip(records))
