@@ -5,6 +5,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -457,3 +458,35 @@ async def test_bad_repeated_input_shape_is_400_and_stores_nothing(
     assert "input_shape" in json.dumps(await response.json())
     assert await raw_db["models"].count_documents({}) == 0
     assert await nothing_stored(client)
+
+
+TORCH_FIXTURES = Path(__file__).parent / "fixtures" / "torch"
+
+
+@pytest.mark.parametrize("fixture", ["script.pt", "module.pt"])
+async def test_torchscript_and_whole_modules_are_refused_at_upload_saying_what_to_send(
+    client: TestClient, raw_db: AsyncDatabase[dict[str, Any]], fixture: str
+) -> None:
+    """Files written by real torch (tests/fixtures/torch): code is never loaded, nothing is stored."""
+    owner = await register(client)
+    form = model_form((TORCH_FIXTURES / fixture).read_bytes(), name="m")
+    response = await client.post("/api/models/", data=form, headers=owner.headers)
+    assert response.status == 400
+    detail = (await response.json())["detail"]
+    assert "torch.save(model.state_dict(), f)" in detail and "safetensors" in detail
+    assert await raw_db["models"].count_documents({}) == 0
+    assert await nothing_stored(client)
+
+
+async def test_a_pytorch_state_dict_is_accepted_and_described(client: TestClient,
+                                                             raw_db: AsyncDatabase[dict[str, Any]]) -> None:
+    owner = await register(client)
+    content = (TORCH_FIXTURES / "state_dict_mixed.pt").read_bytes()
+    model_id = await upload_model(client, owner, content)
+    stored = await raw_db["models"].find_one({"_id": uuid.UUID(model_id)})
+    assert stored is not None and stored["format"] == "torch"
+    assert {(t["name"], tuple(t["shape"]), t["dtype"]) for t in stored["tensors"]} == {
+        ("fc.weight", (4, 3), "float32"), ("fc.bias", (4,), "float32"), ("out.weight", (2, 4), "float32"),
+        ("out.bias", (2,), "float32"), ("bn.num_batches_tracked", (), "int64")}
+    response = await client.get(f"/api/models/{model_id}/", headers=owner.headers)
+    assert await response.read() == content

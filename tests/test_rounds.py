@@ -11,6 +11,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from fltraining.engine.rounds import LeaseKeeper
+from fltraining.weights import detect_format, dump_tensors, load_tensors
 from fltraining.settings import Settings
 from fltraining.storage.database import database_name, make_client
 from routes.app import create_app
@@ -70,6 +71,28 @@ async def test_fedavg_runs_to_completion(api: TestClient, clients: list[Simulate
     types = [event["type"] for event in await events_of(api, actor, training_id)]
     assert types.count("aggregated") == 3
     assert types.count("testing_completed") == 3
+
+
+async def test_a_pytorch_model_is_trained_and_handed_back_as_a_pytorch_state_dict(
+    api: TestClient, clients: list[SimulatedClient]
+) -> None:
+    """What DLR's Python client does: the global model is a torch.save(state_dict) file, and it reads the
+    aggregated model back with torch.load(weights_only=True) (checked against real torch in
+    tests/test_torch_files.py's torch tier and by hand)."""
+    actor = await register(api, actor=True)
+    model_id = await upload_model(api, actor, dump_tensors(GLOBAL_TENSORS, "torch"))
+    training_id = await create_training(api, actor, model_id, clients=[c.account.id for c in clients],
+                                        target_num_updates=1)
+    response = await api.post(f"/api/trainings/{training_id}/start/", headers=actor.headers)
+    assert response.status == 202, await response.text()
+    final = await wait_for_state(api, actor, training_id, {"C", "E"})
+    assert final["state"] == "C", final
+    response = await api.get(f"/api/models/{model_id}/", headers=actor.headers)
+    content = await response.read()
+    assert detect_format(content) == "torch"
+    for name, value in load_tensors(content).items():
+        assert value.dtype == GLOBAL_TENSORS[name].dtype
+        np.testing.assert_allclose(value, np.full(GLOBAL_TENSORS[name].shape, 14 / 6), rtol=1e-6)
 
 
 async def test_exhausted_notification_retries_end_the_training(api: TestClient, clients: list[SimulatedClient]) -> None:
