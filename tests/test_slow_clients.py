@@ -289,6 +289,15 @@ async def test_json_body_within_the_timeout_is_read(impatient: ServiceProcess,
     assert status == 201, answer
 
 
+async def logged_status(service: ServiceProcess, marker: str) -> int:
+    """The status the service logged for the request with this X-Request-ID (waits for its log line)."""
+    async with asyncio.timeout(ANSWER_WITHIN):
+        while marker not in service.log():
+            await asyncio.sleep(0.05)  # polling the log for the request's line, not waiting out a race
+    line = next(line for line in service.log().splitlines() if marker in line)
+    return int(json.loads(line)["status"])
+
+
 async def test_client_that_disconnects_mid_body_is_no_server_error(impatient: ServiceProcess) -> None:
     connection = await Connection.open(impatient)
     marker = f"gone{uuid.uuid4().hex}"
@@ -296,11 +305,7 @@ async def test_client_that_disconnects_mid_body_is_no_server_error(impatient: Se
                                                 "X-Request-ID": marker})
     await connection.send(head + b'{"username": "gone')
     connection.close()
-    async with asyncio.timeout(ANSWER_WITHIN):
-        while marker not in impatient.log():
-            await asyncio.sleep(0.05)  # polling the log for the request's line, not waiting out a race
-    line = next(line for line in impatient.log().splitlines() if marker in line)
-    assert json.loads(line)["status"] == 499
+    assert await logged_status(impatient, marker) == 499
     assert "Connection lost" not in impatient.log()
 
 
@@ -319,11 +324,7 @@ async def test_model_upload_cut_off_mid_file_leaves_no_blob_and_no_model(impatie
     connection = await Connection.open(impatient)
     await connection.send(head + preamble + b"\0" * (3 * MIB))  # more than a write batch reaches the disk
     connection.close()
-    async with asyncio.timeout(ANSWER_WITHIN):
-        while marker not in impatient.log():
-            await asyncio.sleep(0.05)  # polling the log for the request's line, not waiting out a race
-    line = next(line for line in impatient.log().splitlines() if marker in line)
-    assert json.loads(line)["status"] == 499
+    assert await logged_status(impatient, marker) == 499
     assert blob_files(impatient) == before
     async with (aiohttp.ClientSession() as session,
                 session.get(impatient.base_url + "/api/models/",
