@@ -286,7 +286,8 @@ def _check_dtype(name: str, dtype: np.dtype[Any]) -> None:
         raise UnsupportedModelFormat(f"tensor {name!r} has dtype {dtype}; accepted dtypes: {ACCEPTED_DTYPES}")
 
 
-def _native(array: np.ndarray) -> np.ndarray:
+def native_order(array: np.ndarray) -> np.ndarray:
+    """The array in this machine's byte order (a copy only when it is not)."""
     if array.dtype.isnative:
         return array
     return array.astype(array.dtype.newbyteorder("="))
@@ -315,7 +316,7 @@ def _read_safetensors(data: memoryview, max_tensor_bytes: int) -> dict[str, np.n
         raise UnsupportedModelFormat("damaged safetensors file (the tensor data do not fill the file)")
     tensors: dict[str, np.ndarray] = {}
     for name, dtype, shape, begin, end in entries:
-        tensors[name] = _native(np.frombuffer(body[begin:end], dtype=dtype).reshape(shape))
+        tensors[name] = native_order(np.frombuffer(body[begin:end], dtype=dtype).reshape(shape))
     return tensors
 
 
@@ -352,7 +353,8 @@ def _safetensors_entry(name: str, info: Any) -> tuple[str, np.dtype[Any], tuple[
     return name, dtype, tuple(shape), begin, end
 
 
-def _unpacked_size(archive: zipfile.ZipFile, max_tensor_bytes: int) -> None:
+def check_unpacked_size(archive: zipfile.ZipFile, max_tensor_bytes: int) -> None:
+    """Refuse an archive whose members unpack to more than `max_tensor_bytes` (before unpacking any)."""
     total = sum(info.file_size for info in archive.infolist())
     if total > max_tensor_bytes:
         raise UnsupportedModelFormat(
@@ -366,13 +368,13 @@ def _npz_members(
     """Each member's tensor name, zip entry, bytes (a view, when stored uncompressed) and archive."""
     seen: set[str] = set()
     with zipfile.ZipFile(ViewFile(data)) as archive:
-        _unpacked_size(archive, max_tensor_bytes)
+        check_unpacked_size(archive, max_tensor_bytes)
         for info in archive.infolist():
             name = info.filename.removesuffix(".npy")
             if name in seen:
                 raise UnsupportedModelFormat(f"damaged npz file ({name!r} appears twice)")
             seen.add(name)
-            yield name, info, _stored_member(data, info), archive
+            yield name, info, stored_member(data, info), archive
 
 
 def _read_npz(data: memoryview, max_tensor_bytes: int) -> dict[str, np.ndarray]:
@@ -391,7 +393,7 @@ def _read_npz(data: memoryview, max_tensor_bytes: int) -> dict[str, np.ndarray]:
         _check_size(name, len(raw), shape, dtype)
         array = np.frombuffer(raw, dtype=dtype)
         array = array.reshape(shape[::-1]).T if fortran_order else array.reshape(shape)
-        tensors[name] = _native(array)
+        tensors[name] = native_order(array)
     return tensors
 
 
@@ -417,7 +419,7 @@ def _npz_signature(data: memoryview, max_tensor_bytes: int) -> Signature:
 ZIP_LOCAL_HEADER = struct.Struct("<4s22xHH")
 
 
-def _stored_member(data: memoryview, info: zipfile.ZipInfo) -> memoryview | None:
+def stored_member(data: memoryview, info: zipfile.ZipInfo) -> memoryview | None:
     """An uncompressed, unencrypted member's bytes as a view of the archive (None for others)."""
     if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
         return None

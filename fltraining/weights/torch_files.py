@@ -30,9 +30,9 @@ from fltraining.weights.formats import (
     Buffer,
     UnsupportedModelFormat,
     ViewFile,
-    _native,
-    _stored_member,
-    _unpacked_size,
+    check_unpacked_size,
+    native_order,
+    stored_member,
 )
 
 # NumPy has no bfloat16: ml_dtypes' keeps the bytes as they are (no copy, no widening) and is named
@@ -294,7 +294,7 @@ class _Archive:
     def read(self, name: str) -> Buffer:
         """The record's bytes."""
         info = self._info(name)
-        stored = _stored_member(self._view, info)
+        stored = stored_member(self._view, info)
         return stored if stored is not None else self._archive.read(info)
 
     def _info(self, name: str) -> zipfile.ZipInfo:
@@ -380,7 +380,7 @@ def _flat(state: object, max_tensor_bytes: int) -> dict[str, np.ndarray]:
         raise UnsupportedModelFormat(
             f"the tensors hold {total} bytes, more than the {max_tensor_bytes} allowed"
         )
-    return {name: _native(value.array) for name, value in state.items()}
+    return {name: native_order(value.array) for name, value in state.items()}
 
 
 def _kind(value: object) -> str:
@@ -396,7 +396,7 @@ def read_state_dict(data: Buffer, max_tensor_bytes: int = MAX_TENSOR_BYTES) -> d
     where stored uncompressed, as torch stores them); anything else is refused."""
     view = memoryview(data).cast("B")
     with zipfile.ZipFile(ViewFile(view)) as zipped:
-        _unpacked_size(zipped, max_tensor_bytes)
+        check_unpacked_size(zipped, max_tensor_bytes)
         archive = _Archive(view, zipped)
         order = _byte_order(archive)
         pickled = bytes(archive.read("data.pkl"))
