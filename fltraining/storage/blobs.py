@@ -116,18 +116,6 @@ class Staging:
             raise
         return Staged(path, size, digest.hexdigest())
 
-    def write_with(self, size: int) -> Path:
-        """A new staging file of `size` bytes, to be filled in place (507 when the disk is full)."""
-        path = self.new_path()
-        try:
-            with storage_errors(), path.open("wb") as out:
-                if size:
-                    os.posix_fallocate(out.fileno(), 0, size)
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        return path
-
     def leftovers(self, older_than: datetime) -> Iterator[Path]:
         """Staging files of writes that never finished (their process died), older than a moment."""
         if not self.directory.is_dir():
