@@ -69,7 +69,7 @@ class Model(Document):
     cloned_from: UUID | None = None
     # Set while a clone waits for its training's insert; a crash in between leaves it for the sweeper.
     pending_training: UUID | None = None
-    # The accepted weight format ("safetensors", "npz", "torch"), or None with the reason in format_problem.
+    # The accepted weight format ("safetensors", "npz", "torch", "onnx"), or None with the reason in format_problem.
     format: str | None = None
     format_problem: str | None = Field(default=None, max_length=1000)
     # Tensor signature as {"name", "shape", "dtype"} documents (names hold dots, so they cannot be keys).

@@ -32,7 +32,7 @@ from fltraining.states import RUNNING, Phase, TrainingState, Transition
 from fltraining.storage.blobs import StoredFile, staged_from_path
 from fltraining.weights.aggregate import derangement, mean_of_files
 from fltraining.weights.formats import Format
-from fltraining.weights.signature import Signature, from_documents
+from fltraining.weights.signature import from_documents
 
 log = logging.getLogger(__name__)
 
@@ -291,16 +291,20 @@ class RoundEngine:
         await self.apply_effects(committed)
 
     async def _mean_file(
-        self, files: list[UUID], weights: list[int], signature: Signature, fmt: Format, keeper: LeaseKeeper,
-        field: str,
+        self, files: list[UUID], weights: list[int], model: Model, keeper: LeaseKeeper, field: str,
     ) -> StoredFile:
-        """The weighted mean of stored files, computed from local (mapped) copies into a staged file, stored."""
+        """The weighted mean of stored files, computed from local (mapped) copies into a staged file, stored
+        in the global model's format (an ONNX model keeps its graph: the global model's file is the template)."""
+        signature = from_documents([t.model_dump() for t in model.tensors])
+        fmt: Format = model.format or "safetensors"  # type: ignore[assignment]
         async with contextlib.AsyncExitStack() as stack:
             paths = [await stack.enter_async_context(self._files.local_copy(file_id)) for file_id in files]
+            template = await stack.enter_async_context(self._files.local_copy(model.file_id)) if fmt == "onnx" else None
             out = self._files.staging.new_path()
             try:
                 # A full disk is not the round's fault: the error ends this attempt and the lease lets another redo it.
-                await asyncio.to_thread(mean_of_files, paths, weights, signature, fmt, out, keeper.advanced, field)
+                await asyncio.to_thread(mean_of_files, paths, weights, signature, fmt, out, keeper.advanced, field,
+                                        template)
                 staged = await asyncio.to_thread(staged_from_path, out)
             except BaseException:
                 out.unlink(missing_ok=True)
@@ -327,10 +331,8 @@ class RoundEngine:
         keep = plans.option(training, "keep_local_models", False)
         chain: list[ChainLink] = []
         if aggregate:
-            signature = from_documents([t.model_dump() for t in model.tensors])
             stored = await self._mean_file([update.file_id for update in updates],
-                                           [update.sample_size for update in updates], signature,
-                                           model.format or "safetensors", keeper, "model_file")
+                                           [update.sample_size for update in updates], model, keeper, "model_file")
             created.append(stored)
             effects.sync_model(model.id, new_round, stored)
             effects.event("aggregated", round_, updates=len(updates),
@@ -356,12 +358,10 @@ class RoundEngine:
             {"training": training.id, "round": training.round, "user": {"$in": training.round_arrived}}).sort("user", 1)]
         if not stats:
             raise ValueError(f"no stored SWAG statistics for round {training.round}")
-        signature = from_documents([t.model_dump() for t in model.tensors])
         weights = [stat.sample_size for stat in stats]
-        fmt = model.format or "safetensors"
         for which in ("first", "second"):
             files = [stat.first_file_id if which == "first" else stat.second_file_id for stat in stats]
-            created.append(await self._mean_file(files, weights, signature, fmt, keeper, f"{which}_moment_file"))
+            created.append(await self._mean_file(files, weights, model, keeper, f"{which}_moment_file"))
         effects.store_moments(model.id, created[0], created[1])
         effects.event("swag_aggregated", training.round, statistics=len(stats))
         plans.after_swag(training, fields, effects)

@@ -264,7 +264,7 @@ def weighted_mean_into(
 
 def mean_of_files(
     paths: Sequence[Path], weights: Sequence[int], signature: Mapping[str, TensorSpec], fmt: Format, out: Path,
-    progress: Callable[[], None] = lambda: None, field: str = "model_file",
+    progress: Callable[[], None] = lambda: None, field: str = "model_file", template: Path | None = None,
 ) -> None:
     """Write the weighted mean of model files as a model file: inputs mapped into memory (zero copy);
     a safetensors result is written block by block into its preallocated file, never held whole."""
@@ -280,7 +280,7 @@ def mean_of_files(
         return
     result = {name: np.empty(spec.shape, spec.dtype) for name, spec in signature.items()}
     weighted_mean_into(updates, weights, signature, result, progress, field)
-    write_tensors(out, result, fmt)
+    write_tensors(out, result, fmt, template)  # ONNX: the global model's graph with the new weights
 
 
 def derangement(n: int, rng: random.Random) -> list[int]:

@@ -25,7 +25,7 @@ import safetensors.numpy
 from fltraining.errors import InvalidInput
 from fltraining.weights.signature import Signature, TensorSpec, signature_of
 
-type Format = Literal["safetensors", "npz", "torch"]
+type Format = Literal["safetensors", "npz", "torch", "onnx"]
 type Buffer = bytes | bytearray | memoryview
 type Source = Buffer | str | os.PathLike[str]
 
@@ -69,6 +69,7 @@ def accepted_formats() -> list[str]:
             "PyTorch state dict as torch.save(model.state_dict(), f) writes it (tensors only, as"
             " torch.load(weights_only=True) reads them)"
         ),
+        "ONNX graph (its initializers are the weights)",
     ]
 
 
@@ -95,6 +96,10 @@ def detect_format(data: Buffer) -> Format:
             return "safetensors"
     if data[0] == PICKLE_PROTOCOL_MARK:
         raise UnsupportedModelFormat("the file is a Python pickle, and pickles are never loaded")
+    from fltraining.weights.onnx_files import looks_like_onnx  # onnx_files builds on this module
+
+    if looks_like_onnx(data):
+        return "onnx"
     raise UnsupportedModelFormat("the content is not a recognised model format")
 
 
@@ -106,6 +111,7 @@ def load_tensors(source: Source, *, max_tensor_bytes: int = MAX_TENSOR_BYTES) ->
         "safetensors": _read_safetensors,
         "npz": _read_npz,
         "torch": _read_torch,
+        "onnx": _read_onnx,
     }
     with _refusing(f"{fmt} file"):
         tensors = readers[fmt](memoryview(data).cast("B"), max_tensor_bytes)
@@ -127,8 +133,8 @@ def read_signature(source: Source, *, max_tensor_bytes: int = MAX_TENSOR_BYTES) 
         if fmt == "npz":
             signature = _npz_signature(view, max_tensor_bytes)
         else:
-            signature = signature_of(_read_safetensors(view, max_tensor_bytes) if fmt == "safetensors"
-                                     else _read_torch(view, max_tensor_bytes))
+            readers = {"safetensors": _read_safetensors, "torch": _read_torch, "onnx": _read_onnx}
+            signature = signature_of(readers[fmt](view, max_tensor_bytes))
     if not signature:
         raise UnsupportedModelFormat(f"the {fmt} file holds no tensors")
     return fmt, signature
@@ -144,8 +150,8 @@ def _buffer(source: Source) -> Buffer:
     return memoryview(np.memmap(path, dtype=np.uint8, mode="r"))
 
 
-def dump_tensors(tensors: Mapping[str, np.ndarray], fmt: Format = "safetensors") -> bytes:
-    """Write tensors as a model file in the given format."""
+def dump_tensors(tensors: Mapping[str, np.ndarray], fmt: Format = "safetensors", template: Buffer | None = None) -> bytes:
+    """Write tensors as a model file in the given format (ONNX: into a copy of the `template` graph)."""
     arrays = {
         name: np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
         for name, array in tensors.items()
@@ -156,13 +162,22 @@ def dump_tensors(tensors: Mapping[str, np.ndarray], fmt: Format = "safetensors")
         return _write_npz(arrays)
     if fmt == "torch":
         return _write_torch(arrays)
+    if fmt == "onnx":
+        if template is None:
+            raise ValueError("ONNX weights are written into a graph: pass the template")
+        from fltraining.weights.onnx_files import write_onnx
+
+        return write_onnx(template, arrays)
     raise ValueError(f"unknown model format {fmt!r}")
 
 
-def write_tensors(path: Path, tensors: Mapping[str, np.ndarray], fmt: Format = "safetensors") -> None:
-    """Write tensors as a model file at `path` (safetensors straight from the arrays, no copy in memory)."""
+def write_tensors(
+    path: Path, tensors: Mapping[str, np.ndarray], fmt: Format = "safetensors", template: Source | None = None
+) -> None:
+    """Write tensors as a model file at `path` (safetensors straight from the arrays, no copy in memory;
+    ONNX into a copy of the `template` graph)."""
     if fmt != "safetensors":
-        path.write_bytes(dump_tensors(tensors, fmt))
+        path.write_bytes(dump_tensors(tensors, fmt, None if template is None else _buffer(template)))
         return
     offsets = create_safetensors(path, signature_of(tensors))
     fd = os.open(path, os.O_WRONLY)
@@ -452,6 +467,12 @@ def _npy_header(name: str, member: IO[bytes]) -> tuple[tuple[int, ...], bool, np
 def _check_size(name: str, size: int, shape: tuple[int, ...], dtype: np.dtype[Any]) -> None:
     if size != math.prod(shape) * dtype.itemsize:
         raise UnsupportedModelFormat(f"damaged npz file (the size of {name!r} does not match its shape)")
+
+
+def _read_onnx(data: memoryview, max_tensor_bytes: int) -> dict[str, np.ndarray]:
+    from fltraining.weights.onnx_files import read_onnx
+
+    return read_onnx(data, max_tensor_bytes)
 
 
 def _read_torch(data: memoryview, max_tensor_bytes: int) -> dict[str, np.ndarray]:

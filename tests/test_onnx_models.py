@@ -1,0 +1,85 @@
+"""ONNX graphs as model files: uploaded, described by their initializers, trained, handed back as graphs."""
+
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from aiohttp.test_utils import TestClient
+from onnx import TensorProto, helper, numpy_helper
+from pymongo.asynchronous.database import AsyncDatabase
+
+from fltraining.weights import detect_format, load_tensors
+from tests.fl_clients import GLOBAL_TENSORS, SimulatedClient, wait_for_state
+from tests.helpers import create_training, nothing_stored, register, upload_model
+from tests.test_models import model_form, raw_db  # noqa: F401  (raw_db: a fixture)
+
+
+def graph(weights: dict[str, np.ndarray] | None = None, domain: str = "", external: bool = False) -> bytes:
+    """Y = X·Wᵀ + b for the simulated clients' model (`layer.weight` 3×2, `layer.bias` 3) as an ONNX graph."""
+    tensors = weights or GLOBAL_TENSORS
+    initializers = [numpy_helper.from_array(tensors[name], name) for name in ("layer.weight", "layer.bias")]
+    if external:
+        initializers[0].data_location = TensorProto.EXTERNAL
+        initializers[0].ClearField("raw_data")
+        entry = initializers[0].external_data.add()
+        entry.key, entry.value = "location", "/etc/passwd"
+    node = helper.make_node("Gemm", ["X", "layer.weight", "layer.bias"], ["Y"], transB=1, domain=domain)
+    body = helper.make_graph([node], "mlp", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 2])],
+                             [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 3])], initializers)
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    return helper.make_model(body, opset_imports=opsets, ir_version=9).SerializeToString()
+
+
+async def test_an_onnx_graph_is_a_model_described_by_its_initializers(
+    client: TestClient, raw_db: AsyncDatabase[dict[str, Any]]
+) -> None:
+    owner = await register(client)
+    model_id = await upload_model(client, owner, graph())
+    stored = await raw_db["models"].find_one({})
+    assert stored is not None and stored["format"] == "onnx"
+    assert {(t["name"], tuple(t["shape"]), t["dtype"]) for t in stored["tensors"]} == {
+        ("layer.weight", (3, 2), "float32"), ("layer.bias", (3,), "float32")}
+    response = await client.get(f"/api/models/{model_id}/", headers=owner.headers)
+    assert await response.read() == graph()
+
+
+@pytest.mark.parametrize(("content", "why"), [
+    (graph(domain="com.example.custom"), "custom"),
+    (graph(external=True), "external data"),
+], ids=["custom domain", "external data"])
+async def test_graphs_that_are_not_self_contained_standard_onnx_are_refused(
+    client: TestClient, raw_db: AsyncDatabase[dict[str, Any]], content: bytes, why: str
+) -> None:
+    owner = await register(client)
+    response = await client.post("/api/models/", data=model_form(content, name="g"), headers=owner.headers)
+    assert response.status == 400
+    assert why in (await response.json())["detail"]
+    assert await raw_db["models"].count_documents({}) == 0
+    assert await nothing_stored(client)
+
+
+async def test_an_onnx_model_is_trained_and_handed_back_as_the_same_graph(
+    api: TestClient, clients: list[SimulatedClient]
+) -> None:
+    """Clients send safetensors updates named like the initializers; the new global model is the graph
+    with the weighted mean as its initializers, and onnxruntime runs it."""
+    actor = await register(api, actor=True)
+    model_id = await upload_model(api, actor, graph())
+    training_id = await create_training(api, actor, model_id, clients=[c.account.id for c in clients],
+                                        target_num_updates=1)
+    response = await api.post(f"/api/trainings/{training_id}/start/", headers=actor.headers)
+    assert response.status == 202, await response.text()
+    final = await wait_for_state(api, actor, training_id, {"C", "E"})
+    assert final["state"] == "C", final
+    content = await (await api.get(f"/api/models/{model_id}/", headers=actor.headers)).read()
+    assert detect_format(content) == "onnx"
+    onnx.checker.check_model(onnx.load_model_from_string(content))
+    mean = load_tensors(content)
+    for name, value in mean.items():  # each client adds (index + 1), sample sizes 1, 2, 3: 14/6
+        np.testing.assert_allclose(value, np.full(GLOBAL_TENSORS[name].shape, 14 / 6), rtol=1e-6)
+    session = onnxruntime.InferenceSession(content, providers=["CPUExecutionProvider"])
+    x = np.array([[1.0, 2.0]], np.float32)
+    [y] = session.run(None, {"X": x})
+    np.testing.assert_allclose(y, x @ mean["layer.weight"].T + mean["layer.bias"], rtol=1e-6)
