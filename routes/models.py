@@ -5,8 +5,8 @@ from aiohttp import web
 from fltraining.engine.uploads import visible_file
 from fltraining.errors import Conflict, InvalidInput, UnsupportedMediaType
 from fltraining.schemas.common import Message
-from fltraining.storage.blobs import BlobMissing
 from fltraining.schemas.models import ModelCreate, ModelMetadata, ModelUploadAccepted
+from fltraining.storage.blobs import BlobMissing
 from routes.auth import current_user
 from routes.keys import models_key
 from routes.multipart import FormSpec, discard, read_form

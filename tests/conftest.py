@@ -9,9 +9,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from aiohttp.test_utils import TestClient
+from pymongo import AsyncMongoClient
+from pymongo.asynchronous.database import AsyncDatabase
 
 from fltraining.settings import Settings
-from fltraining.storage.database import make_client
+from fltraining.storage.database import database_name, make_client
 from fltraining.storage.embedded import EmbeddedStore
 from routes.app import create_app
 from tests.fl_clients import SimulatedClient, start_clients, stop_clients
@@ -58,6 +60,14 @@ async def database_url(store_url: str) -> AsyncIterator[str]:
     client = make_client(store_url)
     await client.drop_database(name)
     await client.close()
+
+
+@pytest.fixture
+async def raw_db(database_url: str) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
+    """The test database through a plain PyMongo client, to see what is stored."""
+    mongo: AsyncMongoClient[dict[str, Any]] = make_client(database_url)
+    yield mongo[database_name(database_url, "fltraining")]
+    await mongo.close()
 
 
 @pytest.fixture

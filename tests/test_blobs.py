@@ -21,7 +21,7 @@ from fltraining.storage.blobs import BlobMissing, Staging
 from routes.app import create_app
 from routes.keys import models_key
 from tests.helpers import nothing_stored, register, sized_model, small_model, stored_blobs, upload_model
-from tests.test_models import model_form, raw_db  # noqa: F401  (raw_db: a fixture)
+from tests.test_models import model_form
 
 MIB = 1024 * 1024
 # MongoDB's largest message; the embedded store answers a whole query in one reply.

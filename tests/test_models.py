@@ -4,18 +4,15 @@ import base64
 import hashlib
 import json
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import FormData
 from aiohttp.test_utils import TestClient
-from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from fltraining.settings import Settings
-from fltraining.storage.database import database_name, make_client
 from routes.app import create_app
 from tests.helpers import (
     PASSWORD,
@@ -31,14 +28,6 @@ from tests.helpers import (
 )
 
 METADATA_KEYS = {"id", "name", "description", "owner", "round", "input_shape", "size", "sha256", "created_at"}
-
-
-@pytest.fixture
-async def raw_db(database_url: str) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
-    """The test database through a plain PyMongo client, to see what is stored."""
-    mongo: AsyncMongoClient[dict[str, Any]] = make_client(database_url)
-    yield mongo[database_name(database_url, "fltraining")]
-    await mongo.close()
 
 
 WEIGHTS = small_model()

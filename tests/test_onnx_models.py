@@ -13,7 +13,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from fltraining.weights import detect_format, load_tensors
 from tests.fl_clients import GLOBAL_TENSORS, SimulatedClient, wait_for_state
 from tests.helpers import create_training, nothing_stored, register, upload_model
-from tests.test_models import model_form, raw_db  # noqa: F401  (raw_db: a fixture)
+from tests.test_models import model_form
 
 
 def graph(weights: dict[str, np.ndarray] | None = None, domain: str = "", external: bool = False) -> bytes:

@@ -11,9 +11,9 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from fltraining.engine.rounds import LeaseKeeper
-from fltraining.weights import detect_format, dump_tensors, load_tensors
 from fltraining.settings import Settings
 from fltraining.storage.database import database_name, make_client
+from fltraining.weights import detect_format, dump_tensors, load_tensors
 from routes.app import create_app
 from routes.keys import engine_key
 from tests.fl_clients import (

@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 from pymongo import AsyncMongoClient
 
-from fltraining.storage.database import database_name, make_client
 from fltraining.storage.blob_gridfs import BUCKET, CHUNK_BYTES, GridFSBlobStore
 from fltraining.storage.blobs import WRITE_BATCH_BYTES, Staging
+from fltraining.storage.database import database_name, make_client
 from tests.helpers import PASSWORD
 from tests.processes import ServiceProcess
 

@@ -14,9 +14,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 from types import TracebackType
 from typing import Self
+from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 
 from fltraining.weights.formats import Format, create_safetensors, load_tensors, write_at, write_tensors
-
 from fltraining.weights.signature import Signature, TensorSpec, check_matches, signature_of
 
 # Elements per step of the weighted add: the scratch product (and the slice of the sums it is added
