@@ -12,8 +12,9 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from fltraining.weights import detect_format, load_tensors
 from tests.fl_clients import GLOBAL_TENSORS, SimulatedClient, wait_for_state
-from tests.helpers import create_training, nothing_stored, register, upload_model
+from tests.helpers import nothing_stored, register, upload_model
 from tests.test_models import model_form
+from tests.test_rounds import run_training
 
 
 def graph(weights: dict[str, np.ndarray] | None = None, domain: str = "", external: bool = False) -> bytes:
@@ -66,14 +67,10 @@ async def test_an_onnx_model_is_trained_and_handed_back_as_the_same_graph(
     """Clients send safetensors updates named like the initializers; the new global model is the graph
     with the weighted mean as its initializers, and onnxruntime runs it."""
     actor = await register(api, actor=True)
-    model_id = await upload_model(api, actor, graph())
-    training_id = await create_training(api, actor, model_id, clients=[c.account.id for c in clients],
-                                        target_num_updates=1)
-    response = await api.post(f"/api/trainings/{training_id}/start/", headers=actor.headers)
-    assert response.status == 202, await response.text()
+    training_id = await run_training(api, actor, clients, graph(), target_num_updates=1)
     final = await wait_for_state(api, actor, training_id, {"C", "E"})
     assert final["state"] == "C", final
-    content = await (await api.get(f"/api/models/{model_id}/", headers=actor.headers)).read()
+    content = await (await api.get(f"/api/models/{final['model']}/", headers=actor.headers)).read()
     assert detect_format(content) == "onnx"
     onnx.checker.check_model(onnx.load_model_from_string(content))
     mean = load_tensors(content)

@@ -36,9 +36,11 @@ from tests.helpers import (
 )
 
 
-async def run_training(api: TestClient, actor: Account, clients: list[SimulatedClient], **body: Any) -> str:
-    """Create and start a training of the simulated clients; returns its id."""
-    model_id = await upload_model(api, actor, model_bytes())
+async def run_training(api: TestClient, actor: Account, clients: list[SimulatedClient],
+                       content: bytes | None = None, **body: Any) -> str:
+    """Create and start a training of the simulated clients (on `content`, by default their safetensors
+    model); returns its id."""
+    model_id = await upload_model(api, actor, content or model_bytes())
     training_id = await create_training(api, actor, model_id, clients=[c.account.id for c in clients], **body)
     response = await api.post(f"/api/trainings/{training_id}/start/", headers=actor.headers)
     assert response.status == 202, await response.text()
@@ -80,14 +82,10 @@ async def test_a_pytorch_model_is_trained_and_handed_back_as_a_pytorch_state_dic
     aggregated model back with torch.load(weights_only=True) (checked against real torch in
     tests/test_torch_files.py's torch tier and by hand)."""
     actor = await register(api, actor=True)
-    model_id = await upload_model(api, actor, dump_tensors(GLOBAL_TENSORS, "torch"))
-    training_id = await create_training(api, actor, model_id, clients=[c.account.id for c in clients],
-                                        target_num_updates=1)
-    response = await api.post(f"/api/trainings/{training_id}/start/", headers=actor.headers)
-    assert response.status == 202, await response.text()
+    training_id = await run_training(api, actor, clients, dump_tensors(GLOBAL_TENSORS, "torch"), target_num_updates=1)
     final = await wait_for_state(api, actor, training_id, {"C", "E"})
     assert final["state"] == "C", final
-    response = await api.get(f"/api/models/{model_id}/", headers=actor.headers)
+    response = await api.get(f"/api/models/{final['model']}/", headers=actor.headers)
     content = await response.read()
     assert detect_format(content) == "torch"
     for name, value in load_tensors(content).items():
