@@ -4,14 +4,13 @@ import errno
 import logging
 import multiprocessing
 import signal
-import socket
 from multiprocessing.context import SpawnProcess
 from types import FrameType
 
 from aiohttp import web
 
 from fltraining.settings import Settings
-from fltraining.storage.embedded import EmbeddedStore, EmbeddedStoreError, start_for
+from fltraining.storage.embedded import EmbeddedStore, EmbeddedStoreError, port_free, start_for
 from routes.app import create_app
 from routes.observability import JsonFormatter
 
@@ -68,12 +67,6 @@ def run_worker(settings: Settings, reuse_port: bool) -> None:
         raise SystemExit(1) from None
 
 
-def _port_free(host: str, port: int) -> bool:
-    """Whether nothing listens on host:port yet."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        return probe.connect_ex((host, port)) != 0
-
-
 def serve(settings: Settings, workers: int) -> None:
     """Run the service with `workers` processes sharing one port and one store."""
     configure_logging(settings.log_level)
@@ -82,7 +75,7 @@ def serve(settings: Settings, workers: int) -> None:
         return
     if settings.port == 0:
         raise SystemExit("--workers > 1 needs a fixed --port")
-    if not _port_free(settings.host, settings.port):
+    if not port_free(settings.host, settings.port):
         raise SystemExit(f"port {settings.port} on {settings.host} is already in use")
     store: EmbeddedStore | None = None
     if settings.mongodb_url is None:

@@ -107,14 +107,8 @@ def load_tensors(source: Source, *, max_tensor_bytes: int = MAX_TENSOR_BYTES) ->
     """Read a model file's tensors by name, in file order (safetensors gives read-only views of `source`)."""
     data = _buffer(source)
     fmt = detect_format(data)
-    readers: dict[Format, Callable[[memoryview, int], dict[str, np.ndarray]]] = {
-        "safetensors": _read_safetensors,
-        "npz": _read_npz,
-        "torch": _read_torch,
-        "onnx": _read_onnx,
-    }
     with _refusing(f"{fmt} file"):
-        tensors = readers[fmt](memoryview(data).cast("B"), max_tensor_bytes)
+        tensors = _reader(fmt)(memoryview(data).cast("B"), max_tensor_bytes)
     if not tensors:
         raise UnsupportedModelFormat(f"the {fmt} file holds no tensors")
     return tensors
@@ -130,14 +124,21 @@ def read_signature(source: Source, *, max_tensor_bytes: int = MAX_TENSOR_BYTES) 
     fmt = detect_format(data)
     with _refusing(f"{fmt} file"):
         view = memoryview(data).cast("B")
-        if fmt == "npz":
+        if fmt == "npz":  # headers only: the members need not be unpacked
             signature = _npz_signature(view, max_tensor_bytes)
         else:
-            readers = {"safetensors": _read_safetensors, "torch": _read_torch, "onnx": _read_onnx}
-            signature = signature_of(readers[fmt](view, max_tensor_bytes))
+            signature = signature_of(_reader(fmt)(view, max_tensor_bytes))
     if not signature:
         raise UnsupportedModelFormat(f"the {fmt} file holds no tensors")
     return fmt, signature
+
+
+def _reader(fmt: Format) -> Callable[[memoryview, int], dict[str, np.ndarray]]:
+    """The function that reads a file of this format into tensors."""
+    readers: dict[Format, Callable[[memoryview, int], dict[str, np.ndarray]]] = {
+        "safetensors": _read_safetensors, "npz": _read_npz, "torch": _read_torch, "onnx": _read_onnx,
+    }
+    return readers[fmt]
 
 
 def _buffer(source: Source) -> Buffer:
