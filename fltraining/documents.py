@@ -76,6 +76,11 @@ class Model(Document):
     tensors: list[TensorDocument] = Field(default_factory=list)
     swag_first_file_id: UUID | None = None
     swag_second_file_id: UUID | None = None
+    # The ONNX graph inference runs: the model file itself for format "onnx", else an attached graph file.
+    graph_file_id: UUID | None = None
+    graph_digest: str | None = Field(default=None, min_length=64, max_length=64)
+    # An ensemble model (DLR's "mean model"): inference runs one pass per member.
+    ensemble_members: list[UUID] | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
     class Settings:
@@ -336,6 +341,7 @@ FILE_REFERENCES: list[tuple[type[Document], str]] = [
     (Model, "file_id"),
     (Model, "swag_first_file_id"),
     (Model, "swag_second_file_id"),
+    (Model, "graph_file_id"),
     (Update, "file_id"),
     (SwagStatistic, "first_file_id"),
     (SwagStatistic, "second_file_id"),

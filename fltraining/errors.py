@@ -93,3 +93,13 @@ class InsufficientStorage(FLTrainingError):
     """The server's disk is full: nothing was stored, the client may retry later."""
 
     status = 507
+
+
+class ServiceUnavailable(FLTrainingError):
+    """The service cannot take this work now (inference pool saturated or too slow); retry after `retry_after`."""
+
+    status = 503
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after

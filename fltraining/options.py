@@ -10,6 +10,7 @@ UNPAIRED_SURROGATE = "string holds an unpaired surrogate, which is not Unicode t
 MAX_DAISY_CHAIN_PERIOD = 1_000_000
 DEFAULT_FEDPROX_MU = 0.01
 MAX_ROUND_TIMEOUT_SECONDS = 366 * 86_400
+MAX_UNCERTAINTY_PASSES = 1000
 
 
 class UncertaintyOptions(BaseModel):
@@ -17,8 +18,9 @@ class UncertaintyOptions(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    N: StrictInt = Field(default=10, ge=1)
+    N: StrictInt = Field(default=10, ge=1, le=MAX_UNCERTAINTY_PASSES)
     softmax: StrictBool = False
+    seed: StrictInt | None = Field(default=None, ge=0, le=2**31 - 1)
 
 
 class TrainingOptions(BaseModel):

@@ -113,4 +113,29 @@ class Settings(BaseSettings):
         default=False,
         description="Fault tests only: claim aggregations and never finish them, like a hung process.",
     )
+    inference_threads: int = Field(
+        default=2, ge=1, le=256, description="Threads running inference passes (off the event loop)."
+    )
+    inference_queue: int = Field(
+        default=8, ge=0, le=10_000,
+        description="Inference requests that may wait for a thread; beyond that 503 with Retry-After.",
+    )
+    inference_timeout_seconds: float = Field(
+        default=30.0, gt=0, le=3600,
+        description="Longest an inference request may run (its passes are stopped, 503 with Retry-After).",
+    )
+    inference_max_elements: int = Field(
+        default=1_000_000, ge=1, le=1_000_000_000,
+        description="Most numbers a `model_input` may hold (400 above); also bounds one batched run.",
+    )
+    inference_max_body_bytes: int = Field(
+        default=64 * MIB, ge=1024, description="Largest inference request body (JSON or multipart; 413 above)."
+    )
+    inference_sessions: int = Field(
+        default=8, ge=1, le=1024, description="onnxruntime sessions kept ready per process (per model and round)."
+    )
+    inference_session_threads: int = Field(
+        default=1, ge=0, le=256,
+        description="onnxruntime's threads per pass (0 = one per core); requests run in parallel on the pool.",
+    )
     log_level: str = Field(default="INFO", description="Python logging level.")

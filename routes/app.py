@@ -13,7 +13,7 @@ from fltraining.services.factory import build_services
 from fltraining.settings import Settings
 from fltraining.storage.database import database_name, init_database, make_client
 from fltraining.storage.embedded import start_for
-from routes import models, rounds, service, trainings, users
+from routes import inference, models, rounds, service, trainings, users
 from routes.auth import make_auth_middleware
 from routes.background import periodic
 from routes.errors import error_middleware
@@ -22,6 +22,8 @@ from routes.keys import (
     database_name_key,
     delivery_key,
     engine_key,
+    graphs_key,
+    inference_key,
     metrics_key,
     models_key,
     mongo_client_key,
@@ -41,7 +43,8 @@ log = logging.getLogger(__name__)
 
 # Fixed routes before parameterised ones: aiohttp matches in registration order.
 ENDPOINTS: list[Endpoint] = [
-    *service.ENDPOINTS, *users.ENDPOINTS, *models.ENDPOINTS, *trainings.ENDPOINTS, *rounds.ENDPOINTS,
+    *service.ENDPOINTS, *users.ENDPOINTS, *inference.ENDPOINTS, *models.ENDPOINTS, *trainings.ENDPOINTS,
+    *rounds.ENDPOINTS,
 ]
 
 
@@ -82,9 +85,12 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     app[engine_key] = services.engine
     app[contributions_key] = services.contributions
     app[delivery_key] = services.delivery
+    app[graphs_key] = services.graphs
+    app[inference_key] = services.inference
     try:
         yield
     finally:
+        services.inference_pool.close()
         await client.close()
 
 

@@ -6,7 +6,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import ValidationError
 
-from fltraining.errors import FLTrainingError, NotAuthenticated, TooManyRequests
+from fltraining.errors import FLTrainingError, NotAuthenticated, ServiceUnavailable, TooManyRequests
 from fltraining.schemas.common import public_errors
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except FLTrainingError as error:
         headers = AUTH_CHALLENGE if isinstance(error, NotAuthenticated) else None
-        if isinstance(error, TooManyRequests):
+        if isinstance(error, TooManyRequests | ServiceUnavailable):
             headers = {"Retry-After": str(error.retry_after)}
         return json_error(error.status, error.detail, error.errors, headers)
     except ValidationError as error:

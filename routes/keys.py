@@ -10,6 +10,8 @@ from fltraining.documents import User
 from fltraining.engine.outbox import NotificationDelivery
 from fltraining.engine.rounds import RoundEngine
 from fltraining.engine.uploads import ContributionService
+from fltraining.inference.service import InferenceService
+from fltraining.services.graphs import GraphService
 from fltraining.services.models import ModelService
 from fltraining.services.trainings import TrainingService
 from fltraining.services.users import UserService
@@ -25,6 +27,8 @@ trainings_key = web.AppKey("trainings", TrainingService)
 engine_key = web.AppKey("engine", RoundEngine)
 contributions_key = web.AppKey("contributions", ContributionService)
 delivery_key = web.AppKey("delivery", NotificationDelivery)
+graphs_key = web.AppKey("graphs", GraphService)
+inference_key = web.AppKey("inference", InferenceService)
 openapi_key = web.AppKey("openapi", dict[str, Any])
 shutting_down_key = web.AppKey("shutting_down", asyncio.Event)
 

@@ -15,14 +15,14 @@ FIELD_BYTES = 64 * 1024
 MULTIPART_OVERHEAD = 1024 * 1024
 MAX_LIST_ITEMS = 100
 
-StoreFile = Callable[[AsyncIterator[bytes]], Awaitable[StoredFile]]
+type StoreFile[F] = Callable[[AsyncIterator[bytes]], Awaitable[F]]
 
 
 @dataclass
-class Form:
+class Form[F = StoredFile]:
     """What a form carried: stored files by field, single text fields, repeated list fields."""
 
-    files: dict[str, StoredFile] = field(default_factory=dict)
+    files: dict[str, F] = field(default_factory=dict)
     texts: dict[str, str] = field(default_factory=dict)
     lists: dict[str, list[str]] = field(default_factory=dict)
 
@@ -79,20 +79,20 @@ def _add_text(form: Form, spec: FormSpec, name: str, value: str) -> None:
         raise InvalidInput(f"Unknown field '{name[:64]}'.")
 
 
-async def discard(form: Form, delete: Callable[[StoredFile], Awaitable[None]]) -> None:
+async def discard[F](form: Form[F], delete: Callable[[F], Awaitable[None]]) -> None:
     """Remove the files a refused form stored."""
     for stored in form.files.values():
         await delete(stored)
 
 
-async def read_form(
-    request: web.Request, spec: FormSpec, store: StoreFile, delete: Callable[[StoredFile], Awaitable[None]],
+async def read_form[F](
+    request: web.Request, spec: FormSpec, store: StoreFile[F], delete: Callable[[F], Awaitable[None]],
     max_file_bytes: int,
-) -> Form:
+) -> Form[F]:
     """Read a multipart form (files streamed through `store`) or, without files, an url-encoded one."""
     settings = request.app[settings_key]
     if request.content_type == "application/x-www-form-urlencoded" and not spec.files:
-        form = Form()
+        form: Form[F] = Form()
         posted = await request.post()
         for name, value in posted.items():
             if not isinstance(value, str):
@@ -102,8 +102,8 @@ async def read_form(
     if request.content_type != "multipart/form-data":
         raise UnsupportedMediaType("Send this form as multipart/form-data.")
     if request.content_length is not None and request.content_length > len(spec.files) * max_file_bytes + MULTIPART_OVERHEAD:
-        raise PayloadTooLarge(f"A model file may hold at most {max_file_bytes} bytes.")
-    form = Form()
+        raise PayloadTooLarge(f"A file may hold at most {max_file_bytes} bytes.")
+    form: Form[F] = Form()
     deadline = BodyDeadline(settings.body_timeout_seconds, settings.upload_timeout_seconds)
     try:
         try:

@@ -16,7 +16,7 @@ _STATUS_TEXT = {
     200: "OK", 201: "Created", 202: "Accepted", 400: "Invalid body or query", 401: "No or bad credentials",
     403: "Not allowed", 404: "Unknown resource", 408: "Body did not arrive in time",
     409: "Conflict with the current state", 412: "If-Match does not match", 413: "Body too large",
-    415: "Wrong content type", 429: "Too many requests", 503: "Database unreachable",
+    415: "Wrong content type", 429: "Too many requests", 503: "Database unreachable, or inference busy (Retry-After)",
     507: "No room to store the file right now (nothing was kept)",
 }
 SECURITY = [{"tokenAuth": []}, {"bearerAuth": []}, {"basicAuth": []}]

@@ -54,11 +54,11 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def read_json_object(request: web.Request) -> dict[str, Any]:
+async def read_json_object(request: web.Request, limit: int | None = None) -> dict[str, Any]:
     """Read a JSON object body within the size limit (415, 413 and 400 otherwise)."""
     if request.content_type not in JSON_TYPES and not request.content_type.endswith("+json"):
         raise UnsupportedMediaType(f"Unsupported media type '{request.content_type}'; send application/json.")
-    limit = request.app[settings_key].max_json_bytes
+    limit = limit or request.app[settings_key].max_json_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
     seconds = request.app[settings_key].body_timeout_seconds

@@ -7,30 +7,14 @@ import onnx
 import onnxruntime
 import pytest
 from aiohttp.test_utils import TestClient
-from onnx import TensorProto, helper, numpy_helper
 from pymongo.asynchronous.database import AsyncDatabase
 
 from fltraining.weights import detect_format, load_tensors
 from tests.fl_clients import GLOBAL_TENSORS, SimulatedClient, wait_for_state
 from tests.helpers import nothing_stored, register, upload_model
+from tests.onnx_graphs import graph, relu_int16_graph
 from tests.test_models import model_form
 from tests.test_rounds import run_training
-
-
-def graph(weights: dict[str, np.ndarray] | None = None, domain: str = "", external: bool = False) -> bytes:
-    """Y = X·Wᵀ + b for the simulated clients' model (`layer.weight` 3×2, `layer.bias` 3) as an ONNX graph."""
-    tensors = weights or GLOBAL_TENSORS
-    initializers = [numpy_helper.from_array(tensors[name], name) for name in ("layer.weight", "layer.bias")]
-    if external:
-        initializers[0].data_location = TensorProto.EXTERNAL
-        initializers[0].ClearField("raw_data")
-        entry = initializers[0].external_data.add()
-        entry.key, entry.value = "location", "/etc/passwd"
-    node = helper.make_node("Gemm", ["X", "layer.weight", "layer.bias"], ["Y"], transB=1, domain=domain)
-    body = helper.make_graph([node], "mlp", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 2])],
-                             [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 3])], initializers)
-    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid(domain, 1)] if domain else [])
-    return helper.make_model(body, opset_imports=opsets, ir_version=9).SerializeToString()
 
 
 async def test_an_onnx_graph_is_a_model_described_by_its_initializers(
@@ -49,7 +33,8 @@ async def test_an_onnx_graph_is_a_model_described_by_its_initializers(
 @pytest.mark.parametrize(("content", "why"), [
     (graph(domain="com.example.custom"), "custom"),
     (graph(external=True), "external data"),
-], ids=["custom domain", "external data"])
+    (relu_int16_graph(), "onnxruntime's CPU provider cannot run"),
+], ids=["custom domain", "external data", "operator onnxruntime lacks"])
 async def test_graphs_that_are_not_self_contained_standard_onnx_are_refused(
     client: TestClient, raw_db: AsyncDatabase[dict[str, Any]], content: bytes, why: str
 ) -> None:

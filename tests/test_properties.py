@@ -57,7 +57,8 @@ def json_values(levels: int) -> st.SearchStrategy[Any]:
 uncertainty_objects = st.fixed_dictionaries(
     {},
     optional={
-        "N": st.integers(min_value=1, max_value=INT64_MAX),
+        "N": st.integers(min_value=1, max_value=1000),
+        "seed": st.none() | st.integers(min_value=0, max_value=2**31 - 1),
         "softmax": st.booleans(),
         "extra": json_values(MAX_DEPTH - 2),
     },

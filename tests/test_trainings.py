@@ -321,6 +321,8 @@ BAD_TYPED_OPTIONS: dict[str, tuple[dict[str, Any], list[str | int]]] = {
     "period overflowing the target": ({"daisy_chain_period": 2**50}, ["options", "daisy_chain_period"]),
     "uncertainty N zero": ({"uncertainty": {"N": 0}}, ["options", "uncertainty", "N"]),
     "uncertainty N string": ({"uncertainty": {"N": "3"}}, ["options", "uncertainty", "N"]),
+    "uncertainty N above 1000": ({"uncertainty": {"N": 1001}}, ["options", "uncertainty", "N"]),
+    "uncertainty seed negative": ({"uncertainty": {"seed": -1}}, ["options", "uncertainty", "seed"]),
     "uncertainty softmax string": (
         {"uncertainty": {"softmax": "yes"}},
         ["options", "uncertainty", "softmax"],

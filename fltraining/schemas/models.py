@@ -1,7 +1,7 @@
 """Model schemas."""
 
 import json
-from typing import Annotated
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import Field, StrictInt, StrictStr, field_validator
@@ -60,6 +60,10 @@ class ModelMetadata(PublicModel):
     input_shape: list[int | None] | None
     size: int
     sha256: str
+    format: str | None = Field(default=None, description="safetensors, npz, torch or onnx; null if unreadable.")
+    graph_digest: str | None = Field(
+        default=None, description="SHA-256 of the ONNX graph inference runs (null: no graph, no inference).")
+    ensemble_members: list[UUID] | None = Field(default=None, description="An ensemble model's members.")
     created_at: UtcDatetime
 
 
@@ -68,3 +72,42 @@ class ModelUploadAccepted(PublicModel):
 
     detail: str = "Model Upload Accepted"
     model_id: UUID
+
+
+MAX_ENSEMBLE_MEMBERS = 32
+
+
+class EnsembleCreate(RequestModel):
+    """`POST /api/models/ensembles/`: a model made of member models (DLR's mean model)."""
+
+    name: StrictStr = Field(min_length=1, max_length=256)
+    description: StrictStr = Field(default="", max_length=10_000)
+    models: list[UUID] = Field(min_length=2, max_length=MAX_ENSEMBLE_MEMBERS)
+
+    @field_validator("models")
+    @classmethod
+    def distinct(cls, value: list[UUID]) -> list[UUID]:
+        """Each member once: a member twice would weigh it double in the statistics."""
+        if len(set(value)) != len(value):
+            raise ValueError("each model may be listed once")
+        return value
+
+
+class InferenceRequest(RequestModel):
+    """`POST /api/inference/` as JSON (multipart sends `model_input` as a file)."""
+
+    model_id: UUID
+    model_input: list[Any] = Field(min_length=1, description="Nested lists of numbers, batch first.")
+    return_format: Literal["json", "binary"] = "json"
+
+
+class InferenceAnswer(PublicModel):
+    """DLR's inference answer: the prediction and its uncertainty (`outputs`: the raw outputs of one pass)."""
+
+    inference: list[Any]
+    uncertainty: dict[str, list[Any]]
+    outputs: list[Any] | None = None
+
+
+class GraphForm(RequestModel):
+    """`PUT /api/models/{id}/graph/`: a multipart body whose only part is the `graph_file`."""

@@ -10,8 +10,11 @@ from fltraining.credential_cache import CredentialCache
 from fltraining.engine.outbox import NotificationDelivery
 from fltraining.engine.rounds import RoundEngine
 from fltraining.engine.uploads import ContributionService
+from fltraining.inference.pool import InferencePool, SessionCache
+from fltraining.inference.service import InferenceService
 from fltraining.security import PasswordHashing
 from fltraining.services.login_throttle import LoginThrottle
+from fltraining.services.graphs import GraphService
 from fltraining.services.models import ModelService
 from fltraining.services.trainings import TrainingService
 from fltraining.services.users import UserService
@@ -31,6 +34,9 @@ class Services:
     engine: RoundEngine
     contributions: ContributionService
     delivery: NotificationDelivery
+    graphs: GraphService
+    inference: InferenceService
+    inference_pool: InferencePool
 
 
 BLOBS_DIR = "blobs"
@@ -67,4 +73,8 @@ def build_services(database: AsyncDatabase[dict[str, Any]], settings: Settings) 
     )
     engine.on_notifications = delivery.kick
     trainings.on_change(engine.kick)
-    return Services(users, models, trainings, engine, ContributionService(models, engine), delivery)
+    pool = InferencePool(settings.inference_threads, settings.inference_queue, settings.inference_timeout_seconds)
+    inference = InferenceService(models, pool, SessionCache(settings.inference_sessions),
+                                 settings.inference_max_elements, settings.inference_session_threads)
+    return Services(users, models, trainings, engine, ContributionService(models, engine), delivery,
+                    GraphService(models), inference, pool)

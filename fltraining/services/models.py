@@ -72,7 +72,8 @@ class ModelService:
         if model.format is not None or model.format_problem is not None:
             return model
         facts = await self.inspect(model.file_id)
-        update = {"format": facts.format, "format_problem": facts.problem, "tensors": facts.tensors}
+        update = {"format": facts.format, "format_problem": facts.problem, "tensors": facts.tensors,
+                  "graph_digest": facts.graph_digest}
         await Model.get_pymongo_collection().update_many({"file_id": model.file_id}, {"$set": update})
         return model.model_copy(update={**update, "tensors": [TensorDocument(**t) for t in facts.tensors]})
 
@@ -83,6 +84,7 @@ class ModelService:
             format=facts.format,
             format_problem=facts.problem,
             tensors=facts.tensors,
+            graph_digest=facts.graph_digest,
             name=data.name,
             description=data.description,
             owner=owner.id,

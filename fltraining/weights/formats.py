@@ -105,7 +105,7 @@ def detect_format(data: Buffer) -> Format:
 
 def load_tensors(source: Source, *, max_tensor_bytes: int = MAX_TENSOR_BYTES) -> dict[str, np.ndarray]:
     """Read a model file's tensors by name, in file order (safetensors gives read-only views of `source`)."""
-    data = _buffer(source)
+    data = file_buffer(source)
     fmt = detect_format(data)
     with _refusing(f"{fmt} file"):
         tensors = _reader(fmt)(memoryview(data).cast("B"), max_tensor_bytes)
@@ -120,7 +120,7 @@ def read_signature(source: Source, *, max_tensor_bytes: int = MAX_TENSOR_BYTES) 
     A file on disk is mapped, not read: safetensors and uncompressed `.npz` members are looked at
     through their headers; compressed `.npz` members are decompressed a block at a time to check them.
     """
-    data = _buffer(source)
+    data = file_buffer(source)
     fmt = detect_format(data)
     with _refusing(f"{fmt} file"):
         view = memoryview(data).cast("B")
@@ -141,7 +141,7 @@ def _reader(fmt: Format) -> Callable[[memoryview, int], dict[str, np.ndarray]]:
     return readers[fmt]
 
 
-def _buffer(source: Source) -> Buffer:
+def file_buffer(source: Source) -> Buffer:
     """The bytes of a model file; a path is mapped into memory (its pages stay the page cache's)."""
     if isinstance(source, bytes | bytearray | memoryview):
         return source
@@ -178,7 +178,7 @@ def write_tensors(
     """Write tensors as a model file at `path` (safetensors straight from the arrays, no copy in memory;
     ONNX into a copy of the `template` graph)."""
     if fmt != "safetensors":
-        path.write_bytes(dump_tensors(tensors, fmt, None if template is None else _buffer(template)))
+        path.write_bytes(dump_tensors(tensors, fmt, None if template is None else file_buffer(template)))
         return
     offsets = create_safetensors(path, signature_of(tensors))
     fd = os.open(path, os.O_WRONLY)

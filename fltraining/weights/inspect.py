@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fltraining.errors import InvalidInput
-from fltraining.weights.formats import Source, UnsupportedModelFormat, read_signature
+from fltraining.weights.formats import Source, UnsupportedModelFormat, file_buffer, read_signature
 from fltraining.weights.signature import Signature, check_matches, from_documents, to_documents
 
 
@@ -15,15 +15,21 @@ class FileFacts:
     format: str | None
     tensors: list[dict[str, Any]] = field(default_factory=list)
     problem: str | None = None
+    graph_digest: str | None = None  # an ONNX file's computation (see `onnx_files.graph_digest`)
 
 
 def inspect_file(source: Source) -> FileFacts:
     """Read a file's format and signature (a path is mapped, not read); an unsupported file is described."""
     try:
         fmt, signature = read_signature(source)
+        digest = None
+        if fmt == "onnx":
+            from fltraining.weights.onnx_files import describe_graph  # onnx is imported only for ONNX files
+
+            digest = describe_graph(file_buffer(source))
     except UnsupportedModelFormat as error:
         return FileFacts(format=None, problem=error.detail)
-    return FileFacts(format=fmt, tensors=to_documents(signature))
+    return FileFacts(format=fmt, tensors=to_documents(signature), graph_digest=digest)
 
 
 def check_facts(facts: FileFacts, expected: Signature, field_name: str) -> None:

@@ -6,6 +6,7 @@ server's disk). Its initializers are what aggregation, signatures and downloads 
 aggregated model is the same graph with new initializer values.
 """
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,7 +34,7 @@ def looks_like_onnx(data: Buffer) -> bool:
     return model.HasField("graph") and model.ir_version > 0
 
 
-def _model(data: Buffer) -> onnx.ModelProto:
+def checked_model(data: Buffer) -> onnx.ModelProto:
     """Parse and check a graph: standard domains, no external data, onnx.checker's rules."""
     model = onnx.load_model_from_string(bytes(data))
     for opset in model.opset_import:
@@ -56,7 +57,7 @@ def _model(data: Buffer) -> onnx.ModelProto:
 
 def read_onnx(data: Buffer, max_tensor_bytes: int) -> dict[str, np.ndarray]:
     """The graph's initializers by name (the graph is parsed whole: protobuf has no partial reads)."""
-    model = _model(data)
+    model = checked_model(data)
     tensors: dict[str, np.ndarray] = {}
     total = 0
     for initializer in model.graph.initializer:
@@ -81,3 +82,42 @@ def write_onnx(template: Buffer, tensors: Mapping[str, np.ndarray]) -> bytes:
     del model.graph.initializer[:]
     model.graph.initializer.extend(replaced)
     return model.SerializeToString()
+
+
+def graph_digest(model: onnx.ModelProto) -> str:
+    """SHA-256 of the computation: nodes, inputs, outputs and the initializers' names, shapes and types,
+    not their values (two models with one digest run the same graph with different weights)."""
+    structure = onnx.ModelProto()
+    structure.CopyFrom(model)
+    for initializer in structure.graph.initializer:
+        kept = (initializer.name, list(initializer.dims), initializer.data_type)
+        initializer.Clear()
+        initializer.name, initializer.data_type = kept[0], kept[2]
+        initializer.dims.extend(kept[1])
+    del structure.metadata_props[:]
+    structure.ClearField("doc_string")
+    structure.ClearField("producer_name")
+    structure.ClearField("producer_version")
+    return hashlib.sha256(structure.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+def check_runnable(data: Buffer) -> None:
+    """onnxruntime's CPU provider can load the graph (every operator and type implemented), else 400."""
+    import onnxruntime  # imported on first use: the runtime is large and most requests never need it
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 4  # the reason goes to the client; nothing belongs in the server's log
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    try:
+        onnxruntime.InferenceSession(bytes(data), options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime's own exception classes (Fail, InvalidGraph, NotImplemented)
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise UnsupportedModelFormat(f"onnxruntime's CPU provider cannot run the ONNX graph ({reason})") from None
+
+
+def describe_graph(data: Buffer) -> str:
+    """Check a graph for storing (onnx.checker, standard domains, runnable on the CPU provider); its digest."""
+    model = checked_model(data)
+    check_runnable(data)
+    return graph_digest(model)

@@ -1,0 +1,1 @@
+"""Inference with uncertainty: ONNX graphs run in onnxruntime, never client code."""
