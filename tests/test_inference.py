@@ -347,3 +347,24 @@ async def test_inference_follows_the_global_model_round_by_round(
     trained = await clients[0].download(final["model"])
     np.testing.assert_allclose(after["outputs"], linear(X, trained), rtol=1e-6)
     assert before[0] == 200 and before[1]["outputs"] != after["outputs"]
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["local models kept", "local models dropped"])
+async def test_a_federated_ensemble_runs_the_last_rounds_local_models(
+    api: TestClient, clients: list[SimulatedClient], keep: bool
+) -> None:
+    actor = await register(api, actor=True)
+    training_id = await run_training(api, actor, clients, graph(), target_num_updates=1, uncertainty_method="ENSEMBLE",
+                                     options={"keep_local_models": keep})
+    final = await wait_for_state(api, actor, training_id, {"C", "E"})
+    assert final["state"] == "C", final
+    status, body = await infer(api, actor, final["model"])
+    if not keep:
+        assert status == 409 and "keep_local_models" in body["detail"]
+        return
+    assert status == 200, body
+    local = [{name: value + np.float32(client.delta(client.index, 0)) for name, value in GLOBAL_TENSORS.items()}
+             for client in clients]
+    outputs = np.stack([linear(X, weights) for weights in local])
+    np.testing.assert_allclose(body["inference"], outputs.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(body["uncertainty"]["variance"], outputs.var(axis=0, ddof=1), rtol=1e-5)
