@@ -254,7 +254,7 @@ class Metric(Document):
     model: UUID
     training: UUID | None = None
     step: int = Field(ge=0)
-    reporter: UUID
+    reporter: UUID | None  # None: measured by the service itself (server-side evaluation)
     key: str = Field(min_length=1, max_length=64)
     value: float
     created_at: datetime = Field(default_factory=utcnow)
@@ -331,9 +331,33 @@ class SetAsideEffect(Document):
         indexes: ClassVar[list[IndexModel]] = [IndexModel("training", name="training")]
 
 
+class Dataset(Document):
+    """A held-out data set an actor uploaded for server-side evaluation (an `.npz` of `x` and `y`)."""
+
+    id: UUID = Field(default_factory=uuid4)  # type: ignore[assignment]
+    owner: UUID
+    name: str = Field(min_length=1, max_length=256)
+    file_id: UUID
+    size: int = Field(ge=0)
+    sha256: str = Field(min_length=64, max_length=64)
+    samples: int = Field(ge=1)
+    x_shape: list[int]
+    x_dtype: str = Field(max_length=16)
+    y_shape: list[int]
+    y_dtype: str = Field(max_length=16)
+    created_at: datetime = Field(default_factory=utcnow)
+
+    class Settings:
+        name = "datasets"
+        indexes: ClassVar[list[IndexModel]] = [
+            IndexModel([("owner", pymongo.ASCENDING), ("created_at", pymongo.DESCENDING)], name="owner_created"),
+            IndexModel("file_id", name="file_id"),
+        ]
+
+
 DOCUMENT_MODELS: list[type[Document]] = [
     User, Model, Training, LoginFailures, MetricsSnapshot, Update, SwagStatistic, Metric, Event, Notification,
-    SetAsideEffect,
+    SetAsideEffect, Dataset,
 ]
 
 # Every (collection, field) that may hold a GridFS file id: a file none of them names is a leftover.
@@ -346,4 +370,5 @@ FILE_REFERENCES: list[tuple[type[Document], str]] = [
     (SwagStatistic, "first_file_id"),
     (SwagStatistic, "second_file_id"),
     (Training, "effects.file_ids"),
+    (Dataset, "file_id"),
 ]

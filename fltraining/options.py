@@ -1,6 +1,7 @@
 """Rules for the free-form `options` object of a training."""
 
 from typing import Annotated, Any
+from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
@@ -23,6 +24,21 @@ class UncertaintyOptions(BaseModel):
     seed: StrictInt | None = Field(default=None, ge=0, le=2**31 - 1)
 
 
+class EvaluationOptions(BaseModel):
+    """The typed `options.evaluation` object: the held-out data set the global model is measured on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Text, not a UUID type: options are stored as the client sent them (JSON), and the database's
+    # validator would otherwise demand a binary UUID.
+    dataset: str = Field(pattern=r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
+
+    @property
+    def dataset_id(self) -> UUID:
+        """The data set's id."""
+        return UUID(self.dataset)
+
+
 class TrainingOptions(BaseModel):
     """Training options: known keys are typed, any other JSON key is kept as sent."""
 
@@ -35,6 +51,7 @@ class TrainingOptions(BaseModel):
     round_timeout_seconds: StrictInt | None = Field(default=None, ge=1, le=MAX_ROUND_TIMEOUT_SECONDS)
     min_updates: StrictInt | None = Field(default=None, ge=1, le=1_000_000)
     keep_local_models: StrictBool | None = None
+    evaluation: EvaluationOptions | None = None
 
     def as_stored(self) -> dict[str, Any]:
         """Return the object exactly as the client sent it (unset known keys stay absent)."""

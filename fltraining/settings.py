@@ -138,4 +138,7 @@ class Settings(BaseSettings):
         default=1, ge=0, le=256,
         description="onnxruntime's threads per pass (0 = one per core); requests run in parallel on the pool.",
     )
+    max_dataset_bytes: int = Field(
+        default=256 * MIB, ge=1, description="Largest held-out data set file (POST /api/datasets/)."
+    )
     log_level: str = Field(default="INFO", description="Python logging level.")

@@ -13,13 +13,14 @@ from fltraining.services.factory import build_services
 from fltraining.settings import Settings
 from fltraining.storage.database import database_name, init_database, make_client
 from fltraining.storage.embedded import start_for
-from routes import inference, models, rounds, service, trainings, users
+from routes import datasets, inference, models, rounds, service, trainings, users
 from routes.auth import make_auth_middleware
 from routes.background import periodic
 from routes.errors import error_middleware
 from routes.keys import (
     contributions_key,
     database_name_key,
+    datasets_key,
     delivery_key,
     engine_key,
     graphs_key,
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 # Fixed routes before parameterised ones: aiohttp matches in registration order.
 ENDPOINTS: list[Endpoint] = [
     *service.ENDPOINTS, *users.ENDPOINTS, *inference.ENDPOINTS, *models.ENDPOINTS, *trainings.ENDPOINTS,
-    *rounds.ENDPOINTS,
+    *rounds.ENDPOINTS, *datasets.ENDPOINTS,
 ]
 
 
@@ -86,6 +87,7 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     app[contributions_key] = services.contributions
     app[delivery_key] = services.delivery
     app[graphs_key] = services.graphs
+    app[datasets_key] = services.datasets
     app[inference_key] = services.inference
     try:
         yield

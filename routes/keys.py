@@ -11,6 +11,7 @@ from fltraining.engine.outbox import NotificationDelivery
 from fltraining.engine.rounds import RoundEngine
 from fltraining.engine.uploads import ContributionService
 from fltraining.inference.service import InferenceService
+from fltraining.services.datasets import DatasetService
 from fltraining.services.graphs import GraphService
 from fltraining.services.models import ModelService
 from fltraining.services.trainings import TrainingService
@@ -28,6 +29,7 @@ engine_key = web.AppKey("engine", RoundEngine)
 contributions_key = web.AppKey("contributions", ContributionService)
 delivery_key = web.AppKey("delivery", NotificationDelivery)
 graphs_key = web.AppKey("graphs", GraphService)
+datasets_key = web.AppKey("datasets", DatasetService)
 inference_key = web.AppKey("inference", InferenceService)
 openapi_key = web.AppKey("openapi", dict[str, Any])
 shutting_down_key = web.AppKey("shutting_down", asyncio.Event)

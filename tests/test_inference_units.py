@@ -9,6 +9,7 @@ import onnxruntime
 import pytest
 
 from fltraining.errors import ServiceUnavailable
+from fltraining.inference.evaluation import score
 from fltraining.inference.graphs import build_session
 from fltraining.inference.pool import InferencePool, SessionCache
 from fltraining.inference.runner import moments_of, run_sampled, run_stacked, summarise
@@ -133,3 +134,15 @@ def test_the_session_cache_keeps_the_most_recently_used() -> None:
     assert cache.get("a") == 1
     cache.put("c", 3)
     assert "b" not in cache and cache.get("a") == 1 and cache.get("c") == 3
+
+
+def test_scores_by_hand() -> None:
+    probabilities = np.array([[0.8, 0.2], [0.4, 0.6], [0.9, 0.1]])
+    found = score(probabilities, np.array([0, 0, 0]))
+    assert found["server_accuracy"] == pytest.approx(2 / 3)
+    assert found["server_loss"] == pytest.approx(-(math.log(0.8) + math.log(0.4) + math.log(0.9)) / 3)
+    logits = np.log(probabilities)  # not rows of probabilities: read as logits, softmax gives them back
+    assert score(logits, np.array([0, 0, 0]))["server_loss"] == pytest.approx(found["server_loss"])
+    assert score(np.array([[1.0], [3.0]]), np.array([[0.0], [1.0]])) == {"server_loss": pytest.approx(2.5)}
+    with pytest.raises(ValueError, match="labels outside"):
+        score(probabilities, np.array([0, 2, 0]))

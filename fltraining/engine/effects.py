@@ -10,17 +10,25 @@ import secrets
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid5
 
 from pymongo.errors import DuplicateKeyError, WriteError
 
 from fltraining.clock import utcnow
-from fltraining.documents import Event, Model, Notification, SetAsideEffect, SwagStatistic, Training, Update
+from fltraining.documents import Event, Metric, Model, Notification, SetAsideEffect, SwagStatistic, Training, Update
 from fltraining.storage.blobs import StoredFile
 
 log = logging.getLogger(__name__)
 
 DropFile = Callable[[UUID], Awaitable[object]]
+# Scores a global model on a held-out data set ({"server_accuracy": …}); EvaluationFailed says why it cannot.
+Evaluate = Callable[[dict[str, Any]], Awaitable[dict[str, float]]]
+# Metric ids of server-side evaluations derive from the effect: a repeated application finds its twin.
+EVALUATION_METRICS = UUID("6f1c1b52-3c1e-4b59-9a57-0f7d3c2a9e41")
+
+
+class EvaluationFailed(Exception):
+    """The global model could not be evaluated (data set deleted, shapes that do not fit); recorded, not retried."""
 
 
 def effect_id(at: datetime, index: int) -> str:
@@ -66,12 +74,19 @@ class Effects:
         self._add("moments", model=model, first=first.file_id, second=second.file_id,
                   file_ids=[first.file_id, second.file_id])
 
+    def evaluate(self, model: UUID, round_: int, stored: StoredFile, dataset: UUID) -> None:
+        """Score the new global model on the training's held-out data set (its file kept until then)."""
+        self._add("evaluate", model=model, round=round_, file_id=stored.file_id, dataset=dataset,
+                  file_ids=[stored.file_id])
+
     def drop_local_files(self, before_round: int) -> None:
         """Delete the training's updates and SWAG statistics of rounds before `before_round`."""
         self._add("drop_local", before_round=before_round)
 
 
-async def apply_effect(effect: dict[str, Any], training: Training, drop_file: DropFile) -> None:
+async def apply_effect(
+    effect: dict[str, Any], training: Training, drop_file: DropFile, evaluate: Evaluate | None = None
+) -> None:
     """Apply one effect; safe to repeat."""
     kind = effect["kind"]
     if kind == "event":
@@ -107,6 +122,28 @@ async def apply_effect(effect: dict[str, Any], training: Training, drop_file: Dr
                 await drop_file(old)
     elif kind == "drop_local":
         await drop_local_files(training.id, {"$lt": effect["before_round"]}, drop_file)
+    elif kind == "evaluate" and evaluate is not None:
+        await _record_evaluation(effect, training, evaluate)
+
+
+async def _record_evaluation(effect: dict[str, Any], training: Training, evaluate: Evaluate) -> None:
+    """Store the scores as metrics of the global model (reporter null, step = round) and an event."""
+    try:
+        scores = await evaluate(effect)
+    except EvaluationFailed as error:
+        await _insert_once(Event.get_pymongo_collection(), {
+            "_id": effect["id"], "training": training.id, "type": "evaluation_failed", "round": effect["round"],
+            "at": utcnow(), "user": None, "data": {"reason": str(error)[:1000]},
+        })
+        return
+    for key, value in scores.items():
+        metric = Metric(id=uuid5(EVALUATION_METRICS, f"{effect['id']}:{key}"), model=effect["model"],
+                        training=training.id, step=effect["round"], reporter=None, key=key, value=value)
+        await _insert_once(Metric.get_pymongo_collection(), metric.model_dump(by_alias=True))
+    await _insert_once(Event.get_pymongo_collection(), {
+        "_id": effect["id"], "training": training.id, "type": "evaluated", "round": effect["round"],
+        "at": utcnow(), "user": None, "data": {**scores, "dataset": str(effect["dataset"])},
+    })
 
 
 async def drop_local_files(training_id: UUID, rounds: Any, drop_file: DropFile) -> None:
@@ -126,9 +163,10 @@ async def _insert_once(collection: Any, document: dict[str, Any]) -> None:
         pass  # applied before, by this process or another
 
 
-# Deleting files is slow on some stores; these effects run in their own lane, so the next step of a
-# training (which never depends on them) does not wait for them.
-CLEANUP_KINDS = frozenset({"drop_file", "drop_local"})
+# Deleting files is slow on some stores, and evaluating a model takes time; these effects run in their
+# own lane, so the next step of a training (which never depends on them) does not wait for them. In that
+# lane an evaluation comes before the deletion of the file it evaluates (the next round's drop_file).
+CLEANUP_KINDS = frozenset({"drop_file", "drop_local", "evaluate"})
 
 
 def pending(training: Training, cleanup: bool) -> list[dict[str, Any]]:
@@ -137,7 +175,8 @@ def pending(training: Training, cleanup: bool) -> list[dict[str, Any]]:
 
 
 async def apply_pending(
-    training: Training, drop_file: DropFile, notified: Callable[[], None], cleanup: bool = False
+    training: Training, drop_file: DropFile, notified: Callable[[], None], cleanup: bool = False,
+    evaluate: Evaluate | None = None,
 ) -> None:
     """Apply a training's pending effects of one lane in order, then remove them from the document.
 
@@ -150,7 +189,7 @@ async def apply_pending(
         return
     for effect in effects:
         try:
-            await apply_effect(effect, training, drop_file)
+            await apply_effect(effect, training, drop_file, evaluate)
         except (WriteError, KeyError, TypeError, ValueError) as error:
             await set_aside(effect, training, error)
             continue

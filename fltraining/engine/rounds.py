@@ -24,7 +24,7 @@ from pymongo.errors import PyMongoError
 from fltraining.clock import utcnow
 from fltraining.documents import ChainLink, Model, SwagStatistic, Training, Update
 from fltraining.engine import plans
-from fltraining.engine.effects import Effects, apply_pending, pending
+from fltraining.engine.effects import Effects, Evaluate, apply_pending, pending
 from fltraining.errors import FLTrainingError
 from fltraining.schemas.common import iso_z
 from fltraining.services.models import ModelService
@@ -99,6 +99,7 @@ class RoundEngine:
         self._again: set[UUID] = set()
         self._rng = random.SystemRandom()
         self.on_notifications: Callable[[], None] = lambda: None
+        self.evaluate: Evaluate | None = None  # server-side evaluation, set where inference is built
 
     # -- scheduling ---------------------------------------------------------------------------
 
@@ -162,7 +163,8 @@ class RoundEngine:
 
     async def _clean(self, training: Training) -> None:
         try:
-            await apply_pending(training, self._models.drop_unshared_file, self.on_notifications, cleanup=True)
+            await apply_pending(training, self._models.drop_unshared_file, self.on_notifications, cleanup=True,
+                                evaluate=self.evaluate)
         except PyMongoError as error:
             log.warning("clean-up of a training failed: database unavailable (%s)", type(error).__name__)
         except Exception:
@@ -335,6 +337,8 @@ class RoundEngine:
                                            [update.sample_size for update in updates], model, keeper, "model_file")
             created.append(stored)
             effects.sync_model(model.id, new_round, stored)
+            if evaluation := plans.option(training, "evaluation"):
+                effects.evaluate(model.id, new_round, stored, UUID(evaluation["dataset"]))
             effects.event("aggregated", round_, updates=len(updates),
                           samples=sum(update.sample_size for update in updates),
                           users=[str(update.user) for update in updates])

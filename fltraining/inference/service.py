@@ -1,19 +1,23 @@
 """`POST /api/inference/`: which weights and graph a model runs with, and how its uncertainty is computed."""
 
+import asyncio
 import contextlib
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import numpy as np
 import onnxruntime
 from pydantic import ValidationError
 
-from fltraining.documents import Model, Training, Update, User
-from fltraining.errors import Conflict
+from fltraining.documents import Dataset, Model, Training, Update, User
+from fltraining.engine.effects import EvaluationFailed
+from fltraining.errors import Conflict, FLTrainingError
 from fltraining.inference import inputs, runner
+from fltraining.inference.evaluation import read_dataset, score
 from fltraining.inference.graphs import BoundSession, Variant, build_session
 from fltraining.inference.pool import InferencePool, SessionCache
 from fltraining.options import UncertaintyOptions
@@ -191,3 +195,31 @@ class InferenceService:
                 current = self._weights(plan.current, paths)
                 outputs = runner.run_sampled(sessions[0], x, passes, current, moments, plan.options.seed, options)
         return runner.summarise(outputs, plan.options.softmax)
+
+    async def evaluate(self, effect: dict[str, Any]) -> dict[str, float]:
+        """Score the global model file an aggregation made on the training's data set (off the event loop)."""
+        model = await find_document(Model, {"_id": effect["model"]})
+        dataset = await find_document(Dataset, {"_id": effect["dataset"]})
+        if model is None or dataset is None:
+            raise EvaluationFailed("the model or the data set was deleted")
+        graph = effect["file_id"] if model.format == "onnx" else model.graph_file_id
+        if graph is None:
+            raise EvaluationFailed("the model has no ONNX graph")
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                paths = {file_id: await stack.enter_async_context(self._models.files.local_copy(file_id))
+                         for file_id in {graph, effect["file_id"], dataset.file_id}}
+                key = SessionKey(graph, effect["file_id"], "eval")
+                return await asyncio.to_thread(self._score, key, paths, paths[dataset.file_id])
+        except (FLTrainingError, BlobMissing, ValueError) as error:
+            raise EvaluationFailed(getattr(error, "detail", None) or str(error)) from None
+
+    def _score(self, key: SessionKey, paths: dict[UUID, Path], dataset: Path) -> dict[str, float]:
+        session = self._session(key, paths)
+        x, y = read_dataset(dataset)
+        x = inputs.for_graph(x, session.data_input, None)
+        rows = max(1, self._max_elements // max(1, x[0].size))
+        options = onnxruntime.RunOptions()
+        outputs = [runner.run_stacked(session, x[start:start + rows], 1, self._max_elements, options)[0]
+                   for start in range(0, len(x), rows)]
+        return score(np.concatenate(outputs), y)

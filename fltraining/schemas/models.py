@@ -111,3 +111,25 @@ class InferenceAnswer(PublicModel):
 
 class GraphForm(RequestModel):
     """`PUT /api/models/{id}/graph/`: a multipart body whose only part is the `graph_file`."""
+
+
+class DatasetCreate(RequestModel):
+    """The text fields of `POST /api/datasets/` (the file comes as the `dataset_file` part)."""
+
+    name: StrictStr = Field(min_length=1, max_length=256)
+
+
+class DatasetPublic(PublicModel):
+    """A held-out data set for server-side evaluation."""
+
+    id: UUID
+    name: str
+    owner: UUID
+    size: int
+    sha256: str
+    samples: int
+    x_shape: list[int]
+    x_dtype: str
+    y_shape: list[int]
+    y_dtype: str
+    created_at: UtcDatetime

@@ -62,7 +62,7 @@ class MetricPublic(PublicModel):
     value_float: float
     value_binary: None = None  # DLR keeps pickled objects here; fltraining stores numbers only
     step: int
-    reporter: UUID
+    reporter: UUID | None  # null: the service's own evaluation of the global model
     created_at: UtcDatetime
 
     @classmethod

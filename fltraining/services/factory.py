@@ -14,6 +14,7 @@ from fltraining.inference.pool import InferencePool, SessionCache
 from fltraining.inference.service import InferenceService
 from fltraining.security import PasswordHashing
 from fltraining.services.login_throttle import LoginThrottle
+from fltraining.services.datasets import DatasetService
 from fltraining.services.graphs import GraphService
 from fltraining.services.models import ModelService
 from fltraining.services.trainings import TrainingService
@@ -35,6 +36,7 @@ class Services:
     contributions: ContributionService
     delivery: NotificationDelivery
     graphs: GraphService
+    datasets: DatasetService
     inference: InferenceService
     inference_pool: InferencePool
 
@@ -76,5 +78,6 @@ def build_services(database: AsyncDatabase[dict[str, Any]], settings: Settings) 
     pool = InferencePool(settings.inference_threads, settings.inference_queue, settings.inference_timeout_seconds)
     inference = InferenceService(models, pool, SessionCache(settings.inference_sessions),
                                  settings.inference_max_elements, settings.inference_session_threads)
+    engine.evaluate = inference.evaluate
     return Services(users, models, trainings, engine, ContributionService(models, engine), delivery,
-                    GraphService(models), inference, pool)
+                    GraphService(models), DatasetService(models, settings.max_dataset_bytes), inference, pool)

@@ -7,7 +7,7 @@ from uuid import UUID
 from pydantic import ValidationError
 from pymongo.errors import DuplicateKeyError
 
-from fltraining.documents import Training, User
+from fltraining.documents import Dataset, Model, Training, User
 from fltraining.engine.plans import Fields, begin_round, fail, move_state, new_effects, write_step
 from fltraining.errors import Conflict, InvalidInput, NotFound, PermissionDenied, PreconditionFailed
 from fltraining.options import TrainingOptions, daisy_chained_target, find_value_problems
@@ -51,13 +51,14 @@ class TrainingService:
 
     async def create(self, actor: User, data: TrainingCreate) -> Training:
         """Create a training in state I; a model already in use is cloned for it."""
-        self.check_options(data.options)
+        options = self.check_options(data.options)
         try:
             model = await self._models.get(data.model_id)
         except NotFound as error:
             raise InvalidInput(f"Model {data.model_id} not found.") from error
         if model.owner != actor.id:
             raise PermissionDenied()
+        await self._check_evaluation(actor.id, model, options)
         participants = await self._users.require_all_exist(data.clients)
         training = Training(
             model=model.id,
@@ -134,6 +135,20 @@ class TrainingService:
             return items, query.offset + len(items)  # the last page tells the total without a count
         return items, await collection.count_documents(filters)
 
+    async def _check_evaluation(self, actor: UUID, model: Model, options: TrainingOptions) -> None:
+        """`options.evaluation` names a data set of the actor's, and the model has a graph to run on it (400)."""
+        if options.evaluation is None:
+            return
+        loc = ["options", "evaluation", "dataset"]
+        if not await Dataset.get_pymongo_collection().find_one(
+                {"_id": options.evaluation.dataset_id, "owner": actor}, {"_id": 1}):
+            raise InvalidInput("options.evaluation.dataset names no data set of yours (POST /api/datasets/).",
+                               [{"loc": loc, "msg": "unknown data set", "type": "dataset_unknown"}])
+        if (await self._models.described(model)).graph_digest is None:
+            raise InvalidInput("Server-side evaluation runs the model's ONNX graph, and the model has none: upload "
+                               "it as an .onnx file or attach one with PUT /api/models/{id}/graph/.",
+                               [{"loc": loc, "msg": "the model has no graph", "type": "graph_missing"}])
+
     async def patch(self, user: User, training_id: UUID, patch: TrainingPatch, if_match: int | None) -> Training:
         """Change settings in state I; one conditional update per attempt, 412 on a stale If-Match."""
         for field in patch.model_fields_set:
@@ -144,6 +159,8 @@ class TrainingService:
             training = await self.get_as_actor(user, training_id)
             if training.state not in PATCHABLE:
                 raise Conflict(f"Training {training_id} is not in state INITIAL!")
+            if new_options is not None and new_options.evaluation is not None:
+                await self._check_evaluation(training.actor, await self._models.get(training.model), new_options)
             if if_match is not None and training.version != if_match:
                 raise PreconditionFailed("The training has changed since the version in If-Match.")
             changes = patch.model_dump(exclude_unset=True, mode="json")
