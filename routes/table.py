@@ -38,13 +38,29 @@ def documented_path(path: str) -> str:
     return bare + "/"
 
 
+def _variants(path: str) -> list[str]:
+    bare = path.rstrip("/") or "/"
+    return [bare] if bare == "/" else [bare, bare + "/"]
+
+
 def add_endpoints(app: web.Application, endpoints: list[Endpoint]) -> None:
-    """Register each endpoint with and without a trailing slash."""
+    """Register each endpoint with and without a trailing slash; other methods on a fixed path are 405, even
+    where a parameterised path would match it (`/api/models/ensembles/` is not the model `ensembles`)."""
+    allowed: dict[str, list[str]] = {}
     for endpoint in endpoints:
-        bare = endpoint.path.rstrip("/") or "/"
-        paths = [bare] if bare == "/" else [bare, bare + "/"]
-        for path in paths:
+        for path in _variants(endpoint.path):
             app.router.add_route(endpoint.method, path, endpoint.handler)
+        if "{" not in endpoint.path:
+            allowed.setdefault(endpoint.path.rstrip("/") or "/", []).append(endpoint.method)
+    for path, methods in allowed.items():
+        for variant in _variants(path):
+            app.router.add_route("*", variant, _method_not_allowed(methods))
+
+
+def _method_not_allowed(methods: list[str]) -> Handler:
+    async def refuse(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPMethodNotAllowed(request.method, methods)
+    return refuse
 
 
 def is_public(request: web.Request, endpoints: dict[Handler, Endpoint]) -> bool:

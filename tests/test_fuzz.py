@@ -23,6 +23,7 @@ from fltraining.documents import DOCUMENT_MODELS, Model, Training, User
 from fltraining.options import TrainingOptions
 from fltraining.storage.database import make_client
 from tests.helpers import PASSWORD, small_model
+from tests.onnx_graphs import graph
 from tests.processes import ServiceProcess
 
 EXAMPLES = int(os.environ.get("FLTRAINING_FUZZ_EXAMPLES", "15"))
@@ -68,9 +69,9 @@ class World:
         body = self.post("/api/users/", json={"username": username, "password": PASSWORD})
         return str(body["id"]), str(body["token"])
 
-    def new_model(self, token: str) -> str:
+    def new_model(self, token: str, content: bytes | None = None) -> str:
         """Upload a small model owned by the token's user."""
-        files = {"model_file": ("model.pt", small_model(), "application/octet-stream")}
+        files = {"model_file": ("model.pt", content or small_model(), "application/octet-stream")}
         return str(self.post("/api/models/", token, data={"name": "fuzz"}, files=files)["model_id"])
 
     def new_training(self, token: str, clients: list[str]) -> str:
@@ -88,7 +89,8 @@ class World:
                                         headers={"Authorization": f"Token {self.token}"}).json()["model"])
         self.real_ids = {
             "user_id": self.user_ids,
-            "model_id": [FRESH, self.new_model(self.token), their_model],
+            # An ONNX model too, so inference and ensembles reach their success paths.
+            "model_id": [FRESH, self.new_model(self.token), their_model, self.new_model(self.token, graph())],
             "training_id": [FRESH, STARTED, self.new_training(self.token, [other_id]), theirs],
         }
 
