@@ -13,9 +13,9 @@ from fltraining.engine.uploads import ContributionService
 from fltraining.inference.pool import InferencePool, SessionCache
 from fltraining.inference.service import InferenceService
 from fltraining.security import PasswordHashing
-from fltraining.services.login_throttle import LoginThrottle
 from fltraining.services.datasets import DatasetService
 from fltraining.services.graphs import GraphService
+from fltraining.services.login_throttle import LoginThrottle
 from fltraining.services.models import ModelService
 from fltraining.services.trainings import TrainingService
 from fltraining.services.users import UserService
