@@ -77,7 +77,9 @@ def _npz(array: np.ndarray) -> bytes:
 @pytest.mark.parametrize("encode", [
     _npy, _npz, lambda array: dump_tensors({"x": array}), lambda array: json.dumps(array.tolist()).encode(),
 ], ids=["npy", "npz", "safetensors", "json text"])
-async def test_multipart_input_files_are_read_and_answered_in_binary_by_default(client: TestClient, encode: Any) -> None:
+async def test_multipart_input_files_are_read_and_answered_in_binary_by_default(
+    client: TestClient, encode: Any
+) -> None:
     owner = await register(client)
     model_id = await upload_model(client, owner, graph(WEIGHTS))
     form = FormData()
@@ -292,7 +294,9 @@ async def test_ensembles_average_their_members_and_report_their_spread(client: T
     ("other graph", "another graph"),
     ("no graph", "no ONNX graph"),
 ])
-async def test_ensemble_members_must_be_distinct_alike_and_runnable(client: TestClient, members: str, says: str) -> None:
+async def test_ensemble_members_must_be_distinct_alike_and_runnable(
+    client: TestClient, members: str, says: str
+) -> None:
     owner = await register(client)
     first = await upload_model(client, owner, graph(WEIGHTS))
     ids = {

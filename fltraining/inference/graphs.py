@@ -138,5 +138,6 @@ def build_session(graph: Buffer, weights: Mapping[str, np.ndarray] | None, varia
     try:
         session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime's own exception classes
-        raise Conflict(f"onnxruntime cannot run the model's graph with its weights ({str(error).strip()[:200]}).") from None
+        reason = str(error).strip()[:200]
+        raise Conflict(f"onnxruntime cannot run the model's graph with its weights ({reason}).") from None
     return BoundSession(session, spec, names, keep)

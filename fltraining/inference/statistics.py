@@ -41,7 +41,9 @@ def interpret(outputs: np.ndarray) -> dict[str, np.ndarray]:
     if outputs.ndim >= 2 and in_unit_interval(outputs):
         predictive = predictive_entropy(outputs)
         expected = expected_entropy(outputs)
-        statistics |= {"predictive_entropy": predictive, "expected_entropy": expected, "mutual_info": predictive - expected}
+        statistics |= {
+            "predictive_entropy": predictive, "expected_entropy": expected, "mutual_info": predictive - expected,
+        }
     return statistics
 
 
