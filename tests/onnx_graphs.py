@@ -9,7 +9,8 @@ DROPOUT_RATIO = 0.5
 
 
 def graph(weights: dict[str, np.ndarray] | None = None, domain: str = "", external: bool = False,
-          dropout: bool = False, softmax: bool = False, opset: int = 17, batch: int | None = None) -> bytes:
+          dropout: bool = False, softmax: bool = False, opset: int = 17, batch: int | None = None,
+          dropout_seed: int | None = None) -> bytes:
     """Y = X·Wᵀ + b (after Dropout on X, and through Softmax, if asked) as an ONNX model file."""
     tensors = weights or GLOBAL_TENSORS
     initializers = [numpy_helper.from_array(tensors[name], name) for name in ("layer.weight", "layer.bias")]
@@ -21,7 +22,8 @@ def graph(weights: dict[str, np.ndarray] | None = None, domain: str = "", extern
     nodes, features = [], "X"
     if dropout:
         initializers.append(numpy_helper.from_array(np.array(DROPOUT_RATIO, np.float32), "dropout.ratio"))
-        nodes.append(helper.make_node("Dropout", ["X", "dropout.ratio"], ["X_dropped"]))
+        seeded = {} if dropout_seed is None else {"seed": dropout_seed}
+        nodes.append(helper.make_node("Dropout", ["X", "dropout.ratio"], ["X_dropped"], **seeded))
         features = "X_dropped"
     logits = "logits" if softmax else "Y"
     nodes.append(helper.make_node("Gemm", [features, "layer.weight", "layer.bias"], [logits], transB=1, domain=domain))

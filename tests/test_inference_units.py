@@ -60,11 +60,15 @@ def test_mc_passes_stacked_into_one_run_equal_separate_runs_in_distribution() ->
     assert set(np.unique(outputs)) <= {0.0, 2.0, 4.0} and len(np.unique(outputs[:, 0, 0])) == 3
 
 
-def test_passes_fall_back_to_single_runs_when_the_batch_dimension_is_fixed() -> None:
-    content = graph(dropout=True, batch=1)
+@pytest.mark.parametrize("seed", [None, 5], ids=["unseeded", "seeded dropout node"])
+def test_passes_fall_back_to_single_runs_when_the_batch_dimension_is_fixed(seed: int | None) -> None:
+    """Separate runs draw fresh masks, also where the graph's Dropout node carries a seed."""
+    weights = {"layer.weight": np.ones((3, 2), np.float32), "layer.bias": np.zeros(3, np.float32)}
+    content = graph(weights, dropout=True, batch=1, dropout_seed=seed)
     session = build_session(content, load_tensors(content), "dropout", 1)
-    outputs = run_stacked(session, np.ones((1, 2), np.float32), 5, 1_000_000, onnxruntime.RunOptions())
-    assert outputs.shape == (5, 1, 3)
+    outputs = run_stacked(session, np.ones((1, 2), np.float32), 40, 1_000_000, onnxruntime.RunOptions())
+    assert outputs.shape == (40, 1, 3)
+    assert len(np.unique(outputs[:, 0, 0])) == 3  # 0, 2 and 4: masks differ between runs
 
 
 def test_swag_samples_are_independent_per_pass_and_follow_the_seed() -> None:

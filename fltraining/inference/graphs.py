@@ -48,6 +48,7 @@ class BoundSession:
     session: onnxruntime.InferenceSession
     data_input: InputSpec
     weight_names: tuple[str, ...]
+    variant: Variant
     keep_alive: list[Any] = field(default_factory=list)
 
 
@@ -86,6 +87,10 @@ def _with_dropout_on(model: onnx.ModelProto) -> None:
         ratio = node.input[1] if len(node.input) > 1 else ""
         del node.input[1:]
         node.input.extend([ratio, DROPOUT_TRAINING_NAME])
+        # A seeded Dropout draws the same masks on every run: passes split over runs would be copies.
+        kept = [attribute for attribute in node.attribute if attribute.name != "seed"]
+        del node.attribute[:]
+        node.attribute.extend(kept)
 
 
 def _with_weights_as_inputs(model: onnx.ModelProto, names: tuple[str, ...]) -> None:
@@ -140,4 +145,4 @@ def build_session(graph: Buffer, weights: Mapping[str, np.ndarray] | None, varia
     except Exception as error:  # onnxruntime's own exception classes
         reason = str(error).strip()[:200]
         raise Conflict(f"onnxruntime cannot run the model's graph with its weights ({reason}).") from None
-    return BoundSession(session, spec, names, keep)
+    return BoundSession(session, spec, names, variant, keep)
