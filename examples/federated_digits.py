@@ -2,16 +2,20 @@
 
 Starts fltraining on its embedded store (in a temporary directory), registers an actor and five
 clients, each with its own notification server and a non-IID share of scikit-learn's bundled
-digits data set (no download), and runs 10 rounds of a numpy softmax-regression model through
-the service's HTTP API: FedAvg, FedDC (daisy chaining, period 2) or SWAG. After every
-aggregation it downloads the global model and prints its accuracy on held-out digits.
+digits data set (no download), and runs 10 rounds of a softmax-regression model through the
+service's HTTP API: FedAvg, FedDC (daisy chaining, period 2) or SWAG. The model is an ONNX graph
+(dropout on the pixels, then Gemm and Softmax) whose initializers the clients train in numpy.
+After every aggregation it downloads the global model and prints its accuracy on held-out digits;
+after the training it asks `POST /api/inference/` about every held-out digit, with MC dropout
+(fedavg, feddc) or SWAG (swag), and prints how well the predictive entropy flags wrong answers.
 
-    python examples/federated_digits.py [--method fedavg|feddc|swag] [--rounds 10]
+    python examples/federated_digits.py [--method fedavg|feddc|swag|all] [--rounds 10]
 """
 
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import socket
 import sys
@@ -25,7 +29,9 @@ from typing import Any
 import aiohttp
 import numpy as np
 from aiohttp import FormData, web
+from onnx import TensorProto, helper, numpy_helper
 from sklearn.datasets import load_digits
+from sklearn.metrics import roc_auc_score
 
 from fltraining.settings import Settings
 from fltraining.weights import dump_tensors, load_tensors
@@ -34,6 +40,10 @@ from routes.app import create_app
 CLASSES = 10
 FEATURES = 64
 PASSWORD = "federated digits demo"
+METHODS = ("fedavg", "feddc", "swag")
+UNCERTAINTY = {"fedavg": "MC_DROPOUT", "feddc": "MC_DROPOUT", "swag": "SWAG"}
+DROPOUT = 0.2  # share of pixels dropped, in the clients' training and in the graph's MC passes
+PASSES = 20
 Weights = dict[str, np.ndarray]
 
 
@@ -71,8 +81,30 @@ def initial_model() -> Weights:
     return {"softmax.weight": np.zeros((CLASSES, FEATURES), np.float32), "softmax.bias": np.zeros(CLASSES, np.float32)}
 
 
+def model_graph(weights: Weights) -> bytes:
+    """The model as ONNX: x [batch, 64] → Dropout → Gemm → Softmax, with `weights` as initializers."""
+    initializers = [numpy_helper.from_array(np.asarray(value, np.float32), name)
+                    for name, value in weights.items()]
+    nodes = [
+        # A Constant node, not an initializer: the ratio is no weight to train, aggregate or sample.
+        helper.make_node("Constant", [], ["dropout.ratio"], value_float=DROPOUT),
+        # No `seed` attribute: onnxruntime would then draw the same masks in every run, so MC passes the
+        # service spreads over several runs (large inputs) would repeat each other.
+        helper.make_node("Dropout", ["x", "dropout.ratio"], ["x.dropped"]),
+        helper.make_node("Gemm", ["x.dropped", "softmax.weight", "softmax.bias"], ["logits"], transB=1),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "digits", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, FEATURES])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, CLASSES])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              producer_name="federated_digits")
+    model.ir_version = 8  # opset 17's IR version, which every onnxruntime reading opset 17 loads
+    return model.SerializeToString()
+
+
 def predict(weights: Weights, x: np.ndarray) -> np.ndarray:
-    """Class probabilities."""
+    """Class probabilities with every pixel kept (the graph's Dropout in inference mode)."""
     logits = x @ weights["softmax.weight"].T + weights["softmax.bias"]
     logits -= logits.max(axis=1, keepdims=True)
     exp = np.exp(logits)
@@ -86,15 +118,19 @@ def accuracy(weights: Weights, data: Split) -> float:
 
 def sgd_steps(weights: Weights, data: Split, epochs: int, rng: np.random.Generator,
               anchor: Weights | None = None, mu: float = 0.0) -> Iterator[Weights]:
-    """Mini-batch gradient descent on cross-entropy (plus FedProx's proximal term); yields after every batch."""
+    """Mini-batch gradient descent on cross-entropy with the graph's pixel dropout (plus FedProx's
+    proximal term); yields after every batch."""
     current = {name: value.astype(np.float32).copy() for name, value in weights.items()}
     for _ in range(epochs):
         order = rng.permutation(len(data.y))
         for start in range(0, len(order), 32):
             batch = order[start:start + 32]
-            probs = predict(current, data.x[batch])
+            # Inverted dropout, as ONNX Dropout in training mode: kept pixels scaled by 1 / (1 - ratio).
+            kept = rng.random(data.x[batch].shape) >= DROPOUT
+            x = data.x[batch] * (kept / (1.0 - DROPOUT)).astype(np.float32)
+            probs = predict(current, x)
             probs[np.arange(len(batch)), data.y[batch]] -= 1.0
-            grad_w = probs.T @ data.x[batch] / len(batch)
+            grad_w = probs.T @ x / len(batch)
             grad_b = probs.mean(axis=0)
             if anchor is not None and mu:
                 grad_w += mu * (current["softmax.weight"] - anchor["softmax.weight"])
@@ -235,17 +271,20 @@ def progress(done: int, total: int, started: float) -> None:
     sys.stderr.flush()
 
 
-def training_request(method: str, rounds: int, clients: list[str], model_id: str) -> dict[str, Any]:
+def training_request(
+    method: str, rounds: int, clients: list[str], model_id: str, dataset_id: str
+) -> dict[str, Any]:
     """The training to create for a method (FedDC counts sub-rounds: `rounds` = target × period)."""
     body: dict[str, Any] = {"model_id": model_id, "target_num_updates": rounds, "clients": clients,
                             "metric_names": ["accuracy"], "aggregation_method": "FedAvg",
-                            "options": {"skip_model_tests": False}}
+                            "uncertainty_method": UNCERTAINTY[method],
+                            "options": {"skip_model_tests": False,
+                                        "uncertainty": {"N": PASSES, "softmax": False, "seed": 0},
+                                        "evaluation": {"dataset": dataset_id}}}
     if method == "feddc":
         body["aggregation_method"] = "FedDC"
         body["target_num_updates"] = max(1, rounds // 2)
         body["options"]["daisy_chain_period"] = 2
-    elif method == "swag":
-        body["uncertainty_method"] = "SWAG"
     return body
 
 
@@ -278,8 +317,86 @@ async def follow(session: aiohttp.ClientSession, headers: dict[str, str], traini
     return results
 
 
+@dataclass(frozen=True)
+class UncertaintyReport:
+    """How the service's inference with uncertainty did on the held-out digits."""
+
+    method: str  # the training's uncertainty_method
+    digits: int
+    accuracy: float  # of the arg-max of the passes' mean
+    wrong: int
+    entropy_right: float  # mean predictive entropy of the right predictions
+    entropy_wrong: float
+    auroc: float  # of predictive entropy as a score for "the prediction is wrong"
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """A demo run: test accuracy after each aggregation (measured here, and by the service's own
+    evaluation: round → (server_accuracy, server_loss)), then inference with uncertainty."""
+
+    rounds: list[tuple[int, float]]
+    uncertainty: UncertaintyReport
+    server: dict[int, tuple[float, float]]
+
+
+async def upload_test_set(session: aiohttp.ClientSession, headers: dict[str, str], test: Split) -> str:
+    """The held-out digits as a data set the service evaluates every new global model on."""
+    buffer = io.BytesIO()
+    np.savez(buffer, x=test.x, y=test.y.astype(np.int64))
+    form = FormData()
+    form.add_field("name", "held-out digits")
+    form.add_field("dataset_file", buffer.getvalue(), filename="digits.npz")
+    async with session.post("/api/datasets/", data=form, headers=headers) as response:
+        response.raise_for_status()
+        return str((await response.json())["id"])
+
+
+async def server_scores(session: aiohttp.ClientSession, headers: dict[str, str], model_id: str,
+                        rounds: int) -> dict[int, tuple[float, float]]:
+    """The service's evaluation of each aggregation (they run beside the rounds: wait until all are in)."""
+    async with asyncio.timeout(60):
+        while True:
+            async with session.get(f"/api/models/{model_id}/metrics/", headers=headers) as response:
+                response.raise_for_status()
+                metrics = await response.json()
+            values = {(m["key"], m["step"]): m["value_float"] for m in metrics if m["reporter"] is None}
+            steps = sorted(step for key, step in values if key == "server_accuracy")
+            if len(steps) >= rounds:
+                return {step: (values[("server_accuracy", step)], values[("server_loss", step)]) for step in steps}
+            await asyncio.sleep(0.2)
+
+
+def uncertainty_report(method: str, answer: dict[str, Any], labels: np.ndarray) -> UncertaintyReport:
+    """Score an inference answer: accuracy, and how well predictive entropy separates wrong from right."""
+    predicted = np.asarray(answer["inference"], dtype=np.float64).argmax(axis=1)
+    entropy = np.asarray(answer["uncertainty"]["predictive_entropy"], dtype=np.float64)
+    wrong = predicted != labels
+    # Undefined when every prediction is right (or wrong): one class only.
+    auroc = float(roc_auc_score(wrong, entropy)) if 0 < wrong.sum() < len(wrong) else float("nan")
+    return UncertaintyReport(method, len(labels), float((~wrong).mean()), int(wrong.sum()),
+                             float(entropy[~wrong].mean()) if (~wrong).any() else float("nan"),
+                             float(entropy[wrong].mean()) if wrong.any() else float("nan"), auroc)
+
+
+async def infer(session: aiohttp.ClientSession, headers: dict[str, str], model_id: str, method: str,
+                test: Split) -> UncertaintyReport:
+    """Ask the service about every held-out digit in one request and score its answer."""
+    payload = {"model_id": model_id, "model_input": test.x.tolist(), "return_format": "json"}
+    async with session.post("/api/inference/", json=payload, headers=headers) as response:
+        if response.status != 200:
+            raise RuntimeError(f"inference answered {response.status}: {await response.text()}")
+        answer = await response.json()
+    return uncertainty_report(method, answer, test.y)
+
+
 async def run(method: str, rounds: int, seed: int) -> list[tuple[int, float]]:
     """Start the service and five clients, run the training, return (round, test accuracy) pairs."""
+    return (await run_demo(method, rounds, seed)).rounds
+
+
+async def run_demo(method: str, rounds: int, seed: int) -> DemoResult:
+    """Start the service and five clients, run the training, then ask for inference with uncertainty."""
     shares, test = load_splits(5, seed)
     with tempfile.TemporaryDirectory(prefix="fltraining-demo-") as data_dir:
         port = free_port()
@@ -304,11 +421,13 @@ async def run(method: str, rounds: int, seed: int) -> list[tuple[int, float]]:
                 actor_headers = {"Authorization": actor["Authorization"]}
                 form = FormData()
                 form.add_field("name", "softmax regression")
-                form.add_field("model_file", dump_tensors(initial_model()), filename="model.safetensors")
+                form.add_field("description", f"8×8 pixels → {CLASSES} digits, pixel dropout {DROPOUT}")
+                form.add_field("model_file", model_graph(initial_model()), filename="model.onnx")
                 async with session.post("/api/models/", data=form, headers=actor_headers) as response:
                     response.raise_for_status()
                     model_id = (await response.json())["model_id"]
-                body = training_request(method, rounds, client_ids, model_id)
+                dataset_id = await upload_test_set(session, actor_headers, test)
+                body = training_request(method, rounds, client_ids, model_id, dataset_id)
                 async with session.post("/api/trainings/", json=body, headers=actor_headers) as response:
                     response.raise_for_status()
                     training_id = (await response.json())["training_id"]
@@ -321,21 +440,52 @@ async def run(method: str, rounds: int, seed: int) -> list[tuple[int, float]]:
                 for client in clients:
                     if client.failures:
                         raise RuntimeError(f"{client.name} failed: {client.failures}")
-    return results
+                server = await server_scores(session, actor_headers, model_id, len(results))
+                report = await infer(session, actor_headers, model_id, body["uncertainty_method"], test)
+    return DemoResult(results, report, server)
+
+
+def print_rounds(method: str, outcome: DemoResult) -> None:
+    """The accuracy per aggregation as a Markdown table: measured here, and by the service's evaluation."""
+    print(f"\n{method}: global model accuracy on held-out digits after each aggregation")
+    print("| round | test accuracy (here) | server_accuracy | server_loss |\n|---|---|---|---|")
+    for round_, score in outcome.rounds:
+        server_accuracy, server_loss = outcome.server.get(round_, (float("nan"), float("nan")))
+        print(f"| {round_} | {score:.3f} | {server_accuracy:.3f} | {server_loss:.3f} |")
+
+
+def print_uncertainty(rows: list[tuple[str, UncertaintyReport]]) -> None:
+    """The inference results as a Markdown table, one row per training."""
+    digits = rows[0][1].digits
+    print(f"\nPOST /api/inference/ on the {digits} held-out digits ({PASSES} passes; "
+          "AUROC: predictive entropy as a score for \"the prediction is wrong\", "
+          "0.5 = no better than chance)")
+    print("| training | uncertainty | accuracy | wrong | mean entropy, right | mean entropy, wrong | AUROC |")
+    print("|---|---|---|---|---|---|---|")
+    for method, report in rows:
+        print(f"| {method} | {report.method} | {report.accuracy:.3f} | {report.wrong} "
+              f"| {report.entropy_right:.3f} | {report.entropy_wrong:.3f} | {report.auroc:.3f} |")
 
 
 def main() -> None:
-    """Parse options, run the demo, print the accuracy per round."""
+    """Parse options, run the demo, print the accuracy per round and the inference's uncertainty."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", choices=["fedavg", "feddc", "swag"], default="fedavg")
+    parser.add_argument("--method", choices=[*METHODS, "all"], default="fedavg",
+                        help="all: every method in turn, then one table comparing their uncertainty")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    results = asyncio.run(run(args.method, args.rounds, args.seed))
-    print(f"\n{args.method}: global model accuracy on held-out digits after each aggregation")
-    print("| round | test accuracy |\n|---|---|")
-    for round_, score in results:
-        print(f"| {round_} | {score:.3f} |")
+    rows: list[tuple[str, UncertaintyReport]] = []
+    for method in METHODS if args.method == "all" else (args.method,):
+        if rows:
+            print()
+        outcome = asyncio.run(run_demo(method, args.rounds, args.seed))
+        print_rounds(method, outcome)
+        if args.method != "all":
+            print_uncertainty([(method, outcome.uncertainty)])
+        rows.append((method, outcome.uncertainty))
+    if args.method == "all":
+        print_uncertainty(rows)
 
 
 if __name__ == "__main__":
