@@ -27,7 +27,8 @@ from tests.helpers import (
     upload_model,
 )
 
-METADATA_KEYS = {"id", "name", "description", "owner", "round", "input_shape", "size", "sha256", "created_at"}
+METADATA_KEYS = {"id", "name", "description", "owner", "round", "input_shape", "size", "sha256", "format",
+                 "graph_digest", "ensemble_members", "created_at"}
 
 
 WEIGHTS = small_model()
@@ -80,6 +81,7 @@ async def test_metadata(client: TestClient) -> None:
     assert body["size"] == len(content)
     assert body["sha256"] == hashlib.sha256(content).hexdigest()
     assert body["created_at"].endswith("Z")
+    assert (body["format"], body["graph_digest"], body["ensemble_members"]) == ("safetensors", None, None)
 
 
 async def test_download_returns_the_exact_bytes(client: TestClient) -> None:
