@@ -35,6 +35,22 @@ def graph(weights: dict[str, np.ndarray] | None = None, domain: str = "", extern
     return helper.make_model(body, opset_imports=opsets, ir_version=9).SerializeToString()
 
 
+def hidden_dropout_graph(weights: dict[str, np.ndarray]) -> bytes:
+    """Y = Dropout(Relu(X·W1ᵀ + b1))·W2ᵀ + b2: a Dropout after other nodes, as in real networks (onnxruntime's
+    optimizer removes such a node unless told not to)."""
+    initializers = [numpy_helper.from_array(value, name) for name, value in weights.items()]
+    initializers.append(numpy_helper.from_array(np.array(DROPOUT_RATIO, np.float32), "dropout.ratio"))
+    nodes = [
+        helper.make_node("Gemm", ["X", "hidden.weight", "hidden.bias"], ["H"], transB=1),
+        helper.make_node("Relu", ["H"], ["R"]),
+        helper.make_node("Dropout", ["R", "dropout.ratio"], ["D"]),
+        helper.make_node("Gemm", ["D", "out.weight", "out.bias"], ["Y"], transB=1),
+    ]
+    body = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 2])],
+                             [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None, 1])], initializers)
+    return helper.make_model(body, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
+
+
 def relu_int16_graph() -> bytes:
     """A graph onnx.checker accepts and onnxruntime's CPU provider cannot run (no int16 Relu kernel)."""
     node = helper.make_node("Relu", ["X"], ["Y"])

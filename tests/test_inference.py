@@ -18,7 +18,7 @@ from fltraining.weights import dump_tensors
 from routes.app import create_app
 from tests.fl_clients import GLOBAL_TENSORS, SimulatedClient, wait_for_state
 from tests.helpers import Account, create_training, register, stored_blobs, upload_model
-from tests.onnx_graphs import graph, relu_int16_graph
+from tests.onnx_graphs import graph, hidden_dropout_graph, relu_int16_graph
 from tests.test_properties import PROPERTY
 from tests.test_rounds import run_training
 
@@ -252,6 +252,20 @@ async def test_mc_dropout_runs_n_different_passes_and_reports_dlrs_statistics(cl
     np.testing.assert_allclose(np.array(body["uncertainty"]["std"]) ** 2, variance, rtol=1e-9)
     assert (np.array(body["uncertainty"]["mutual_info"]) > 0).all()
     np.testing.assert_allclose(np.array(body["inference"]).sum(axis=1), 1.0, rtol=1e-6)
+
+
+async def test_mc_dropout_drops_units_inside_the_network(client: TestClient) -> None:
+    """Eight hidden units of value 1 each feed the output with weight 1: each pass keeps k of them, scaled by 2,
+    so the output is 2k with k ~ Binomial(8, 0.5): mean 8, variance 4·8·0.25 = 8 (not a rounding error's)."""
+    weights = {"hidden.weight": np.zeros((8, 2), np.float32), "hidden.bias": np.ones(8, np.float32),
+               "out.weight": np.ones((1, 8), np.float32), "out.bias": np.zeros(1, np.float32)}
+    actor = await register(client, actor=True)
+    model_id = await upload_model(client, actor, hidden_dropout_graph(weights))
+    await create_training(client, actor, model_id, uncertainty_method="MC_DROPOUT", options={"uncertainty": {"N": 400}})
+    status, body = await infer(client, actor, model_id, [[0.0, 0.0]])
+    assert status == 200, body
+    assert 7.0 < body["inference"][0][0] < 9.0
+    assert 5.0 < body["uncertainty"]["variance"][0][0] < 11.0
 
 
 async def test_mc_dropout_needs_dropout_nodes(client: TestClient) -> None:

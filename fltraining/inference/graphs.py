@@ -140,8 +140,11 @@ def build_session(graph: Buffer, weights: Mapping[str, np.ndarray] | None, varia
             value = onnxruntime.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(weights[name]))
             options.add_initializer(name, value)
             keep.append(value)
+    # onnxruntime's EliminateDropout removes every Dropout whose mask output is unused, training_mode or not.
+    disabled = ["EliminateDropout"] if variant == "dropout" else None
     try:
-        session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"],
+                                               disabled_optimizers=disabled)
     except Exception as error:  # onnxruntime's own exception classes
         reason = str(error).strip()[:200]
         raise Conflict(f"onnxruntime cannot run the model's graph with its weights ({reason}).") from None
