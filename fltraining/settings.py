@@ -129,7 +129,9 @@ class Settings(BaseSettings):
         description="Most numbers a `model_input` may hold (400 above); also bounds one batched run.",
     )
     inference_max_body_bytes: int = Field(
-        default=64 * MIB, ge=1024, description="Largest inference request body (JSON or multipart; 413 above)."
+        default=32 * MIB, ge=1024,
+        description="Largest inference request body (JSON or multipart; 413 above): room for the most numbers "
+        "as JSON text, and a bound on the memory parsing it takes.",
     )
     inference_sessions: int = Field(
         default=8, ge=1, le=1024, description="onnxruntime sessions kept ready per process (per model and round)."

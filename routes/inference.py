@@ -1,11 +1,11 @@
 """Inference endpoints: `POST /api/inference/`, attaching graphs, and ensemble models."""
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
 import numpy as np
+import orjson
 import safetensors.numpy
 from aiohttp import web
 
@@ -23,7 +23,7 @@ from fltraining.schemas.models import (
 from routes.auth import current_user
 from routes.keys import graphs_key, inference_key, settings_key
 from routes.multipart import FormSpec, discard, read_form
-from routes.parsing import path_uuid, read_body, read_json_object, validate
+from routes.parsing import path_uuid, read_body, read_json_bytes, validate
 from routes.responses import json_model
 from routes.table import Endpoint
 
@@ -32,10 +32,12 @@ GRAPH_FORM = FormSpec(files=frozenset({"graph_file"}))
 
 
 def _json_list(array: np.ndarray) -> Any:
-    """An array as JSON lists; values JSON cannot hold (NaN, ±inf) become null."""
+    """An array for orjson: NumPy arrays as they are; with values JSON cannot hold (NaN, ±inf), lists with null."""
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         return np.where(np.isfinite(array), array, None).tolist()
-    return array.tolist()
+    if array.dtype.kind == "f" and array.dtype != np.float32:
+        return np.ascontiguousarray(array, dtype=np.float64)
+    return np.ascontiguousarray(array)
 
 
 def _answer(outcome: Outcome, return_format: str) -> web.Response:
@@ -53,7 +55,7 @@ def _answer(outcome: Outcome, return_format: str) -> web.Response:
     }
     if outcome.outputs is not None:
         answer["outputs"] = _json_list(outcome.outputs)
-    return web.json_response(text=json.dumps(answer, separators=(",", ":")))
+    return web.Response(body=orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY), content_type="application/json")
 
 
 def _bytes_collector(limit: int) -> Any:
@@ -76,8 +78,8 @@ def _input_from_part(data: bytes, max_elements: int) -> np.ndarray:
     """A multipart `model_input`: a .npy/.npz/safetensors file, or JSON text (as a plain form field)."""
     if data[:1] in (b"[", b" ", b"\n"):
         try:
-            value = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
+            value = orjson.loads(data)
+        except orjson.JSONDecodeError:
             raise InvalidInput("model_input text is not a JSON list of numbers.") from None
         return inputs.from_json(value, max_elements)
     return inputs.from_file(data, max_elements)
@@ -103,7 +105,12 @@ async def infer(request: web.Request) -> web.Response:
             raise InvalidInput("model_id must be a UUID.") from None
         model_input = _input_from_part(form.files["model_input"], service.max_elements)
     elif request.content_type in ("application/json", ""):
-        raw = await read_json_object(request, limit)
+        try:
+            raw = orjson.loads(await read_json_bytes(request, limit))  # strict JSON: no NaN, depth ≤ 1024
+        except orjson.JSONDecodeError as error:
+            raise InvalidInput(f"Malformed JSON: {error}") from None
+        if not isinstance(raw, dict):
+            raise InvalidInput("The request body must be a JSON object.")
         if "model_id" not in raw:
             raise InvalidInput("No 'model_id' provided in request.")
         body = validate(InferenceRequest, raw)

@@ -54,11 +54,22 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def read_json_object(request: web.Request, limit: int | None = None) -> dict[str, Any]:
+async def read_json_object(request: web.Request) -> dict[str, Any]:
     """Read a JSON object body within the size limit (415, 413 and 400 otherwise)."""
+    raw = await read_json_bytes(request, request.app[settings_key].max_json_bytes)
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise InvalidInput(f"Malformed JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise InvalidInput("The request body must be a JSON object.")
+    return data
+
+
+async def read_json_bytes(request: web.Request, limit: int) -> bytes:
+    """The bytes of a JSON body within `limit` (415 for another content type, 413 past the limit)."""
     if request.content_type not in JSON_TYPES and not request.content_type.endswith("+json"):
         raise UnsupportedMediaType(f"Unsupported media type '{request.content_type}'; send application/json.")
-    limit = limit or request.app[settings_key].max_json_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
     seconds = request.app[settings_key].body_timeout_seconds
@@ -69,13 +80,7 @@ async def read_json_object(request: web.Request, limit: int | None = None) -> di
         raw += chunk
         if len(raw) > limit:
             raise PayloadTooLarge(f"Request body is larger than {limit} bytes.")
-    try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as error:
-        raise InvalidInput(f"Malformed JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise InvalidInput("The request body must be a JSON object.")
-    return data
+    return bytes(raw)
 
 
 def validate[M: BaseModel](schema: type[M], data: dict[str, Any]) -> M:

@@ -14,30 +14,19 @@ NPY_MAGIC = b"\x93NUMPY"
 NUMERIC_KINDS = "biuf"
 
 
-def _counted(value: Any, max_elements: int) -> None:
-    """Refuse over-large or non-list input before NumPy builds anything from it."""
-    stack, seen = [value], 0
-    while stack:
-        item = stack.pop()
-        if isinstance(item, list):
-            stack.extend(item)
-        else:
-            seen += 1
-            if seen > max_elements:
-                raise InvalidInput(f"model_input holds more than {max_elements} numbers.")
-
-
 def from_json(value: Any, max_elements: int) -> np.ndarray:
     """A nested JSON list of numbers as an array (400 for ragged, non-numeric or over-large input)."""
     if not isinstance(value, list) or not value:
         raise InvalidInput("model_input must be a non-empty (nested) list of numbers.")
-    _counted(value, max_elements)
+    # The body's size bounds what NumPy is given here; the element count is checked on the result.
     try:
         array = np.array(value)
     except (ValueError, OverflowError):
         raise InvalidInput("model_input is ragged: every row must have the same length.") from None
     if array.dtype.kind not in NUMERIC_KINDS:
         raise InvalidInput("model_input must hold only numbers (and rows of equal length).")
+    if array.size > max_elements:
+        raise InvalidInput(f"model_input holds more than {max_elements} numbers.")
     return array
 
 

@@ -15,13 +15,13 @@ from pydantic import ValidationError
 
 from fltraining.documents import Dataset, Model, Training, Update, User
 from fltraining.engine.effects import EvaluationFailed
-from fltraining.errors import Conflict, FLTrainingError
+from fltraining.errors import Conflict, FLTrainingError, NotFound
 from fltraining.inference import inputs, runner
 from fltraining.inference.evaluation import read_dataset, score
 from fltraining.inference.graphs import BoundSession, Variant, build_session
 from fltraining.inference.pool import InferencePool, SessionCache
 from fltraining.options import UncertaintyOptions
-from fltraining.services.models import ModelService
+from fltraining.services.models import ModelService, check_reachable
 from fltraining.states import UncertaintyMethod
 from fltraining.storage.blobs import BlobMissing
 from fltraining.storage.queries import find_document
@@ -76,8 +76,14 @@ class InferenceService:
 
     async def infer(self, user: User, model_id: UUID, model_input: np.ndarray) -> runner.Outcome:
         """Predict with the model the user may see (404/403), with the uncertainty of its training's method."""
-        model = await self._models.described(await self._models.get_accessible(user, model_id))
-        plan = await self._plan(model)
+        # The model and its training in one round trip's time (the access rule needs both anyway).
+        model, training = await asyncio.gather(find_document(Model, {"_id": model_id}),
+                                               find_document(Training, {"model": model_id}))
+        if model is None:
+            raise NotFound(f"Model {model_id} not found.")
+        check_reachable(user, model, training)
+        model = await self._models.described(model)
+        plan = await self._plan(model, training)
         for attempt in range(2):
             try:
                 async with contextlib.AsyncExitStack() as stack:
@@ -87,14 +93,14 @@ class InferenceService:
             except BlobMissing:
                 if attempt:  # a round replaced the weights twice while we looked
                     raise Conflict("The model changed while it was being read; try again.") from None
-                plan = await self._plan(await self._models.get(model.id))
+                plan = await self._plan(await self._models.get(model.id),
+                                        await find_document(Training, {"model": model.id}))
         raise AssertionError("unreachable")
 
-    async def _plan(self, model: Model) -> Plan:
+    async def _plan(self, model: Model, training: Training | None) -> Plan:
         graph = graph_file_of(model)
         if graph is None:
             raise Conflict(NO_GRAPH.format(id=model.id))
-        training = await find_document(Training, {"model": model.id})
         raw_options = (training.options if training is not None else {}).get("uncertainty") or {}
         try:
             options = UncertaintyOptions.model_validate(raw_options)

@@ -25,6 +25,13 @@ class Upload(StoredFile):
     facts: FileFacts
 
 
+def check_reachable(user: User, model: Model, training: Training | None) -> None:
+    """The user owns the model or is actor or participant of its (one) training; 403 otherwise."""
+    if model.owner != user.id and (
+            training is None or (training.actor != user.id and user.id not in training.participants)):
+        raise PermissionDenied()
+
+
 class ModelService:
     """Every model rule; bytes go through the blob store, metadata through the `models` collection."""
 
@@ -112,11 +119,7 @@ class ModelService:
         model = await self.get(model_id)
         if model.owner == user.id:
             return model
-        reachable = await Training.find(
-            {"model": model.id, "$or": [{"actor": user.id}, {"participants": user.id}]}
-        ).count()
-        if not reachable:
-            raise PermissionDenied()
+        check_reachable(user, model, await find_document(Training, {"model": model.id}))
         return model
 
     async def list_accessible(self, user: User) -> list[Model]:
