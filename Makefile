@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 BENCH_VENV := .venv-bench
 
-.PHONY: run test bench bench-aggregation bench-rounds bench-transfer demo clean
+.PHONY: run test bench bench-aggregation bench-rounds bench-transfer bench-inference demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13) and "fltraining needs Python 3.13 (see .python-version)")'
@@ -49,8 +49,11 @@ bench-rounds: $(STAMP)
 bench-transfer: $(STAMP)
 	$(PY) bench/transfer_bench.py $(ARGS)
 
+bench-inference: $(STAMP)
+	$(PY) bench/inference_bench.py $(ARGS)
+
 demo: $(STAMP)
-	$(PY) examples/federated_digits.py $(ARGS)
+	$(PY) examples/federated_digits.py --method all $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info
