@@ -268,12 +268,14 @@ async def test_mc_dropout_drops_units_inside_the_network(client: TestClient) -> 
     assert 5.0 < body["uncertainty"]["variance"][0][0] < 11.0
 
 
-async def test_mc_dropout_needs_dropout_nodes(client: TestClient) -> None:
+@pytest.mark.parametrize(("method", "says"), [("MC_DROPOUT", "Dropout nodes"), ("SWAG", "first SWAG round")],
+                         ids=["MC dropout without Dropout nodes", "SWAG before its first SWAG round"])
+async def test_a_method_the_model_cannot_run_yet_is_409_naming_why(client: TestClient, method: str, says: str) -> None:
     actor = await register(client, actor=True)
     model_id = await upload_model(client, actor, graph(WEIGHTS))
-    await create_training(client, actor, model_id, uncertainty_method="MC_DROPOUT")
+    await create_training(client, actor, model_id, uncertainty_method=method)
     status, body = await infer(client, actor, model_id)
-    assert status == 409 and "Dropout" in body["detail"]
+    assert status == 409 and says in body["detail"]
 
 
 async def test_ensembles_average_their_members_and_report_their_spread(client: TestClient) -> None:
@@ -338,14 +340,6 @@ async def test_swag_samples_independent_weights_per_pass_reproducibly(
     assert status == 200, first
     assert (np.array(first["uncertainty"]["variance"]) > 0).all()
     assert (await infer(api, actor, final["model"]))[1] == first  # same seed, same samples
-
-
-async def test_swag_inference_before_the_first_swag_round_is_409(client: TestClient) -> None:
-    actor = await register(client, actor=True)
-    model_id = await upload_model(client, actor, graph(WEIGHTS))
-    await create_training(client, actor, model_id, uncertainty_method="SWAG")
-    status, body = await infer(client, actor, model_id)
-    assert status == 409 and "SWAG" in body["detail"]
 
 
 async def test_inference_follows_the_global_model_round_by_round(
