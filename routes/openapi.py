@@ -13,7 +13,8 @@ from routes.table import Endpoint, documented_path
 REF = "#/components/schemas/{model}"
 _PARAM = re.compile(r"{(\w+)}")
 _STATUS_TEXT = {
-    200: "OK", 201: "Created", 202: "Accepted", 400: "Invalid body or query", 401: "No or bad credentials",
+    200: "OK", 201: "Created", 202: "Accepted", 304: "Not modified: If-None-Match names the current version",
+    400: "Invalid body or query", 401: "No or bad credentials",
     403: "Not allowed", 404: "Unknown resource", 408: "Body did not arrive in time",
     409: "Conflict with the current state", 412: "If-Match does not match", 413: "Body too large",
     415: "Wrong content type", 429: "Too many requests", 503: "Database unreachable, or inference busy (Retry-After)",

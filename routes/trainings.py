@@ -6,6 +6,7 @@ from fltraining.documents import Training
 from fltraining.engine.plans import expected_users
 from fltraining.schemas.common import Message
 from fltraining.schemas.trainings import (
+    PUBLIC_PROJECTION,
     ClientsBody,
     TrainingCreate,
     TrainingCreated,
@@ -13,12 +14,16 @@ from fltraining.schemas.trainings import (
     TrainingListQuery,
     TrainingPatch,
     TrainingPublic,
+    public_training,
 )
 from routes.auth import current_user
+from routes.conditional import REVALIDATE, list_etag, none_match, not_modified
 from routes.keys import trainings_key
 from routes.parsing import etag, if_match_version, path_uuid, read_body, read_query
-from routes.responses import detail, json_model, json_models
+from routes.responses import detail, json_documents, json_model
 from routes.table import Endpoint
+
+VERSION_PROJECTION = {"_id": 1, "version": 1}
 
 
 def _detail_of(training: Training) -> TrainingDetail:
@@ -32,7 +37,7 @@ def _detail_of(training: Training) -> TrainingDetail:
 
 def _training_response(training: Training) -> web.Response:
     """A training's detail JSON with its ETag."""
-    return json_model(_detail_of(training), headers={"ETag": etag(training.version)})
+    return json_model(_detail_of(training), headers={"ETag": etag(training.version), **REVALIDATE})
 
 
 async def create_training(request: web.Request) -> web.Response:
@@ -43,16 +48,32 @@ async def create_training(request: web.Request) -> web.Response:
                       headers={"Location": f"/api/trainings/{training.id}/"})
 
 
+async def training_list(request: web.Request, as_participant: bool) -> web.Response:
+    """A page of the caller's trainings, built from projected documents in one encoding pass; with
+    `If-None-Match`, ids and versions are read first, so an unchanged page costs a 304 and no more."""
+    query = read_query(request, TrainingListQuery, repeatable=frozenset({"state"}))
+    user = current_user(request)
+    service = request.app[trainings_key]
+    if "If-None-Match" in request.headers:
+        versions, total = await service.list_for(user, query, as_participant, VERSION_PROJECTION)
+        tag = list_etag(user.id, request.query_string, total, versions)
+        if none_match(request, tag):
+            return not_modified(tag, {"X-Total-Count": str(total)})
+    items, total = await service.list_for(user, query, as_participant, PUBLIC_PROJECTION)
+    headers = {"X-Total-Count": str(total), "ETag": list_etag(user.id, request.query_string, total, items), **REVALIDATE}
+    return json_documents([public_training(item) for item in items], headers=headers)
+
+
 async def list_trainings(request: web.Request) -> web.Response:
     """GET /api/trainings/: the caller's trainings as actor."""
-    query = read_query(request, TrainingListQuery, repeatable=frozenset({"state"}))
-    items, total = await request.app[trainings_key].list_for(current_user(request), query, as_participant=False)
-    return json_models([TrainingPublic.model_validate(t) for t in items], headers={"X-Total-Count": str(total)})
+    return await training_list(request, as_participant=False)
 
 
 async def get_training(request: web.Request) -> web.Response:
-    """GET /api/trainings/{id}/."""
+    """GET /api/trainings/{id}/ (304 when `If-None-Match` names its current version)."""
     training = await request.app[trainings_key].get_visible(current_user(request), path_uuid(request, "training_id"))
+    if none_match(request, tag := etag(training.version)):
+        return not_modified(tag)
     return _training_response(training)
 
 
@@ -104,10 +125,10 @@ ENDPOINTS = [
     Endpoint("POST", "/api/trainings", create_training, "Create a training", "trainings", body=TrainingCreate,
              responses={201: TrainingCreated}, errors=(400, 403, 413, 415), headers={201: ("Location",)}),
     Endpoint("GET", "/api/trainings", list_trainings, "The caller's trainings as actor", "trainings",
-             query=TrainingListQuery, responses={200: [TrainingPublic]}, errors=(400,),
-             headers={200: ("X-Total-Count",)}),
-    Endpoint("GET", _ID, get_training, "One training", "trainings", responses={200: TrainingDetail},
-             errors=(403, 404), headers={200: ("ETag",)}),
+             query=TrainingListQuery, responses={200: [TrainingPublic], 304: None}, errors=(400,),
+             headers={200: ("X-Total-Count", "ETag"), 304: ("ETag",)}, request_headers=("If-None-Match",)),
+    Endpoint("GET", _ID, get_training, "One training", "trainings", responses={200: TrainingDetail, 304: None},
+             errors=(403, 404), headers={200: ("ETag",), 304: ("ETag",)}, request_headers=("If-None-Match",)),
     Endpoint("PATCH", _ID, patch_training, "Change a training in state I", "trainings", body=TrainingPatch,
              responses={200: TrainingDetail}, errors=(400, 403, 404, 409, 412, 413, 415),
              headers={200: ("ETag",)}, request_headers=("If-Match",)),

@@ -7,10 +7,11 @@ from fltraining.schemas.common import Message
 from fltraining.schemas.trainings import TrainingListQuery, TrainingPublic
 from fltraining.schemas.users import UserCreate, UserPublic, UserRegistered
 from routes.auth import current_user
-from routes.keys import settings_key, trainings_key, users_key
-from routes.parsing import path_uuid, read_body, read_query
+from routes.keys import settings_key, users_key
+from routes.parsing import path_uuid, read_body
 from routes.responses import detail, json_model, json_models
 from routes.table import Endpoint
+from routes.trainings import training_list
 
 
 async def register(request: web.Request) -> web.Response:
@@ -48,9 +49,7 @@ async def get_user(request: web.Request) -> web.Response:
 
 async def my_trainings(request: web.Request) -> web.Response:
     """GET /api/users/trainings/: trainings where the caller is actor or participant."""
-    query = read_query(request, TrainingListQuery, repeatable=frozenset({"state"}))
-    items, total = await request.app[trainings_key].list_for(current_user(request), query, as_participant=True)
-    return json_models([TrainingPublic.model_validate(t) for t in items], headers={"X-Total-Count": str(total)})
+    return await training_list(request, as_participant=True)
 
 
 ENDPOINTS = [
@@ -61,8 +60,8 @@ ENDPOINTS = [
     Endpoint("DELETE", "/api/users/myself", delete_myself, "Delete the caller and cascade", "users",
              responses={200: Message}),
     Endpoint("GET", "/api/users/trainings", my_trainings, "Trainings as actor or participant", "users",
-             query=TrainingListQuery, responses={200: [TrainingPublic]}, errors=(400,),
-             headers={200: ("X-Total-Count",)}),
+             query=TrainingListQuery, responses={200: [TrainingPublic], 304: None}, errors=(400,),
+             headers={200: ("X-Total-Count", "ETag"), 304: ("ETag",)}, request_headers=("If-None-Match",)),
     Endpoint("GET", "/api/users/{user_id}", get_user, "One user", "users",
              responses={200: UserPublic}, errors=(404,)),
 ]

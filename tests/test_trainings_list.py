@@ -185,3 +185,66 @@ async def test_lists_reject_bad_queries(client: TestClient, query: str) -> None:
         assert response.status == 400, (path, query, await response.text())
         assert response.headers["Content-Type"].startswith("application/json")
         assert isinstance((await response.json())["detail"], str)
+
+
+@pytest.mark.parametrize("path", LISTS)
+async def test_list_items_are_exactly_the_public_training_objects(client: TestClient, path: str) -> None:
+    """The list is encoded from projected documents in one pass; each item equals the GET of the training
+    minus the detail fields (same keys, same values, same datetime format)."""
+    world = await build_world(client)
+    response = await client.get(path, headers=world.actor.headers)
+    assert response.status == 200
+    for item in await response.json():
+        one = await client.get(f"/api/trainings/{item['id']}/", headers=world.actor.headers)
+        if one.status != 200:
+            continue  # a training the actor takes part in but does not run: visible through the list only
+        detail = await one.json()
+        assert {**item, "local_models_arrived": detail["local_models_arrived"],
+                "local_models_expected": detail["local_models_expected"]} == detail
+
+
+@pytest.mark.parametrize("path", LISTS)
+async def test_an_unchanged_list_is_304_and_any_change_shows(client: TestClient, path: str) -> None:
+    world = await build_world(client)
+    first = await client.get(path, headers=world.actor.headers)
+    tag = first.headers["ETag"]
+    assert first.headers["Cache-Control"] == "private, no-cache"
+    again = await client.get(path, headers={**world.actor.headers, "If-None-Match": tag})
+    assert again.status == 304 and again.headers["ETag"] == tag
+    assert again.headers["X-Total-Count"] == first.headers["X-Total-Count"] and await again.read() == b""
+    # Another page or another user is another list.
+    other = await client.get(path + "?limit=1", headers={**world.actor.headers, "If-None-Match": tag})
+    assert other.status == 200
+    theirs = await client.get(path, headers={**world.participant.headers, "If-None-Match": tag})
+    assert theirs.status == 200
+    # A change of one training's public fields changes the list's tag.
+    patched = await client.patch(f"/api/trainings/{world.initial}/", headers=world.actor.headers,
+                                 json={"metric_names": ["loss"]})
+    assert patched.status == 200
+    changed = await client.get(path, headers={**world.actor.headers, "If-None-Match": tag})
+    assert changed.status == 200 and changed.headers["ETag"] != tag
+    assert any(item["metric_names"] == ["loss"] for item in await changed.json())
+    deleted = await client.delete(f"/api/trainings/{world.failed}/", headers=world.actor.headers)
+    assert deleted.status == 200
+    after_delete = await client.get(path, headers={**world.actor.headers, "If-None-Match": changed.headers["ETag"]})
+    assert after_delete.status == 200
+
+
+async def test_an_unchanged_training_is_304(client: TestClient) -> None:
+    world = await build_world(client)
+    first = await client.get(f"/api/trainings/{world.initial}/", headers=world.actor.headers)
+    tag = first.headers["ETag"]
+    again = await client.get(f"/api/trainings/{world.initial}/",
+                             headers={**world.actor.headers, "If-None-Match": tag})
+    assert again.status == 304 and again.headers["ETag"] == tag and await again.read() == b""
+    weak = await client.get(f"/api/trainings/{world.initial}/",
+                            headers={**world.actor.headers, "If-None-Match": f'"x", W/{tag}'})
+    assert weak.status == 304
+    await client.patch(f"/api/trainings/{world.initial}/", headers=world.actor.headers, json={"metric_names": ["f1"]})
+    changed = await client.get(f"/api/trainings/{world.initial}/",
+                               headers={**world.actor.headers, "If-None-Match": tag})
+    assert changed.status == 200 and (await changed.json())["metric_names"] == ["f1"]
+    # Not visible stays 403, whatever the validator.
+    stranger = await client.get(f"/api/trainings/{world.initial}/",
+                                headers={**world.stranger.headers, "If-None-Match": "*"})
+    assert stranger.status == 403

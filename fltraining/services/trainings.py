@@ -111,9 +111,10 @@ class TrainingService:
         return training
 
     async def list_for(
-        self, user: User, query: TrainingListQuery, as_participant: bool
+        self, user: User, query: TrainingListQuery, as_participant: bool, projection: dict[str, int] | None = None
     ) -> tuple[list[dict[str, Any]], int]:
-        """The user's stored trainings (as actor, or also as participant), filtered and paged."""
+        """The user's stored trainings (as actor, or also as participant), filtered and paged, as raw
+        documents with the projection's fields."""
         owner: dict[str, Any] = (
             {"$or": [{"actor": user.id}, {"participants": user.id}]} if as_participant else {"actor": user.id}
         )
@@ -127,9 +128,7 @@ class TrainingService:
         field = query.ordering.lstrip("-")
         direction = -1 if query.ordering.startswith("-") else 1
         collection = Training.get_pymongo_collection()
-        # Raw documents: the HTTP layer validates them into the public schema once, which
-        # halves the cost of a 100-item page compared with building Documents first.
-        cursor = collection.find(filters).sort([(field, direction), ("_id", direction)])
+        cursor = collection.find(filters, projection).sort([(field, direction), ("_id", direction)])
         items = await cursor.skip(query.offset).limit(query.limit).to_list()
         if 0 < len(items) < query.limit or (query.offset == 0 and not items):
             return items, query.offset + len(items)  # the last page tells the total without a count
