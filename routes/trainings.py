@@ -6,7 +6,6 @@ from fltraining.documents import Training
 from fltraining.engine.plans import expected_users
 from fltraining.schemas.common import Message
 from fltraining.schemas.trainings import (
-    PUBLIC_PROJECTION,
     ClientsBody,
     TrainingCreate,
     TrainingCreated,
@@ -54,12 +53,15 @@ async def training_list(request: web.Request, as_participant: bool) -> web.Respo
     query = read_query(request, TrainingListQuery, repeatable=frozenset({"state"}))
     user = current_user(request)
     service = request.app[trainings_key]
+    counted = None
     if "If-None-Match" in request.headers:
-        versions, total = await service.list_for(user, query, as_participant, VERSION_PROJECTION)
-        tag = list_etag(user.id, request.query_string, total, versions)
+        versions, counted = await service.list_for(user, query, as_participant, VERSION_PROJECTION)
+        tag = list_etag(user.id, request.query_string, counted, versions)
         if none_match(request, tag):
-            return not_modified(tag, {"X-Total-Count": str(total)})
-    items, total = await service.list_for(user, query, as_participant, PUBLIC_PROJECTION)
+            return not_modified(tag, {"X-Total-Count": str(counted)})
+    # Whole documents: on the embedded store a projection of the public fields costs more (36 vs 25 ms of
+    # store CPU for 100) than reading them whole; the public fields are picked here.
+    items, total = await service.list_for(user, query, as_participant, total=counted)
     headers = {"X-Total-Count": str(total), "ETag": list_etag(user.id, request.query_string, total, items), **REVALIDATE}
     return json_documents([public_training(item) for item in items], headers=headers)
 

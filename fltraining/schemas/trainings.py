@@ -80,14 +80,13 @@ class TrainingPublic(PublicModel):
 
 
 # Stored fields a public training is made of, with the default a document written before the field
-# existed stands for; `version` comes along for ETags and is not shown.
+# existed stands for.
 PUBLIC_DEFAULTS: dict[str, Any] = {"round": 0, "phase": None, "round_deadline": None}
 PUBLIC_FIELDS = tuple(name for name in TrainingPublic.model_fields if name != "id")
-PUBLIC_PROJECTION = {"_id": 1, "version": 1, **dict.fromkeys(PUBLIC_FIELDS, 1)}
 
 
 def public_training(raw: dict[str, Any]) -> dict[str, Any]:
-    """A stored training (read with PUBLIC_PROJECTION) as its public JSON object, without building a model:
+    """A stored training as its public JSON object, without building a model:
     the `$jsonSchema` validator already guarantees the stored shape (datetimes and UUIDs left to the encoder)."""
     public = {"id": raw["_id"]}
     for name in PUBLIC_FIELDS:

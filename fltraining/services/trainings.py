@@ -111,10 +111,11 @@ class TrainingService:
         return training
 
     async def list_for(
-        self, user: User, query: TrainingListQuery, as_participant: bool, projection: dict[str, int] | None = None
+        self, user: User, query: TrainingListQuery, as_participant: bool, projection: dict[str, int] | None = None,
+        total: int | None = None,
     ) -> tuple[list[dict[str, Any]], int]:
         """The user's stored trainings (as actor, or also as participant), filtered and paged, as raw
-        documents with the projection's fields."""
+        documents (with the projection's fields); a `total` already counted is not counted again."""
         owner: dict[str, Any] = (
             {"$or": [{"actor": user.id}, {"participants": user.id}]} if as_participant else {"actor": user.id}
         )
@@ -132,6 +133,8 @@ class TrainingService:
         items = await cursor.skip(query.offset).limit(query.limit).to_list()
         if 0 < len(items) < query.limit or (query.offset == 0 and not items):
             return items, query.offset + len(items)  # the last page tells the total without a count
+        if total is not None:
+            return items, total
         return items, await collection.count_documents(filters)
 
     async def _check_evaluation(self, actor: UUID, model: Model, options: TrainingOptions) -> None:
