@@ -33,11 +33,16 @@ def _encode_other(value: object) -> str:
     raise TypeError(f"{type(value).__name__} is not JSON")
 
 
-def json_documents(items: Sequence[object], headers: dict[str, str] | None = None) -> web.Response:
-    """A JSON array of plain objects in one orjson pass: UUIDs as text, datetimes as the schemas write them
-    (ISO 8601, milliseconds, `Z`)."""
-    body = orjson.dumps(items, default=_encode_other, option=orjson.OPT_PASSTHROUGH_DATETIME)
+def json_document(value: object, headers: dict[str, str] | None = None) -> web.Response:
+    """Plain JSON data (objects, arrays) in one orjson pass: UUIDs as text, datetimes as the schemas write
+    them (ISO 8601, milliseconds, `Z`)."""
+    body = orjson.dumps(value, default=_encode_other, option=orjson.OPT_PASSTHROUGH_DATETIME)
     return web.Response(body=body, content_type="application/json", headers=headers)
+
+
+def json_documents(items: Sequence[object], headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON array of plain objects (see `json_document`)."""
+    return json_document(items, headers)
 
 
 def detail(message: str, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:

@@ -14,12 +14,13 @@ from fltraining.schemas.trainings import (
     TrainingPatch,
     TrainingPublic,
     public_training,
+    training_detail,
 )
 from routes.auth import current_user
 from routes.conditional import REVALIDATE, list_etag, none_match, not_modified
 from routes.keys import trainings_key
 from routes.parsing import etag, if_match_version, path_uuid, read_body, read_query
-from routes.responses import detail, json_documents, json_model
+from routes.responses import detail, json_document, json_documents, json_model
 from routes.table import Endpoint
 
 VERSION_PROJECTION = {"_id": 1, "version": 1}
@@ -62,7 +63,8 @@ async def training_list(request: web.Request, as_participant: bool) -> web.Respo
     # Whole documents: on the embedded store a projection of the public fields costs more (36 vs 25 ms of
     # store CPU for 100) than reading them whole; the public fields are picked here.
     items, total = await service.list_for(user, query, as_participant, total=counted)
-    headers = {"X-Total-Count": str(total), "ETag": list_etag(user.id, request.query_string, total, items), **REVALIDATE}
+    tag = list_etag(user.id, request.query_string, total, items)
+    headers = {"X-Total-Count": str(total), "ETag": tag, **REVALIDATE}
     return json_documents([public_training(item) for item in items], headers=headers)
 
 
@@ -73,10 +75,11 @@ async def list_trainings(request: web.Request) -> web.Response:
 
 async def get_training(request: web.Request) -> web.Response:
     """GET /api/trainings/{id}/ (304 when `If-None-Match` names its current version)."""
-    training = await request.app[trainings_key].get_visible(current_user(request), path_uuid(request, "training_id"))
-    if none_match(request, tag := etag(training.version)):
+    raw = await request.app[trainings_key].get_visible_raw(current_user(request), path_uuid(request, "training_id"))
+    tag = etag(raw["version"])
+    if none_match(request, tag):
         return not_modified(tag)
-    return _training_response(training)
+    return json_document(training_detail(raw), headers={"ETag": tag, **REVALIDATE})
 
 
 async def patch_training(request: web.Request) -> web.Response:

@@ -1,11 +1,18 @@
 """The training lists: who sees what, filters, paging, ordering and strict query parsing."""
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
+from pymongo.asynchronous.database import AsyncDatabase
 
+from fltraining.documents import Training
+from fltraining.engine.plans import expected_users
+from fltraining.schemas.trainings import TrainingDetail, TrainingPublic, training_detail
+from routes.responses import json_document
 from tests.helpers import Account, create_training, register, update_stored_training
 
 LISTS = ("/api/trainings/", "/api/users/trainings/")
@@ -248,3 +255,22 @@ async def test_an_unchanged_training_is_304(client: TestClient) -> None:
     stranger = await client.get(f"/api/trainings/{world.initial}/",
                                 headers={**world.stranger.headers, "If-None-Match": "*"})
     assert stranger.status == 403
+
+
+async def test_the_fast_read_path_answers_what_the_schemas_would(
+    client: TestClient, raw_db: AsyncDatabase[dict[str, Any]]
+) -> None:
+    """GET by id and the lists build their JSON from stored documents without pydantic; for trainings in
+    every state (one mid-round, with a removed participant) that JSON equals the schemas' serialisation."""
+    world = await build_world(client)
+    extra = await register(client)
+    await client.put(f"/api/trainings/{world.ongoing}/clients/", headers=world.actor.headers,
+                     json={"clients": [extra.id]})
+    async for raw in raw_db["trainings"].find({}):
+        training = Training.model_validate(raw)
+        by_schemas = json.loads(TrainingDetail.model_validate(
+            {**TrainingPublic.model_validate(training).model_dump(),
+             "local_models_arrived": len(training.round_arrived) if training.phase else 0,
+             "local_models_expected": len(expected_users(training)) if training.phase else len(training.participants),
+             }).model_dump_json())
+        assert json.loads(json_document(training_detail(raw)).body) == by_schemas

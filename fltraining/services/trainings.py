@@ -103,6 +103,16 @@ class TrainingService:
             raise PermissionDenied()
         return training
 
+    async def get_visible_raw(self, user: User, training_id: UUID) -> dict[str, Any]:
+        """The stored document of a training the user is actor or participant of (404, then 403), unvalidated:
+        the read path builds its answer from it directly (the collection's validator vouches for its shape)."""
+        raw = await Training.get_pymongo_collection().find_one({"_id": training_id})
+        if raw is None:
+            raise NotFound(f"Training {training_id} not found.")
+        if raw["actor"] != user.id and user.id not in raw["participants"]:
+            raise PermissionDenied()
+        return raw
+
     async def get_as_actor(self, user: User, training_id: UUID) -> Training:
         """A training the user is the actor of (404, then 403)."""
         training = await self.get(training_id)
