@@ -135,7 +135,9 @@ class ModelService:
         clone = model.model_copy(
             update={"id": uuid4(), "cloned_from": model.id, "pending_training": training_id, "created_at": utcnow()}
         )
-        await clone.insert()
+        # A plain insert of the validated model's fields: Beanie's per-document encoder cost more than the
+        # rest of the clone (no hook applies to models).
+        await Model.get_pymongo_collection().insert_one(clone.model_dump(by_alias=True))
         return clone
 
     async def confirm_clone(self, clone: Model) -> None:
