@@ -14,7 +14,7 @@ from pymongo.results import InsertManyResult
 
 from fltraining.clock import utcnow
 from fltraining.jsonschema import inline_refs
-from fltraining.options import TrainingOptions, daisy_chained_target
+from fltraining.options import DAISY_CHAIN_RULE_EXPR, TrainingOptions, daisy_chained_target
 from fltraining.states import AggregationMethod, Phase, TrainingState, UncertaintyMethod
 
 
@@ -134,6 +134,9 @@ class Training(Document):
     # Side effects of the last steps (events, notifications, file moves), written in the same update
     # as the step and applied idempotently afterwards by any process.
     effects: list[dict[str, Any]] = Field(default_factory=list)
+
+    # Checked by the database besides the generated `$jsonSchema` (see `collection_validator`).
+    stored_rule: ClassVar[dict[str, Any]] = DAISY_CHAIN_RULE_EXPR
 
     class Settings:
         name = "trainings"

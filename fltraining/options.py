@@ -102,6 +102,14 @@ def find_value_problems(
     return problems
 
 
+# The same rule as a MongoDB expression, for the `trainings` validator: a writer that bypasses the
+# service (a bulk load, an analyst's insert) cannot store a target the rule would not give.
+DAISY_CHAIN_RULE_EXPR: dict[str, Any] = {"$eq": [
+    "$target_num_updates",
+    {"$multiply": ["$base_target_num_updates", {"$max": [1, {"$ifNull": ["$options.daisy_chain_period", 1]}]}]},
+]}
+
+
 def daisy_chained_target(requested: int, period: int | None) -> int:
     """The seed's post_save rule: the target counts daisy-chain sub-rounds when period > 0."""
     if period is not None and period > 0:

@@ -234,6 +234,32 @@ async def test_validator_rejects_a_broken_raw_training(
     assert await trainings.count_documents({"_id": broken["_id"]}) == 0
 
 
+@pytest.mark.parametrize(("base", "period", "target", "accepted"), [
+    (3, 5, 15, True), (3, None, 3, True), (3, 0, 3, True), (3, 5, 3, False), (3, None, 15, False), (3, 0, 0, False),
+], ids=["period 5 applied", "no period", "period 0", "period 5 skipped", "applied without a period", "target 0"])
+async def test_a_direct_insert_cannot_skip_the_daisy_chain_rule(
+    enforcing_backend: None, beanie_db: AsyncDatabase[Raw], valid_training_document: Raw,
+    base: int, period: int | None, target: int, accepted: bool,
+) -> None:
+    """The rule lives in the Beanie insert hook; the database's validator holds any other writer to it too:
+    a raw insert, a raw bulk insert and a raw update."""
+    trainings = beanie_db["trainings"]
+    document = fresh(valid_training_document)
+    document.update(base_target_num_updates=base, target_num_updates=target,
+                    options={} if period is None else {"daisy_chain_period": period})
+    if accepted:
+        await trainings.insert_one(document)
+        return
+    with pytest.raises(WriteError):
+        await trainings.insert_one(document)
+    with pytest.raises(BulkWriteError):
+        await trainings.insert_many([fresh(valid_training_document), document], ordered=True)
+    with pytest.raises(WriteError):
+        await trainings.update_one({"_id": valid_training_document["_id"]},
+                                   {"$set": {"target_num_updates": valid_training_document["target_num_updates"] + 1}})
+    assert await trainings.count_documents({"_id": document["_id"]}) == 0
+
+
 async def test_validator_rejects_a_broken_raw_update(
     enforcing_backend: None, beanie_db: AsyncDatabase[Raw], valid_training_document: Raw
 ) -> None:

@@ -69,5 +69,10 @@ def bson_schema(document: type[Document]) -> dict[str, Any]:
 
 
 def collection_validator(document: type[Document]) -> dict[str, Any]:
-    """Return the `validator` option of a document's collection."""
-    return {"$jsonSchema": bson_schema(document)}
+    """Return the `validator` option of a document's collection: its `$jsonSchema`, and the rule across
+    fields a JSON Schema cannot state (`stored_rule`, an aggregation expression), where it has one."""
+    validator: dict[str, Any] = {"$jsonSchema": bson_schema(document)}
+    rule = getattr(document, "stored_rule", None)
+    if rule is not None:
+        validator["$expr"] = rule
+    return validator
