@@ -40,7 +40,7 @@ def training_document(actor: uuid.UUID, model: uuid.UUID, target_num_updates: in
         "last_update": now, "created_at": now, "uncertainty_method": "NONE", "aggregation_method": "FedAvg",
         "options": {}, "metric_names": [], "locked": False, "state_detail": None, "version": 1,
         "round": 0, "phase": None, "round_participants": [], "round_arrived": [], "round_deadline": None,
-        "lease_owner": None, "lease_until": None, "chain": [], "effects": [],
+        "lease_owner": None, "lease_until": None, "chain": [], "effects": [], "effects_pending": False,
     }
 
 

@@ -134,6 +134,10 @@ class Training(Document):
     # Side effects of the last steps (events, notifications, file moves), written in the same update
     # as the step and applied idempotently afterwards by any process.
     effects: list[dict[str, Any]] = Field(default_factory=list)
+    # True from a step that adds effects until the reconciler finds none left: the indexed way to find
+    # trainings with pending effects (`effects.0 $exists` reads every training, 66 ms per 1,000 on the
+    # embedded store, every reconcile interval, in every process).
+    effects_pending: bool = False
 
     # Checked by the database besides the generated `$jsonSchema` (see `collection_validator`).
     stored_rule: ClassVar[dict[str, Any]] = DAISY_CHAIN_RULE_EXPR
@@ -147,6 +151,7 @@ class Training(Document):
             IndexModel([("state", pymongo.ASCENDING), ("aggregation_method", pymongo.ASCENDING)], name="state_aggregation"),
             IndexModel("uncertainty_method", name="uncertainty_method"),
             IndexModel("effects.file_ids", name="effects_file_ids", sparse=True),
+            IndexModel("effects_pending", name="effects_pending"),
         ]
 
     @before_event(Insert, Replace, Save, SaveChanges)

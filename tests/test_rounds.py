@@ -254,3 +254,24 @@ async def test_the_lease_is_renewed_only_while_the_aggregation_makes_progress(
 async def _lease_is(database_url: str, training_id: str, until: datetime) -> bool:
     stored = await stored_training(database_url, training_id)
     return stored is not None and stored["lease_until"] == until
+
+
+async def test_pending_effects_are_found_through_their_marker_and_the_marker_is_cleared(
+    api: TestClient, raw_db: Any
+) -> None:
+    """A step's effects set an indexed marker; an effect a dead process left (written here directly) is
+    found by the reconciler through it and applied, and the marker is cleared once nothing is pending."""
+    actor = await register(api, actor=True)
+    training_id = await create_training(api, actor)
+    stored_id = UUID(training_id)
+    effect = {"id": "0000000000001-00-deadbeef", "kind": "event", "at": datetime.now(UTC), "type": "left_by_a_crash",
+              "round": 0, "user": None, "data": {}}
+    await raw_db["trainings"].update_one({"_id": stored_id},
+                                         {"$push": {"effects": effect}, "$set": {"effects_pending": True}})
+
+    async def applied_and_cleared() -> bool:
+        stored = await raw_db["trainings"].find_one({"_id": stored_id})
+        event = await raw_db["events"].find_one({"_id": effect["id"]})
+        return event is not None and stored["effects"] == [] and stored["effects_pending"] is False
+
+    await wait_until(applied_and_cleared, "the left effect applied and the marker cleared")

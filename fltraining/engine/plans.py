@@ -162,6 +162,7 @@ async def write_step(
     update: dict[str, Any] = {"$set": {**fields, "last_update": effects.at}, "$inc": {"version": 1}}
     if effects.items:
         update["$push"] = {"effects": {"$each": effects.items}}
+        update["$set"]["effects_pending"] = True
     for operator, value in (extra or {}).items():
         update[operator] = value
     written = await Training.get_pymongo_collection().find_one_and_update(

@@ -135,10 +135,11 @@ class RoundEngine:
     async def reconcile(self) -> None:
         """Look at every running training (timeouts, expired leases) and at effects a dead process left pending."""
         collection = Training.get_pymongo_collection()
-        query = {"$or": [{"state": {"$in": [str(s) for s in RUNNING]}}, {"effects.0": {"$exists": True}}]}
-        async for raw in collection.find(query, {"_id": 1}):
-            if raw["_id"] not in self._running:
-                self.kick(raw["_id"])
+        # Two indexed queries rather than one `$or`: the embedded store reads every document for an `$or`.
+        for query in ({"state": {"$in": [str(s) for s in RUNNING]}}, {"effects_pending": True}):
+            async for raw in collection.find(query, {"_id": 1}):
+                if raw["_id"] not in self._running:
+                    self.kick(raw["_id"])
 
     # -- stepping -----------------------------------------------------------------------------
 
@@ -151,6 +152,11 @@ class RoundEngine:
             training = Training.model_validate(raw)
             if training.effects:
                 await self.apply_effects(training)
+            elif training.effects_pending:
+                # Conditional: a step that added effects since this read keeps the marker set.
+                await Training.get_pymongo_collection().update_one(
+                    {"_id": training.id, "effects": {"$size": 0}, "effects_pending": True},
+                    {"$set": {"effects_pending": False}})
             action = self._decide(training, utcnow())
             if action is None or not await action():
                 return
