@@ -1,6 +1,6 @@
 """Inference endpoints: `POST /api/inference/`, attaching graphs, and ensemble models."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from uuid import UUID
 
@@ -58,7 +58,7 @@ def _answer(outcome: Outcome, return_format: str) -> web.Response:
     return web.Response(body=orjson.dumps(answer, option=orjson.OPT_SERIALIZE_NUMPY), content_type="application/json")
 
 
-def _bytes_collector(limit: int) -> Any:
+def _bytes_collector(limit: int) -> Callable[[AsyncIterator[bytes]], Awaitable[bytes]]:
     """A multipart store function keeping a small file in memory (413 past `limit` bytes)."""
     async def collect(chunks: AsyncIterator[bytes]) -> bytes:
         data = bytearray()

@@ -1,9 +1,10 @@
 """Training endpoints."""
 
+from typing import Any
+
 from aiohttp import web
 
-from fltraining.documents import Training
-from fltraining.engine.plans import expected_users
+from fltraining.engine.plans import still_taking_part
 from fltraining.schemas.common import Message
 from fltraining.schemas.trainings import (
     ClientsBody,
@@ -14,7 +15,6 @@ from fltraining.schemas.trainings import (
     TrainingPatch,
     TrainingPublic,
     public_training,
-    training_detail,
 )
 from routes.auth import current_user
 from routes.conditional import REVALIDATE, list_etag, none_match, not_modified
@@ -26,18 +26,21 @@ from routes.table import Endpoint
 VERSION_PROJECTION = {"_id": 1, "version": 1}
 
 
-def _detail_of(training: Training) -> TrainingDetail:
-    """The GET-by-id shape: public fields plus the current round and phase's arrivals."""
-    public = TrainingPublic.model_validate(training).model_dump()
-    running = training.phase is not None
-    expected = len(expected_users(training)) if running else len(training.participants)
-    arrived = len(training.round_arrived) if running else 0
-    return TrainingDetail.model_validate({**public, "local_models_arrived": arrived, "local_models_expected": expected})
+def training_detail(raw: dict[str, Any]) -> dict[str, Any]:
+    """A stored training as the GET-by-id object: public fields plus what the current phase waits for."""
+    detail = public_training(raw)
+    if raw.get("phase") is not None:
+        detail["local_models_arrived"] = len(raw.get("round_arrived", []))
+        detail["local_models_expected"] = len(still_taking_part(raw.get("round_participants", []), raw["participants"]))
+    else:
+        detail["local_models_arrived"] = 0
+        detail["local_models_expected"] = len(raw["participants"])
+    return detail
 
 
-def _training_response(training: Training) -> web.Response:
+def _training_response(raw: dict[str, Any]) -> web.Response:
     """A training's detail JSON with its ETag."""
-    return json_model(_detail_of(training), headers={"ETag": etag(training.version), **REVALIDATE})
+    return json_document(training_detail(raw), headers={"ETag": etag(raw["version"]), **REVALIDATE})
 
 
 async def create_training(request: web.Request) -> web.Response:
@@ -76,10 +79,9 @@ async def list_trainings(request: web.Request) -> web.Response:
 async def get_training(request: web.Request) -> web.Response:
     """GET /api/trainings/{id}/ (304 when `If-None-Match` names its current version)."""
     raw = await request.app[trainings_key].get_visible_raw(current_user(request), path_uuid(request, "training_id"))
-    tag = etag(raw["version"])
-    if none_match(request, tag):
+    if none_match(request, tag := etag(raw["version"])):
         return not_modified(tag)
-    return json_document(training_detail(raw), headers={"ETag": tag, **REVALIDATE})
+    return _training_response(raw)
 
 
 async def patch_training(request: web.Request) -> web.Response:
@@ -88,7 +90,7 @@ async def patch_training(request: web.Request) -> web.Response:
     version = if_match_version(request)
     patch = await read_body(request, TrainingPatch)
     training = await request.app[trainings_key].patch(current_user(request), training_id, patch, version)
-    return _training_response(training)
+    return _training_response(training.model_dump(by_alias=True))
 
 
 async def delete_training(request: web.Request) -> web.Response:

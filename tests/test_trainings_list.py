@@ -11,8 +11,9 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from fltraining.documents import Training
 from fltraining.engine.plans import expected_users
-from fltraining.schemas.trainings import TrainingDetail, TrainingPublic, training_detail
+from fltraining.schemas.trainings import TrainingDetail, TrainingPublic
 from routes.responses import json_document
+from routes.trainings import training_detail
 from tests.helpers import Account, create_training, register, update_stored_training
 
 LISTS = ("/api/trainings/", "/api/users/trainings/")

@@ -4,6 +4,7 @@ Every function here fills `fields` and `effects` from the training as read; the 
 them in one conditional update (`write_step`), so a step either happens whole or not at all.
 """
 
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -28,8 +29,13 @@ Fields = dict[str, Any]
 
 def expected_users(training: Training) -> list[UUID]:
     """The round participants who are still participants (a removal may race a round start)."""
-    current = set(training.participants)
-    return [user for user in training.round_participants if user in current]
+    return still_taking_part(training.round_participants, training.participants)
+
+
+def still_taking_part(round_participants: Iterable[UUID], participants: Iterable[UUID]) -> list[UUID]:
+    """`expected_users` on stored fields: the round participants that are still participants."""
+    current = set(participants)
+    return [user for user in round_participants if user in current]
 
 
 def missing_users(training: Training) -> list[UUID]:

@@ -94,20 +94,6 @@ def public_training(raw: dict[str, Any]) -> dict[str, Any]:
     return public
 
 
-def training_detail(raw: dict[str, Any]) -> dict[str, Any]:
-    """A stored training as the GET-by-id object: public fields plus the current phase's arrivals (what
-    `expected_users` counts: round participants still taking part)."""
-    detail = public_training(raw)
-    if raw.get("phase") is not None:
-        current = set(raw["participants"])
-        detail["local_models_arrived"] = len(raw.get("round_arrived", []))
-        detail["local_models_expected"] = sum(1 for user in raw.get("round_participants", []) if user in current)
-    else:
-        detail["local_models_arrived"] = 0
-        detail["local_models_expected"] = len(raw["participants"])
-    return detail
-
-
 class TrainingDetail(TrainingPublic):
     """GET /api/trainings/{id}/: the training plus what the current round and phase wait for."""
 

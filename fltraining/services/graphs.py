@@ -9,8 +9,8 @@ from fltraining.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from fltraining.schemas.models import EnsembleCreate
 from fltraining.services.models import ModelService
 from fltraining.storage.blobs import StoredFile
-from fltraining.weights.formats import UnsupportedModelFormat, file_buffer
-from fltraining.weights.onnx_files import describe_graph, read_onnx
+from fltraining.weights.formats import MAX_TENSOR_BYTES, UnsupportedModelFormat, file_buffer
+from fltraining.weights.onnx_files import describe_onnx
 from fltraining.weights.signature import check_matches, from_documents, signature_of
 
 MODEL_MISMATCH = "The model file does not match the global model"
@@ -22,13 +22,12 @@ def _graph_facts(path: str) -> tuple[str, dict[str, tuple[tuple[int, ...], str]]
     if len(data) == 0:
         raise UnsupportedModelFormat("the graph file is empty")
     try:
-        digest = describe_graph(data)
-        signature = signature_of(read_onnx(data, 1 << 40))
+        tensors, digest = describe_onnx(data, MAX_TENSOR_BYTES)
     except UnsupportedModelFormat:
         raise
     except Exception:  # protobuf's DecodeError and its relatives: not an ONNX file at all
         raise InvalidInput("graph_file is not an ONNX model file.") from None
-    return digest, signature
+    return digest, signature_of(tensors)
 
 
 class GraphService:

@@ -107,7 +107,7 @@ def load_tensors(source: Source, *, max_tensor_bytes: int = MAX_TENSOR_BYTES) ->
     """Read a model file's tensors by name, in file order (safetensors gives read-only views of `source`)."""
     data = file_buffer(source)
     fmt = detect_format(data)
-    with _refusing(f"{fmt} file"):
+    with refusing(f"{fmt} file"):
         tensors = _reader(fmt)(memoryview(data).cast("B"), max_tensor_bytes)
     if not tensors:
         raise UnsupportedModelFormat(f"the {fmt} file holds no tensors")
@@ -122,7 +122,7 @@ def read_signature(source: Source, *, max_tensor_bytes: int = MAX_TENSOR_BYTES) 
     """
     data = file_buffer(source)
     fmt = detect_format(data)
-    with _refusing(f"{fmt} file"):
+    with refusing(f"{fmt} file"):
         view = memoryview(data).cast("B")
         if fmt == "npz":  # headers only: the members need not be unpacked
             signature = _npz_signature(view, max_tensor_bytes)
@@ -225,8 +225,8 @@ def create_safetensors(path: Path, signature: Mapping[str, TensorSpec]) -> dict[
 
 
 @contextmanager
-def _refusing(what: str) -> Iterator[None]:
-    # The readers parse untrusted bytes: whatever they raise means the file is unreadable.
+def refusing(what: str) -> Iterator[None]:
+    """Turn whatever a reader of untrusted bytes raises into UnsupportedModelFormat naming `what`."""
     try:
         yield
     except (UnsupportedModelFormat, MemoryError):
@@ -272,7 +272,7 @@ class ViewFile(io.RawIOBase):
 
 
 def _zip_format(data: Buffer) -> Format:
-    with _refusing("zip archive"), zipfile.ZipFile(ViewFile(data)) as archive:
+    with refusing("zip archive"), zipfile.ZipFile(ViewFile(data)) as archive:
         names = archive.namelist()
     if all(name.endswith(".npy") for name in names):
         return "npz"

@@ -4,8 +4,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fltraining.errors import InvalidInput
-from fltraining.weights.formats import Source, UnsupportedModelFormat, file_buffer, read_signature
-from fltraining.weights.signature import Signature, check_matches, from_documents, to_documents
+from fltraining.weights.formats import (
+    MAX_TENSOR_BYTES,
+    Source,
+    UnsupportedModelFormat,
+    detect_format,
+    file_buffer,
+    read_signature,
+    refusing,
+)
+from fltraining.weights.signature import Signature, check_matches, from_documents, signature_of, to_documents
 
 
 @dataclass(frozen=True)
@@ -21,15 +29,17 @@ class FileFacts:
 def inspect_file(source: Source) -> FileFacts:
     """Read a file's format and signature (a path is mapped, not read); an unsupported file is described."""
     try:
-        fmt, signature = read_signature(source)
-        digest = None
-        if fmt == "onnx":
-            from fltraining.weights.onnx_files import describe_graph  # onnx is imported only for ONNX files
+        data = file_buffer(source)
+        if detect_format(data) == "onnx":
+            from fltraining.weights.onnx_files import describe_onnx  # onnx is imported only for ONNX files
 
-            digest = describe_graph(file_buffer(source))
+            with refusing("onnx file"):  # one parse for the signature and the checks
+                tensors, digest = describe_onnx(data, MAX_TENSOR_BYTES)
+            return FileFacts(format="onnx", tensors=to_documents(signature_of(tensors)), graph_digest=digest)
+        fmt, signature = read_signature(data)
     except UnsupportedModelFormat as error:
         return FileFacts(format=None, problem=error.detail)
-    return FileFacts(format=fmt, tensors=to_documents(signature), graph_digest=digest)
+    return FileFacts(format=fmt, tensors=to_documents(signature))
 
 
 def check_facts(facts: FileFacts, expected: Signature, field_name: str) -> None:

@@ -57,7 +57,10 @@ def checked_model(data: Buffer) -> onnx.ModelProto:
 
 def read_onnx(data: Buffer, max_tensor_bytes: int) -> dict[str, np.ndarray]:
     """The graph's initializers by name (the graph is parsed whole: protobuf has no partial reads)."""
-    model = checked_model(data)
+    return _initializers(checked_model(data), max_tensor_bytes)
+
+
+def _initializers(model: onnx.ModelProto, max_tensor_bytes: int) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     total = 0
     for initializer in model.graph.initializer:
@@ -116,8 +119,10 @@ def check_runnable(data: Buffer) -> None:
         raise UnsupportedModelFormat(f"onnxruntime's CPU provider cannot run the ONNX graph ({reason})") from None
 
 
-def describe_graph(data: Buffer) -> str:
-    """Check a graph for storing (onnx.checker, standard domains, runnable on the CPU provider); its digest."""
+def describe_onnx(data: Buffer, max_tensor_bytes: int) -> tuple[dict[str, np.ndarray], str]:
+    """Check a graph for storing (onnx.checker, standard domains, runnable on the CPU provider) from one
+    parse: its initializers and its digest."""
     model = checked_model(data)
+    tensors = _initializers(model, max_tensor_bytes)
     check_runnable(data)
-    return graph_digest(model)
+    return tensors, graph_digest(model)
