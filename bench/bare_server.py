@@ -98,7 +98,11 @@ async def _page(request: web.Request, actor: uuid.UUID,
     """The service's list query: a sorted page, counted only when it is full."""
     trainings = _db(request).trainings
     items = await trainings.find({"actor": actor}, projection).sort(ORDER).limit(LIMIT).to_list()
-    total = len(items) if len(items) < LIMIT else await trainings.count_documents({"actor": actor})
+    if len(items) < LIMIT:
+        return items, len(items)
+    counted = await _db(request).command({"count": "trainings", "query": {"actor": actor}},
+                                         codec_options=trainings.codec_options)
+    total = int(counted["n"])
     return items, total
 
 

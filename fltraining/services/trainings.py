@@ -16,7 +16,7 @@ from fltraining.schemas.trainings import TrainingCreate, TrainingListQuery, Trai
 from fltraining.services.models import ModelService
 from fltraining.services.users import UserService
 from fltraining.states import PARTICIPANTS_EDITABLE, PATCHABLE, TRANSITIONS, TrainingState, Transition
-from fltraining.storage.queries import find_document
+from fltraining.storage.queries import count_matching, find_document
 
 PATCH_RETRIES = 8
 
@@ -145,7 +145,7 @@ class TrainingService:
             return items, query.offset + len(items)  # the last page tells the total without a count
         if total is not None:
             return items, total
-        return items, await collection.count_documents(filters)
+        return items, await count_matching(collection, filters)
 
     async def _check_evaluation(self, actor: UUID, model: Model, options: TrainingOptions) -> None:
         """`options.evaluation` names a data set of the actor's, and the model has a graph to run on it (400)."""

@@ -3,6 +3,7 @@
 from typing import Any
 
 from beanie import Document
+from pymongo.asynchronous.collection import AsyncCollection
 
 
 async def find_document[D: Document](document: type[D], query: dict[str, Any]) -> D | None:
@@ -13,3 +14,17 @@ async def find_document[D: Document](document: type[D], query: dict[str, Any]) -
     """
     raw = await document.get_pymongo_collection().find_one(query)
     return None if raw is None else document.model_validate(raw)
+
+
+async def count_matching(collection: AsyncCollection[dict[str, Any]], query: dict[str, Any]) -> int:
+    """How many documents match a query, by the `count` command.
+
+    `count_documents` runs a `$match`/`$group` aggregation, which the embedded store answers by decoding
+    every matching document (20 ms for 100, 160 ms for 1,000); `count` with a query is answered from an
+    index (1.5 ms either way), on MongoDB as well. It is exact except on a sharded cluster while chunks
+    migrate (orphaned documents), where a list's `X-Total-Count` may briefly over-count.
+    """
+    database = collection.database
+    reply = await database.command({"count": collection.name, "query": query},
+                                   codec_options=collection.codec_options)
+    return int(reply["n"])
