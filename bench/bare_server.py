@@ -6,8 +6,8 @@ GET /trainings/{id}?actor=A    find_one by _id (projection-free), visibility che
 GET /trainings?actor=A         find by actor, newest first, 100 documents (projection-free), plus the count
                                when the page is full; a JSON array with an ETag; 304 likewise
 POST /trainings                {"actor", "model_id", "target_num_updates"}: what a creation needs at least:
-                               find the model, check it is unused, clone it (it is in use), insert the
-                               training, confirm the clone
+                               find the model, check it is unused, clone it (it is in use, so the clone is
+                               marked with the training), insert the training
 """
 
 import argparse
@@ -118,7 +118,7 @@ async def get_list(request: web.Request) -> web.Response:
 
 
 async def post_one(request: web.Request) -> web.Response:
-    """The store operations of a creation whose model is in use: find, check, clone, insert, confirm."""
+    """The store operations of a creation whose model is in use: find, check, clone, insert."""
     db = _db(request)
     body = await request.json()
     actor, model_id = uuid.UUID(body["actor"]), uuid.UUID(body["model_id"])
@@ -135,8 +135,6 @@ async def post_one(request: web.Request) -> web.Response:
     await db.trainings.insert_one(
         training_document(actor, model_id if clone is None else clone["_id"], body["target_num_updates"],
                           training_id))
-    if clone is not None:
-        await db.models.update_one({"_id": clone["_id"]}, {"$set": {"pending_training": None}})
     return _json({"training_id": str(training_id)}, {"Location": f"/trainings/{training_id}"}, 201)
 
 

@@ -67,7 +67,8 @@ class Model(Document):
     sha256: str = Field(min_length=64, max_length=64)
     file_id: UUID  # GridFS file id; a clone shares its original's file
     cloned_from: UUID | None = None
-    # Set while a clone waits for its training's insert; a crash in between leaves it for the sweeper.
+    # On a new clone: the training it was made for, until the sweeper sees that training (or, after a crash
+    # between the two inserts, removes the clone) or the training is deleted first.
     pending_training: UUID | None = None
     # The accepted weight format ("safetensors", "npz", "torch", "onnx"), or None with the reason in format_problem.
     format: str | None = None

@@ -17,6 +17,9 @@ from fltraining.storage.queries import find_document
 from fltraining.storage.references import file_in_use, referenced_file_ids
 from fltraining.weights.inspect import FileFacts, inspect_file
 
+SWEEP_BATCH = 500
+SWEEP_MAX_BATCHES = 100  # a bound per sweep; the next sweep goes on where this one stopped
+
 
 @dataclass(frozen=True)
 class Upload(StoredFile):
@@ -131,7 +134,11 @@ class ModelService:
         return await Model.find(query).sort("-created_at").to_list()
 
     async def clone(self, model: Model, training_id: UUID) -> Model:
-        """A new model with the same owner and bytes (shared file), marked as waiting for its training."""
+        """A new model with the same owner and bytes (shared file), marked with the training it is made for.
+
+        The mark stays after the training's insert: the sweeper clears it once it sees the training (one
+        update for all clones of a sweep), so a creation makes no third write on its path.
+        """
         clone = model.model_copy(
             update={"id": uuid4(), "cloned_from": model.id, "pending_training": training_id, "created_at": utcnow()}
         )
@@ -140,30 +147,40 @@ class ModelService:
         await Model.get_pymongo_collection().insert_one(clone.model_dump(by_alias=True))
         return clone
 
-    async def confirm_clone(self, clone: Model) -> None:
-        """The clone's training exists: it is an ordinary model from now on."""
-        await Model.get_pymongo_collection().update_one({"_id": clone.id}, {"$set": {"pending_training": None}})
-
     async def sweep(self, older_than: datetime) -> int:
-        """Settle clones left pending by a crash, and delete files no model points at; returns removals."""
-        removed = 0
-        pending = Model.get_pymongo_collection().find(
-            {"pending_training": {"$ne": None}, "created_at": {"$lt": older_than}}
-        )
-        async for raw in pending:
-            clone = Model.model_validate(raw)
-            if await Training.get_pymongo_collection().find_one({"_id": clone.pending_training}, {"_id": 1}):
-                await self.confirm_clone(clone)
-            elif await Model.get_pymongo_collection().find_one_and_delete(
-                {"_id": clone.id, "pending_training": clone.pending_training}
-            ):
-                removed += 1
-                await self.drop_unshared_file(clone.file_id)
+        """Settle clones marked before `older_than`, and delete files no model points at; returns removals."""
+        removed = await self._settle_marked_clones(older_than)
         removed += await self._files.sweep_staging(older_than)
         referenced = await referenced_file_ids()  # one query per reference, not per file
         async for file_id in self._files.ids_older_than(older_than):
             if file_id not in referenced and await self.drop_unshared_file(file_id):
                 removed += 1
+        return removed
+
+    async def _settle_marked_clones(self, older_than: datetime) -> int:
+        """A marked clone whose training exists becomes an ordinary model; one whose training never arrived
+        (a crash between the two inserts) is removed. Every change is conditional on the mark, so
+        processes sweeping side by side agree; returns the removals."""
+        models, trainings = Model.get_pymongo_collection(), Training.get_pymongo_collection()
+        removed = 0
+        for _ in range(SWEEP_MAX_BATCHES):
+            marked = await models.find(
+                {"pending_training": {"$ne": None}, "created_at": {"$lt": older_than}},
+                {"_id": 1, "pending_training": 1, "file_id": 1},
+            ).limit(SWEEP_BATCH).to_list()
+            wanted = [clone["pending_training"] for clone in marked]
+            arrived = {raw["_id"] async for raw in trainings.find({"_id": {"$in": wanted}}, {"_id": 1})}
+            settled = [clone["_id"] for clone in marked if clone["pending_training"] in arrived]
+            if settled:
+                await models.update_many({"_id": {"$in": settled}, "pending_training": {"$ne": None}},
+                                         {"$set": {"pending_training": None}})
+            for clone in marked:
+                if clone["pending_training"] not in arrived and await models.find_one_and_delete(
+                        {"_id": clone["_id"], "pending_training": clone["pending_training"]}):
+                    removed += 1
+                    await self.drop_unshared_file(clone["file_id"])
+            if len(marked) < SWEEP_BATCH:
+                break
         return removed
 
     async def delete(self, user: User, model_id: UUID) -> None:
@@ -179,7 +196,11 @@ class ModelService:
 
     async def delete_trainings(self, query: dict[str, Any]) -> None:
         """Delete trainings with their stored local updates and SWAG statistics (events stay: the audit trail)."""
-        async for raw in Training.get_pymongo_collection().find(query, {"_id": 1}):
+        async for raw in Training.get_pymongo_collection().find(query, {"_id": 1, "model": 1}):
+            # A clone still marked for this training is an ordinary model from now on (the model stays):
+            # cleared first, so the sweeper never takes it for a leftover of a crash.
+            await Model.get_pymongo_collection().update_one(
+                {"_id": raw["model"], "pending_training": raw["_id"]}, {"$set": {"pending_training": None}})
             await Training.get_pymongo_collection().delete_one({"_id": raw["_id"]})
             await drop_local_files(raw["_id"], {"$gte": 0}, self.drop_unshared_file)
 

@@ -86,7 +86,6 @@ class TrainingService:
         except BaseException:
             await self._models.purge(clone)
             raise
-        await self._models.confirm_clone(clone)
         return training
 
     async def get(self, training_id: UUID) -> Training:
