@@ -147,8 +147,14 @@ class Training(Document):
         name = "trainings"
         indexes: ClassVar[list[IndexModel]] = [
             IndexModel("model", unique=True, name="model_unique"),
-            IndexModel([("actor", pymongo.ASCENDING), ("last_update", pymongo.DESCENDING)], name="actor_last_update"),
-            IndexModel([("participants", pymongo.ASCENDING), ("last_update", pymongo.DESCENDING)], name="participants_last_update"),
+            # The lists' filter and every ordering they offer, `_id` last as the lists' tie-break, so MongoDB
+            # serves each sorted page from an index (both directions; the participant list's `$or` merges two).
+            *(
+                IndexModel([(who, pymongo.ASCENDING), (field, pymongo.DESCENDING), ("_id", pymongo.DESCENDING)],
+                           name=f"{who}_{field}_id")
+                for who in ("actor", "participants")
+                for field in ("last_update", "created_at")
+            ),
             IndexModel([("state", pymongo.ASCENDING), ("aggregation_method", pymongo.ASCENDING)], name="state_aggregation"),
             IndexModel("uncertainty_method", name="uncertainty_method"),
             IndexModel("effects.file_ids", name="effects_file_ids", sparse=True),
