@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.helpers import ETag
+from bson.binary import UUID_SUBTYPE, Binary
 from pydantic import BaseModel
 
 from fltraining.schemas.common import iso_z
@@ -30,12 +31,15 @@ def json_models(models: Sequence[BaseModel], headers: dict[str, str] | None = No
 def _encode_other(value: object) -> str:
     if isinstance(value, datetime):
         return iso_z(value)
+    if isinstance(value, Binary) and value.subtype == UUID_SUBTYPE:  # a UUID read raw (`reading_raw_uuids`)
+        text = value.hex()
+        return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
     raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 def json_document(value: object, headers: dict[str, str] | None = None) -> web.Response:
-    """Plain JSON data (objects, arrays) in one orjson pass: UUIDs as text, datetimes as the schemas write
-    them (ISO 8601, milliseconds, `Z`)."""
+    """Plain JSON data (objects, arrays) in one orjson pass: UUIDs (also raw BSON ones) as text, datetimes as
+    the schemas write them (ISO 8601, milliseconds, `Z`)."""
     body = orjson.dumps(value, default=_encode_other, option=orjson.OPT_PASSTHROUGH_DATETIME)
     return web.Response(body=body, content_type="application/json", headers=headers)
 

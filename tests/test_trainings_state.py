@@ -7,7 +7,10 @@ from uuid import uuid4
 
 import pytest
 from aiohttp.test_utils import TestClient
+from hypothesis import given
+from hypothesis import strategies as st
 
+from fltraining.schemas.common import iso_z
 from tests.helpers import Account, create_training, get_training, register, update_stored_training
 
 LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)
@@ -16,6 +19,15 @@ DATETIME_START = re.compile(r"^\d{4}-\d\d-\d\dT")
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 REGISTERED = {"detail": "Users registered as participants!"}
 REMOVED = {"detail": "Users removed from training participants!"}
+
+
+@given(st.datetimes(timezones=st.one_of(st.none(), st.timezones())))
+def test_datetimes_are_written_as_utc_milliseconds_with_z(value: datetime) -> None:
+    text = iso_z(value)
+    assert ISO_Z.match(text), text
+    utc = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    # Milliseconds truncated, never rounded up into the next second (or the next day).
+    assert datetime.fromisoformat(text) == utc.replace(microsecond=utc.microsecond // 1000 * 1000)
 
 
 async def put_clients(

@@ -8,9 +8,10 @@ from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
 def iso_z(value: datetime) -> str:
     """Format a datetime as ISO 8601 UTC with milliseconds and `Z`."""
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    # isoformat truncates to milliseconds like the format always did, at a third of strftime's cost
+    # (a list of 100 trainings writes 200 datetimes).
+    return value.isoformat(timespec="milliseconds").removesuffix("+00:00") + "Z"
 
 
 UtcDatetime = Annotated[

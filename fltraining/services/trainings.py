@@ -4,6 +4,7 @@ from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
+from bson.binary import Binary
 from pydantic import ValidationError
 from pymongo.errors import DuplicateKeyError
 
@@ -16,7 +17,7 @@ from fltraining.schemas.trainings import TrainingCreate, TrainingListQuery, Trai
 from fltraining.services.models import ModelService
 from fltraining.services.users import UserService
 from fltraining.states import PARTICIPANTS_EDITABLE, PATCHABLE, TRANSITIONS, TrainingState, Transition
-from fltraining.storage.queries import count_matching, find_document
+from fltraining.storage.queries import count_matching, find_document, reading_raw_uuids
 
 PATCH_RETRIES = 8
 
@@ -124,10 +125,10 @@ class TrainingService:
         total: int | None = None,
     ) -> tuple[list[dict[str, Any]], int]:
         """The user's stored trainings (as actor, or also as participant), filtered and paged, as raw
-        documents (with the projection's fields); a `total` already counted is not counted again."""
-        owner: dict[str, Any] = (
-            {"$or": [{"actor": user.id}, {"participants": user.id}]} if as_participant else {"actor": user.id}
-        )
+        documents (with the projection's fields; UUIDs as BSON binaries); a `total` already counted is not
+        counted again."""
+        who = Binary.from_uuid(user.id)  # the page is read with raw UUIDs (see `reading_raw_uuids`)
+        owner: dict[str, Any] = {"$or": [{"actor": who}, {"participants": who}]} if as_participant else {"actor": who}
         filters: dict[str, Any] = {**owner}
         if query.state:
             filters["state"] = {"$in": [str(state) for state in query.state]}
@@ -138,7 +139,7 @@ class TrainingService:
         field = query.ordering.lstrip("-")
         direction = -1 if query.ordering.startswith("-") else 1
         collection = Training.get_pymongo_collection()
-        cursor = collection.find(filters, projection).sort([(field, direction), ("_id", direction)])
+        cursor = reading_raw_uuids(collection).find(filters, projection).sort([(field, direction), ("_id", direction)])
         items = await cursor.skip(query.offset).limit(query.limit).to_list()
         if 0 < len(items) < query.limit or (query.offset == 0 and not items):
             return items, query.offset + len(items)  # the last page tells the total without a count

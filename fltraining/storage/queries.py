@@ -3,6 +3,7 @@
 from typing import Any
 
 from beanie import Document
+from bson.binary import UuidRepresentation
 from pymongo.asynchronous.collection import AsyncCollection
 
 
@@ -28,3 +29,14 @@ async def count_matching(collection: AsyncCollection[dict[str, Any]], query: dic
     reply = await database.command({"count": collection.name, "query": query},
                                    codec_options=collection.codec_options)
     return int(reply["n"])
+
+
+def reading_raw_uuids(collection: AsyncCollection[dict[str, Any]]) -> AsyncCollection[dict[str, Any]]:
+    """The collection with UUIDs read as BSON binaries (subtype 4) instead of `uuid.UUID`s.
+
+    Decoding the 300 UUIDs of a page of 100 trainings into `uuid.UUID` (Python code in the BSON decoder)
+    took half of the page's decoding (1.2 of 2.2 ms); the encoder writes binaries as UUID text directly.
+    Filters on this collection must give UUIDs as `Binary.from_uuid(...)`.
+    """
+    options = collection.codec_options.with_options(uuid_representation=UuidRepresentation.UNSPECIFIED)
+    return collection.with_options(codec_options=options)
