@@ -40,6 +40,37 @@ async def test_one_thousand_clients_in_one_request_are_accepted(client: TestClie
     assert training["participants"] == [other.id]
 
 
+async def test_one_thousand_distinct_unknown_clients_are_400_and_write_nothing(client: TestClient) -> None:
+    # The embedded store cannot compile a `$in` of more than ~450 values: the ids are counted in pieces.
+    actor = await register(client)
+    other = await register(client)
+    model_id = await upload_model(client, actor)
+    ids = [other.id, *(str(uuid.uuid4()) for _ in range(999))]
+    body = {"model_id": model_id, "target_num_updates": 3, "clients": ids}
+    response = await client.post("/api/trainings/", json=body, headers=actor.headers)
+    assert response.status == 400, await response.text()
+    assert (await response.json())["detail"] == "Not all provided users were found!"
+    assert await training_total(client, actor) == 0
+    response = await client.post("/api/trainings/", json={"model_id": model_id, "target_num_updates": 3},
+                                 headers=actor.headers)
+    training_id = (await response.json())["training_id"]
+    response = await client.put(f"/api/trainings/{training_id}/clients/", json={"clients": ids}, headers=actor.headers)
+    assert response.status == 400, await response.text()
+    assert (await get_training(client, actor, training_id))["participants"] == []
+
+
+async def test_clients_counted_in_pieces_are_all_found(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("fltraining.storage.queries.IN_CHUNK", 1)  # every id in its own `$in`
+    actor = await register(client)
+    others = [await register(client) for _ in range(3)]
+    model_id = await upload_model(client, actor)
+    body = {"model_id": model_id, "target_num_updates": 3, "clients": [other.id for other in others]}
+    response = await client.post("/api/trainings/", json=body, headers=actor.headers)
+    assert response.status == 201, await response.text()
+    training = await get_training(client, actor, (await response.json())["training_id"])
+    assert training["participants"] == [other.id for other in others]
+
+
 async def test_clients_put_limit(client: TestClient) -> None:
     actor = await register(client)
     model_id = await upload_model(client, actor)

@@ -367,6 +367,38 @@ async def test_list_shows_owned_and_reachable_models_only(client: TestClient) ->
     assert await listed(carol) == {carols}
 
 
+async def test_a_participant_of_500_trainings_lists_their_models(
+        client: TestClient, raw_db: AsyncDatabase[dict[str, Any]]) -> None:
+    alice, bob = await register(client), await register(client)
+    shared = await upload_model(client, alice, name="shared")
+    first = await create_training(client, alice, shared, clients=[bob.id])
+    stored = await raw_db.trainings.find_one({"_id": uuid.UUID(first)})
+    assert stored is not None
+    # 499 more trainings of models that no longer exist (what deleted models leave is not listed).
+    await raw_db.trainings.insert_many([{**stored, "_id": uuid.uuid4(), "model": uuid.uuid4()} for _ in range(499)])
+    response = await client.get("/api/models/", headers=bob.headers)
+    assert response.status == 200, await response.text()
+    assert [item["id"] for item in await response.json()] == [shared]
+
+
+async def test_models_reached_through_many_trainings_are_listed_newest_first(
+        client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A user's training models are asked for in pieces (the embedded store cannot compile a `$in` of more
+    # than ~450 values); a piece of one model each makes every model its own query.
+    monkeypatch.setattr("fltraining.storage.queries.IN_CHUNK", 1)
+    alice, bob = await register(client), await register(client)
+    reached = []
+    for index in range(3):
+        model_id = await upload_model(client, alice, name=f"shared {index}")
+        await create_training(client, alice, model_id, clients=[bob.id])
+        reached.append(model_id)
+    own = await upload_model(client, bob, name="own")
+    await create_training(client, bob, own)  # owned and reached through its training: listed once
+    response = await client.get("/api/models/", headers=bob.headers)
+    assert response.status == 200
+    assert [item["id"] for item in await response.json()] == [own, *reversed(reached)]
+
+
 async def test_owner_deletes_a_model_and_its_training(
     client: TestClient, raw_db: AsyncDatabase[dict[str, Any]]
 ) -> None:

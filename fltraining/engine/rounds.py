@@ -330,8 +330,9 @@ class RoundEngine:
     ) -> None:
         round_ = training.round
         new_round = round_ + 1
+        arrived = set(training.round_arrived)  # matched here: a round may have more than `$in` can carry
         updates = [Update.model_validate(raw) async for raw in Update.get_pymongo_collection().find(
-            {"training": training.id, "round": round_, "user": {"$in": training.round_arrived}}).sort("user", 1)]
+            {"training": training.id, "round": round_}).sort("user", 1) if raw["user"] in arrived]
         if not updates:
             raise ValueError(f"no stored updates for round {round_}")
         period = plans.option(training, "daisy_chain_period", 0)
@@ -364,8 +365,9 @@ class RoundEngine:
         self, training: Training, model: Model, fields: plans.Fields, effects: Effects, created: list[StoredFile],
         keeper: LeaseKeeper,
     ) -> None:
+        arrived = set(training.round_arrived)  # matched here, as in `_aggregate_updates`
         stats = [SwagStatistic.model_validate(raw) async for raw in SwagStatistic.get_pymongo_collection().find(
-            {"training": training.id, "round": training.round, "user": {"$in": training.round_arrived}}).sort("user", 1)]
+            {"training": training.id, "round": training.round}).sort("user", 1) if raw["user"] in arrived]
         if not stats:
             raise ValueError(f"no stored SWAG statistics for round {training.round}")
         weights = [stat.sample_size for stat in stats]

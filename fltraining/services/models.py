@@ -13,11 +13,11 @@ from fltraining.engine.effects import drop_local_files
 from fltraining.errors import InvalidInput, NotFound, PermissionDenied
 from fltraining.schemas.models import ModelCreate
 from fltraining.storage.blobs import BlobStore, StoredFile
-from fltraining.storage.queries import find_document
+from fltraining.storage.queries import IN_CHUNK, find_document, in_chunks
 from fltraining.storage.references import file_in_use, referenced_file_ids
 from fltraining.weights.inspect import FileFacts, inspect_file
 
-SWEEP_BATCH = 500
+SWEEP_BATCH = IN_CHUNK  # the batch's ids are asked for with `$in`
 SWEEP_MAX_BATCHES = 100  # a bound per sweep; the next sweep goes on where this one stopped
 
 
@@ -130,14 +130,16 @@ class ModelService:
         training_models = await Training.get_pymongo_collection().distinct(
             "model", {"$or": [{"actor": user.id}, {"participants": user.id}]}
         )
-        query = {"$or": [{"owner": user.id}, {"_id": {"$in": training_models}}]}
-        return await Model.find(query).sort("-created_at").to_list()
+        found = {model.id: model for model in await Model.find({"owner": user.id}).to_list()}
+        for chunk in in_chunks([model_id for model_id in training_models if model_id not in found]):
+            found.update((model.id, model) for model in await Model.find({"_id": {"$in": chunk}}).to_list())
+        return sorted(found.values(), key=lambda model: model.created_at, reverse=True)
 
     async def clone(self, model: Model, training_id: UUID) -> Model:
         """A new model with the same owner and bytes (shared file), marked with the training it is made for.
 
         The mark stays after the training's insert: the sweeper clears it once it sees the training (one
-        update for all clones of a sweep), so a creation makes no third write on its path.
+        update per batch of clones), so a creation makes no third write on its path.
         """
         clone = model.model_copy(
             update={"id": uuid4(), "cloned_from": model.id, "pending_training": training_id, "created_at": utcnow()}

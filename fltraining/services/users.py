@@ -15,7 +15,7 @@ from fltraining.schemas.users import UserCreate
 from fltraining.security import PasswordHashing, new_token, token_hash, tokens_match
 from fltraining.services.login_throttle import LoginThrottle
 from fltraining.services.models import ModelService
-from fltraining.storage.queries import count_matching, find_document
+from fltraining.storage.queries import count_matching, find_document, in_chunks
 
 
 class UserService:
@@ -107,7 +107,8 @@ class UserService:
     async def require_all_exist(self, user_ids: list[UUID]) -> list[UUID]:
         """Return the ids without duplicates, or 400 if any is not a user."""
         unique = list(dict.fromkeys(user_ids))
-        found = await count_matching(User.get_pymongo_collection(), {"_id": {"$in": unique}}) if unique else 0
+        users = User.get_pymongo_collection()
+        found = sum([await count_matching(users, {"_id": {"$in": chunk}}) for chunk in in_chunks(unique)])
         if found != len(unique):
             raise InvalidInput("Not all provided users were found!")
         return unique

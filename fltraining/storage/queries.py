@@ -1,10 +1,21 @@
 """Read helpers shared by the services."""
 
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from beanie import Document
 from bson.binary import UuidRepresentation
 from pymongo.asynchronous.collection import AsyncCollection
+
+# The embedded store compiles `$in` into nested SQL, and SQLite refuses expressions deeper than 1,000 levels:
+# 450 values already fail there (MongoDB takes any length). Long lists are asked for in pieces of this size.
+IN_CHUNK = 400
+
+
+def in_chunks[T](values: Sequence[T]) -> Iterator[list[T]]:
+    """A list of `$in` values in pieces every supported store can compile."""
+    for start in range(0, len(values), IN_CHUNK):
+        yield list(values[start:start + IN_CHUNK])
 
 
 async def find_document[D: Document](document: type[D], query: dict[str, Any]) -> D | None:
