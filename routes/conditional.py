@@ -16,8 +16,7 @@ def list_etag(user: UUID, query: str, total: int, items: Iterable[dict[str, Any]
     change of a training's public fields bumps its version)."""
     digest = hashlib.blake2b(f"{user}|{query}|{total}".encode(), digest_size=16)
     for item in items:
-        ident = item["_id"]
-        digest.update(ident.bytes if isinstance(ident, UUID) else bytes(ident))  # a raw BSON UUID is its bytes
+        digest.update(item["_id"])  # read raw (`reading_raw_uuids`): a BSON binary, i.e. the UUID's bytes
         digest.update(item.get("version", 0).to_bytes(8, "big"))
     return f'"l-{digest.hexdigest()}"'
 

@@ -196,13 +196,15 @@ class ModelService:
                 )
         await self.purge(model)
 
+    async def keep_clone(self, training: Training) -> None:
+        """The training goes and its model stays: a clone still marked for it is an ordinary model from now on,
+        so the sweeper never takes it for a leftover of a crash (cleared before the training is deleted)."""
+        await Model.get_pymongo_collection().update_one(
+            {"_id": training.model, "pending_training": training.id}, {"$set": {"pending_training": None}})
+
     async def delete_trainings(self, query: dict[str, Any]) -> None:
         """Delete trainings with their stored local updates and SWAG statistics (events stay: the audit trail)."""
-        async for raw in Training.get_pymongo_collection().find(query, {"_id": 1, "model": 1}):
-            # A clone still marked for this training is an ordinary model from now on (the model stays):
-            # cleared first, so the sweeper never takes it for a leftover of a crash.
-            await Model.get_pymongo_collection().update_one(
-                {"_id": raw["model"], "pending_training": raw["_id"]}, {"$set": {"pending_training": None}})
+        async for raw in Training.get_pymongo_collection().find(query, {"_id": 1}):
             await Training.get_pymongo_collection().delete_one({"_id": raw["_id"]})
             await drop_local_files(raw["_id"], {"$gte": 0}, self.drop_unshared_file)
 

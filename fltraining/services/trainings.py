@@ -201,6 +201,7 @@ class TrainingService:
     async def delete(self, user: User, training_id: UUID) -> None:
         """Delete a training (actor only); its model stays."""
         training = await self.get_as_actor(user, training_id)
+        await self._models.keep_clone(training)
         await self._models.delete_trainings({"_id": training.id})
 
     async def add_participants(self, user: User, training_id: UUID, client_ids: list[UUID]) -> None:
