@@ -305,30 +305,58 @@ class Event(Document):
         ]
 
 
-class Notification(Document):
-    """An outbox entry: one notification to one user, delivered at least once by any process."""
+class Receipt(BaseModel):
+    """What became of one receiver of a notification, other than a delivery at the first try."""
 
-    id: str = Field(max_length=128)  # type: ignore[assignment]  # "<effect id>:<user>"
-    training: UUID
     user: UUID
+    status: str = Field(max_length=16)  # retrying, rejected, failed, dropped
+    attempts: int = Field(default=0, ge=0)
+    next_attempt_at: datetime | None = None
+    last_error: str | None = Field(default=None, max_length=500)
+    at: datetime
+
+
+class Addressed(BaseModel):
+    """Body fields one receiver gets instead of the common ones (FedDC: the local model to train)."""
+
+    user: UUID
+    body: dict[str, Any]
+
+
+class Notification(Document):
+    """An outbox record: one notification to a set of receivers (a fan-out), delivered at least once by any process.
+
+    Written in the same step as the state change that causes it (through the training's effects); on the
+    happy path it is claimed, delivered to every receiver from memory and settled: no store operation per
+    receiver. Retries, rejections and failures are recorded per receiver in `receipts`.
+    """
+
+    id: str = Field(max_length=128)  # type: ignore[assignment]  # the effect's id (sorts by time)
+    training: UUID
     notification_type: str = Field(max_length=64)
     body: dict[str, Any]
+    addressed: list[Addressed] = Field(default_factory=list)
     # Round notifications carry the DLR rules: 4xx removes the participant, exhaustion fails the training.
     round_notification: bool
-    status: str = Field(max_length=16)  # pending, delivered, rejected, failed, dropped
-    attempts: int = Field(default=0, ge=0)
-    next_attempt_at: datetime
-    last_error: str | None = Field(default=None, max_length=500)
+    receivers: list[UUID]
+    pending: list[UUID]  # receivers not settled yet
+    receipts: list[Receipt] = Field(default_factory=list)
+    delivered: int = Field(default=0, ge=0)
+    status: str = Field(max_length=16)  # pending, settled
+    next_attempt_at: datetime  # when a process may (re)claim it
+    claimed_by: str | None = Field(default=None, max_length=200)
     created_at: datetime = Field(default_factory=utcnow)
-    finished_at: datetime | None = None
+    settled_at: datetime | None = None
+    # Set when settled: settled_at + FLTRAINING_NOTIFICATION_RETENTION_DAYS (a TTL index on MongoDB, the sweeper
+    # on the embedded store); a pending record has none, so it is never purged.
+    expires_at: datetime | None = None
 
     class Settings:
         name = "notifications"
         indexes: ClassVar[list[IndexModel]] = [
             IndexModel([("status", pymongo.ASCENDING), ("next_attempt_at", pymongo.ASCENDING)], name="due"),
-            IndexModel([("user", pymongo.ASCENDING), ("status", pymongo.ASCENDING), ("_id", pymongo.ASCENDING)],
-                       name="receiver_queue"),
             IndexModel([("training", pymongo.ASCENDING), ("_id", pymongo.ASCENDING)], name="training_order"),
+            IndexModel("expires_at", expireAfterSeconds=0, name="expires_at_ttl"),
         ]
 
 

@@ -102,12 +102,22 @@ class Settings(BaseSettings):
     notification_timeout_seconds: float = Field(
         default=10.0, gt=0, le=600, description="Longest wait for a message endpoint's answer."
     )
+    notification_retention_days: float = Field(
+        default=7, gt=0, le=3650,
+        description="Days a settled notification record is kept (then removed: a TTL index on MongoDB, the "
+        "sweeper on the embedded store); unsettled records are never removed.",
+    )
     lock_lease_seconds: float = Field(
         default=300, gt=0, description="How long an aggregation claim holds before another process may redo it."
     )
     reconcile_interval_seconds: float = Field(
         default=5, gt=0,
         description="How often each process looks for expired leases, due notifications and round timeouts.",
+    )
+    store_command_counts_file: Path | None = Field(
+        default=None,
+        description="Benchmarks only: count the store commands this process sends and write them to "
+        "`<file>.<pid>.json` on SIGUSR1 (bench/scale_bench.py reads them).",
     )
     fault_hold_after_claim: bool = Field(
         default=False,

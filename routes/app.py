@@ -3,14 +3,17 @@
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
 from aiohttp import web
 
 from fltraining.clock import utcnow
+from fltraining.engine.outbox import purge_settled
 from fltraining.services.factory import build_services
 from fltraining.settings import Settings
+from fltraining.storage.command_counts import CommandCounter
 from fltraining.storage.database import database_name, init_database, make_client
 from fltraining.storage.embedded import start_for
 from routes import datasets, inference, models, rounds, service, trainings, users
@@ -73,7 +76,11 @@ async def database_ctx(app: web.Application) -> AsyncIterator[None]:
     """Connect, install validators and indexes, and build the services."""
     settings = app[settings_key]
     assert settings.mongodb_url is not None
-    client = make_client(settings.mongodb_url)
+    counter = CommandCounter() if settings.store_command_counts_file is not None else None
+    client = make_client(settings.mongodb_url, [counter] if counter is not None else None)
+    if counter is not None and settings.store_command_counts_file is not None:
+        stem = settings.store_command_counts_file
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, counter.dump, stem)
     name = database_name(settings.mongodb_url, settings.database)
     await init_database(client[name])
     services = build_services(client[name], settings)
@@ -119,6 +126,8 @@ async def sweep_leftovers(app: web.Application) -> None:
     older_than = utcnow() - timedelta(seconds=app[settings_key].orphan_grace_seconds)
     if removed := await app[models_key].sweep(older_than):
         log.info("sweeper removed %d leftovers of interrupted writes", removed)
+    if purged := await purge_settled(utcnow()):
+        log.info("sweeper removed %d settled notification records past their retention", purged)
 
 
 async def flush_metrics(app: web.Application) -> None:

@@ -1,15 +1,18 @@
 """Round endpoints: local updates, metrics, SWAG statistics, a training's models and its events."""
 
 import asyncio
+import json
 from typing import Any
 from uuid import UUID
 
 from aiohttp import web
 
+from fltraining.clock import utcnow
+from fltraining.engine.arrivals import Progress, progress_of
 from fltraining.engine.events import list_events
 from fltraining.engine.uploads import metrics_of, training_models, visible_file
 from fltraining.errors import Conflict, InvalidInput, NotFound
-from fltraining.schemas.common import Message
+from fltraining.schemas.common import Message, iso_z
 from fltraining.schemas.rounds import (
     EventPublic,
     EventsQuery,
@@ -23,7 +26,7 @@ from fltraining.schemas.rounds import (
 from fltraining.states import TrainingState
 from fltraining.storage.blobs import BlobMissing
 from routes.auth import current_user
-from routes.keys import contributions_key, models_key, shutting_down_key, trainings_key
+from routes.keys import contributions_key, engine_key, models_key, shutting_down_key, trainings_key
 from routes.multipart import Form, FormSpec, read_form
 from routes.parsing import path_uuid, read_body, read_query, validate
 from routes.responses import json_model, json_models, send_blob
@@ -41,7 +44,9 @@ SWAG_FORM = FormSpec(
     ignored=frozenset({"owner"}),
 )
 METRICS_FORM = FormSpec(lists=frozenset({"metric_names", "metric_values"}), ignored=frozenset({"owner"}))
-EVENT_POLL_SECONDS = 0.5
+# Other processes' commits are seen at this interval; this process's own wake a stream at once.
+EVENT_POLL_SECONDS = 1.5
+PROGRESS_SECONDS = 1.0
 LATE_EVENT_WINDOW_MS = 10_000
 EVENT_PAGE = 1000
 ENDED = frozenset({TrainingState.COMPLETED, TrainingState.ERROR})
@@ -175,51 +180,78 @@ async def _event_stream(request: web.Request, training_id: UUID, after: str | No
     return response
 
 
+def _progress_frame(training_id: UUID, progress: Progress) -> bytes:
+    """A `round_progress` frame: computed, not stored, so it carries no id (Last-Event-ID stays)."""
+    data = {"training": str(training_id), "type": "round_progress", "round": progress.round, "at": iso_z(utcnow()),
+            "user": None, "data": {"phase": progress.phase, "arrived": progress.arrived, "expected": progress.expected}}
+    return f"event: round_progress\ndata: {json.dumps(data)}\n\n".encode()
+
+
 async def _follow_events(
     request: web.Request, response: web.StreamResponse, training_id: UUID, after: str | None
 ) -> None:
-    trainings = request.app[trainings_key]
     start = after
     sent: set[str] = set()
     quiet = 0.0
-    while True:
-        # Ids sort by the time of their step; an event written late (by a reconciler after a crash,
-        # or by a process whose clock lags) can sort before one already sent, so every poll looks
-        # back a window and sends what it has not sent yet.
-        newest = max(sent, default=start)
-        floor = None if newest is None else f"{max(0, int(newest[:13]) - LATE_EVENT_WINDOW_MS):013d}"
-        if start is not None and (floor is None or floor < start):
-            floor = start
-        events = []
-        cursor = floor
+    reported: tuple[int, str | None, int, int] | None = None
+    reported_at = -PROGRESS_SECONDS
+    loop = asyncio.get_running_loop()
+    with request.app[engine_key].bell.listen(training_id) as woken:
         while True:
-            page = await list_events(training_id, cursor, EVENT_PAGE)
-            events += [event for event in page if event["id"] not in sent]
-            if len(page) < EVENT_PAGE:
-                break
-            cursor = page[-1]["id"]
-        for event in events:
-            await response.write(_sse(event))
-            sent.add(event["id"])
-        if floor is not None:
-            sent = {event_id for event_id in sent if event_id > floor}
-        if events:
-            quiet = 0.0
-            continue
-        try:
-            training = await trainings.get(training_id)
-        except NotFound:
-            return  # deleted while followed
-        if training.state in ENDED and not training.effects:
-            return
-        if quiet >= EVENT_HEARTBEAT_SECONDS:
-            await response.write(b": keep-alive\n\n")
-            quiet = 0.0
-        try:  # a shutting-down service ends its streams (clients reconnect with Last-Event-ID)
-            await asyncio.wait_for(request.app[shutting_down_key].wait(), EVENT_POLL_SECONDS)
-            return
-        except TimeoutError:
-            quiet += EVENT_POLL_SECONDS
+            woken.clear()
+            # Ids sort by the time of their step; an event written late (by a reconciler after a crash,
+            # or by a process whose clock lags) can sort before one already sent, so every poll looks
+            # back a window and sends what it has not sent yet.
+            newest = max(sent, default=start)
+            floor = None if newest is None else f"{max(0, int(newest[:13]) - LATE_EVENT_WINDOW_MS):013d}"
+            if start is not None and (floor is None or floor < start):
+                floor = start
+            events = []
+            cursor = floor
+            while True:
+                page = await list_events(training_id, cursor, EVENT_PAGE)
+                events += [event for event in page if event["id"] not in sent]
+                if len(page) < EVENT_PAGE:
+                    break
+                cursor = page[-1]["id"]
+            for event in events:
+                await response.write(_sse(event))
+                sent.add(event["id"])
+            if floor is not None:
+                sent = {event_id for event_id in sent if event_id > floor}
+            if events:
+                quiet = 0.0
+                continue
+            progress = await progress_of(training_id)
+            if progress is None:
+                return  # deleted while followed
+            if progress.state in ENDED and progress.settled:
+                return
+            wait = EVENT_POLL_SECONDS
+            shown = (progress.round, progress.phase, progress.arrived, progress.expected)
+            if progress.phase is not None and shown != reported:
+                # At most one progress frame a second: a change within the second is reported when it ends.
+                due = reported_at + PROGRESS_SECONDS - loop.time()
+                if due <= 0:
+                    await response.write(_progress_frame(training_id, progress))
+                    reported, reported_at, quiet = shown, loop.time(), 0.0
+                else:
+                    wait = due
+            if quiet >= EVENT_HEARTBEAT_SECONDS:
+                await response.write(b": keep-alive\n\n")
+                quiet = 0.0
+            # Woken at once by this process's own commits; other processes' are seen at the next poll.
+            # A shutting-down service ends its streams (clients reconnect with Last-Event-ID).
+            shutting_down = request.app[shutting_down_key]
+            started = loop.time()
+            done, pending = await asyncio.wait(
+                [asyncio.ensure_future(woken.wait()), asyncio.ensure_future(shutting_down.wait())],
+                timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            if shutting_down.is_set():
+                return
+            quiet += loop.time() - started
 
 
 async def get_events(request: web.Request) -> web.StreamResponse:

@@ -4,8 +4,10 @@ from typing import Any
 
 from aiohttp import web
 
+from fltraining.engine.arrivals import RECORDED_BY, arrived_count
 from fltraining.engine.plans import still_taking_part
 from fltraining.schemas.common import Message
+from fltraining.states import Phase
 from fltraining.schemas.trainings import (
     ClientsBody,
     TrainingCreate,
@@ -26,11 +28,11 @@ from routes.table import Endpoint
 VERSION_PROJECTION = {"_id": 1, "version": 1}
 
 
-def training_detail(raw: dict[str, Any]) -> dict[str, Any]:
+def training_detail(raw: dict[str, Any], arrived: int) -> dict[str, Any]:
     """A stored training as the GET-by-id object: public fields plus what the current phase waits for."""
     detail = public_training(raw)
     if raw.get("phase") is not None:
-        detail["local_models_arrived"] = len(raw.get("round_arrived", []))
+        detail["local_models_arrived"] = arrived
         detail["local_models_expected"] = len(still_taking_part(raw.get("round_participants", []), raw["participants"]))
     else:
         detail["local_models_arrived"] = 0
@@ -38,9 +40,18 @@ def training_detail(raw: dict[str, Any]) -> dict[str, Any]:
     return detail
 
 
-def _training_response(raw: dict[str, Any]) -> web.Response:
+def detail_etag(raw: dict[str, Any], arrived: int) -> str:
+    """The detail's ETag: the version, and the arrivals while uploads are counted outside the document."""
+    phase = raw.get("phase")
+    if phase is not None and Phase(phase) in RECORDED_BY:
+        return f'"{raw["version"]}.{arrived}"'
+    return etag(raw["version"])
+
+
+async def _training_response(raw: dict[str, Any], arrived: int | None = None) -> web.Response:
     """A training's detail JSON with its ETag."""
-    return json_document(training_detail(raw), headers={"ETag": etag(raw["version"]), **REVALIDATE})
+    arrived = await arrived_count(raw) if arrived is None else arrived
+    return json_document(training_detail(raw, arrived), headers={"ETag": detail_etag(raw, arrived), **REVALIDATE})
 
 
 async def create_training(request: web.Request) -> web.Response:
@@ -79,9 +90,10 @@ async def list_trainings(request: web.Request) -> web.Response:
 async def get_training(request: web.Request) -> web.Response:
     """GET /api/trainings/{id}/ (304 when `If-None-Match` names its current version)."""
     raw = await request.app[trainings_key].get_visible_raw(current_user(request), path_uuid(request, "training_id"))
-    if none_match(request, tag := etag(raw["version"])):
+    arrived = await arrived_count(raw)
+    if none_match(request, tag := detail_etag(raw, arrived)):
         return not_modified(tag)
-    return _training_response(raw)
+    return await _training_response(raw, arrived)
 
 
 async def patch_training(request: web.Request) -> web.Response:
@@ -90,7 +102,7 @@ async def patch_training(request: web.Request) -> web.Response:
     version = if_match_version(request)
     patch = await read_body(request, TrainingPatch)
     training = await request.app[trainings_key].patch(current_user(request), training_id, patch, version)
-    return _training_response(training.model_dump(by_alias=True))
+    return await _training_response(training.model_dump(by_alias=True))
 
 
 async def delete_training(request: web.Request) -> web.Response:

@@ -597,13 +597,17 @@ async def test_events_stream_backlog_live_and_end(api: TestClient, started: Roun
             assert (frame["id"], frame["event"]) == (expected["id"], expected["type"])
             assert json.loads(frame["data"]) == expected
 
-        # Live: an upload made while the stream is open arrives on it.
+        # Live: the round's progress, then an upload made while the stream is open shows in it (no stored
+        # event per upload: the progress frame carries no id, so Last-Event-ID still names a stored event).
+        frame = await next_frame(response)
+        assert frame is not None and frame["event"] == "round_progress" and "id" not in frame, frame
+        assert json.loads(frame["data"])["data"] == {"phase": "updates", "arrived": 0, "expected": 2}
         status, _ = await post_update(api, started.first, started.model_id, update_form(content=trained(1)))
         assert status == 201
         frame = await next_frame(response)
-        assert frame is not None and frame["event"] == "update_accepted", frame
+        assert frame is not None and frame["event"] == "round_progress", frame
         data = json.loads(frame["data"])
-        assert (data["user"], data["round"], data["id"]) == (started.first.id, 0, frame["id"])
+        assert (data["round"], data["data"]) == (0, {"phase": "updates", "arrived": 1, "expected": 2}), data
 
         cancel = await api.post(f"/api/trainings/{started.training_id}/cancel/", headers=started.actor.headers)
         assert cancel.status == 202, await cancel.text()

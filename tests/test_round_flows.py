@@ -130,8 +130,10 @@ async def test_feddc_daisy_chains_between_aggregations(api: TestClient, clients:
     assert aggregated == [2, 5]
     chains = {event["round"]: event["data"]["chain"] for event in events if event["type"] == "daisy_chained"}
     assert sorted(chains) == [0, 1, 3, 4]
-    update_of = {(event["round"], event["user"]): event["data"]["update"]
-                 for event in events if event["type"] == "update_accepted"}
+    # Every accepted update is audited in its round's aggregation (or daisy-chain) event.
+    update_of = {(event["round"], arrival["user"]): arrival["update"]
+                 for event in events if event["type"] in {"aggregated", "daisy_chained"}
+                 for arrival in event["data"]["arrivals"]}
     assert len(update_of) == 6 * len(clients)
 
     told: dict[str, dict[int, str]] = {}
@@ -252,7 +254,7 @@ async def test_participant_removed_mid_round(api: TestClient, clients: list[Simu
 
     assert types_in(removed, training_id) == ["TRAINING_START", "UPDATE_ROUND_START"]
     to_removed = [raw["notification_type"] for raw in await stored_notifications(database_url, training_id)
-                  if str(raw["user"]) == removed.account.id]
+                  if UUID(removed.account.id) in raw["receivers"]]
     assert to_removed == ["TRAINING_START", "UPDATE_ROUND_START"]
     stayed = {client.account.id for client in clients[:2]}
     for event in await events_of(api, actor, training_id):
@@ -373,9 +375,10 @@ async def test_cancel_mid_round(api: TestClient, clients: list[SimulatedClient],
         return [client.received for client in clients] == received
 
     await assert_stays(nothing_new, "no notification after the cancel", seconds=1.0)
+    # One record per notification to all three participants (a fan-out), each settled.
     stored = await stored_notifications(database_url, training_id)
-    assert sorted(raw["notification_type"] for raw in stored) == ["TRAINING_START"] * 3 + ["UPDATE_ROUND_START"] * 3
-    assert all(raw["status"] != "pending" for raw in stored)
+    assert [raw["notification_type"] for raw in stored] == ["TRAINING_START", "UPDATE_ROUND_START"]
+    assert all(len(raw["receivers"]) == 3 and raw["status"] == "settled" and raw["pending"] == [] for raw in stored)
     after = await get_training(api, actor, training_id)
     assert (after["state"], after["round"], after["state_detail"]["reason"]) == ("E", 0, "cancelled")
     no_errors(clients)

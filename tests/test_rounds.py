@@ -207,8 +207,9 @@ async def test_a_receiver_gets_its_notifications_in_order_across_retries(
         notifications = mongo[database_name(database_url, "fltraining")]["notifications"]
 
         async def retried_twice() -> bool:
-            entry = await notifications.find_one({"user": UUID(flaky.account.id), "notification_type": "TRAINING_START"})
-            return entry is not None and entry["attempts"] >= 2
+            record = await notifications.find_one({"training": UUID(training_id), "notification_type": "TRAINING_START"})
+            receipts = [] if record is None else [r for r in record["receipts"] if r["user"] == UUID(flaky.account.id)]
+            return bool(receipts) and receipts[0]["attempts"] >= 2 and receipts[0]["status"] == "retrying"
 
         await wait_until(retried_twice, "TRAINING_START retried")
         # While its first notification waits for a retry, the next one is not sent ahead of it.

@@ -14,6 +14,7 @@ from fltraining.engine.plans import expected_users
 from fltraining.schemas.trainings import TrainingDetail, TrainingPublic
 from routes.responses import json_document
 from routes.trainings import training_detail
+from fltraining.engine.arrivals import arrived_count
 from tests.helpers import Account, create_training, register, update_stored_training
 
 LISTS = ("/api/trainings/", "/api/users/trainings/")
@@ -269,9 +270,10 @@ async def test_the_fast_read_path_answers_what_the_schemas_would(
                      json={"clients": [extra.id]})
     async for raw in raw_db["trainings"].find({}):
         training = Training.model_validate(raw)
+        arrived = await arrived_count(raw)
         by_schemas = json.loads(TrainingDetail.model_validate(
             {**TrainingPublic.model_validate(training).model_dump(),
-             "local_models_arrived": len(training.round_arrived) if training.phase else 0,
+             "local_models_arrived": arrived,
              "local_models_expected": len(expected_users(training)) if training.phase else len(training.participants),
              }).model_dump_json())
-        assert json.loads(json_document(training_detail(raw)).body) == by_schemas
+        assert json.loads(json_document(training_detail(raw, arrived)).body) == by_schemas

@@ -8,8 +8,9 @@ each one is idempotent (deterministic ids, conditional writes), so applying twic
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID, uuid5
 
 from pymongo.errors import DuplicateKeyError, WriteError
@@ -21,6 +22,7 @@ from fltraining.storage.blobs import StoredFile
 log = logging.getLogger(__name__)
 
 DropFile = Callable[[UUID], Awaitable[object]]
+DropFiles = Callable[[list[UUID]], Awaitable[object]]
 # Scores a global model on a held-out data set ({"server_accuracy": …}); EvaluationFailed says why it cannot.
 Evaluate = Callable[[dict[str, Any]], Awaitable[dict[str, float]]]
 # Metric ids of server-side evaluations derive from the effect: a repeated application finds its twin.
@@ -54,10 +56,13 @@ class Effects:
         self, type_: str, users: list[UUID], body: dict[str, Any], round_notification: bool,
         per_user: dict[UUID, dict[str, Any]] | None = None,
     ) -> None:
-        """Queue one notification per user (`per_user` overrides body fields for some users)."""
-        messages = [{"user": user, "body": {**body, **(per_user or {}).get(user, {})}} for user in dict.fromkeys(users)]
-        if messages:
-            self._add("notify", type=type_, round_notification=round_notification, messages=messages)
+        """Queue one notification to a set of users (`per_user` overrides body fields for some of them)."""
+        receivers = list(dict.fromkeys(users))
+        if receivers:
+            addressed = [{"user": user, "body": fields} for user, fields in (per_user or {}).items()
+                         if user in set(receivers)]
+            self._add("notify", type=type_, round_notification=round_notification, receivers=receivers,
+                      body=body, addressed=addressed)
 
     def sync_model(self, model: UUID, round_: int, stored: StoredFile | None) -> None:
         """Point the global model at its new round (and new weights, when aggregated)."""
@@ -84,10 +89,44 @@ class Effects:
         self._add("drop_local", before_round=before_round)
 
 
-async def apply_effect(
-    effect: dict[str, Any], training: Training, drop_file: DropFile, evaluate: Evaluate | None = None
-) -> None:
+class Outbox(Protocol):
+    """The process's notification delivery, as effects hand it new outbox records."""
+
+    def claim(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The record marked as this process's to deliver (written so, no other process takes it meanwhile)."""
+        ...
+
+    def take(self, record: dict[str, Any]) -> None:
+        """Deliver a record just written (claimed by `claim`) from memory."""
+        ...
+
+
+class LaterOutbox:
+    """An outbox that leaves new records to whichever delivery finds them due."""
+
+    def claim(self, record: dict[str, Any]) -> dict[str, Any]:
+        """The record as it is: due at once, claimed by no one."""
+        return record
+
+    def take(self, record: dict[str, Any]) -> None:
+        """Nothing: the record is due and found by the next scan."""
+
+
+@dataclass(frozen=True)
+class Effectors:
+    """What applying effects needs from the process: file deletion, the outbox and server-side evaluation."""
+
+    drop_file: DropFile  # a file that may be shared: deleted once no document names it
+    drop_files: DropFiles  # files never shared (updates, SWAG statistics): deleted as they are
+    outbox: Outbox
+    evaluate: Evaluate | None = None
+    # Told the global model's file of a new round as it is written, so this process serves it from memory.
+    synced: Callable[[UUID, int, StoredFile], None] = lambda model, round_, stored: None
+
+
+async def apply_effect(effect: dict[str, Any], training: Training, effectors: Effectors) -> None:
     """Apply one effect; safe to repeat."""
+    drop_file = effectors.drop_file
     kind = effect["kind"]
     if kind == "event":
         await _insert_once(Event.get_pymongo_collection(), {
@@ -95,14 +134,9 @@ async def apply_effect(
             "at": effect["at"], "user": effect["user"], "data": effect["data"],
         })
     elif kind == "notify":
-        for message in effect["messages"]:
-            await _insert_once(Notification.get_pymongo_collection(), {
-                "_id": f"{effect['id']}:{message['user']}", "training": training.id, "user": message["user"],
-                "notification_type": effect["type"], "body": message["body"],
-                "round_notification": effect["round_notification"], "status": "pending", "attempts": 0,
-                "next_attempt_at": effect["at"], "last_error": None, "created_at": effect["at"],
-                "finished_at": None,
-            })
+        record = effectors.outbox.claim(fan_out(effect, training.id))
+        if await _insert_once(Notification.get_pymongo_collection(), record):
+            effectors.outbox.take(record)
     elif kind == "sync_model":
         update: dict[str, Any] = {"round": effect["round"]}
         if effect["file"] is not None:
@@ -110,6 +144,9 @@ async def apply_effect(
         await Model.get_pymongo_collection().update_one(
             {"_id": effect["model"], "round": {"$lte": effect["round"]}}, {"$set": update}
         )
+        if effect["file"] is not None:
+            file = effect["file"]
+            effectors.synced(effect["model"], effect["round"], StoredFile(file["file_id"], file["size"], file["sha256"]))
     elif kind == "drop_file":
         await drop_file(effect["file_id"])
     elif kind == "moments":
@@ -121,9 +158,23 @@ async def apply_effect(
             if old is not None and old not in (effect["first"], effect["second"]):
                 await drop_file(old)
     elif kind == "drop_local":
-        await drop_local_files(training.id, {"$lt": effect["before_round"]}, drop_file)
-    elif kind == "evaluate" and evaluate is not None:
-        await _record_evaluation(effect, training, evaluate)
+        await drop_local_files(training.id, {"$lt": effect["before_round"]}, effectors.drop_files)
+    elif kind == "evaluate" and effectors.evaluate is not None:
+        await _record_evaluation(effect, training, effectors.evaluate)
+
+
+def fan_out(effect: dict[str, Any], training_id: UUID) -> dict[str, Any]:
+    """The outbox record of a `notify` effect: one document for all its receivers, due at once."""
+    if "messages" in effect:  # queued before fan-outs: one whole body per receiver
+        effect = {**effect, "receivers": [message["user"] for message in effect["messages"]], "body": {},
+                  "addressed": effect["messages"]}
+    return {
+        "_id": effect["id"], "training": training_id, "notification_type": effect["type"], "body": effect["body"],
+        "addressed": effect["addressed"], "round_notification": effect["round_notification"],
+        "receivers": effect["receivers"], "pending": effect["receivers"], "receipts": [], "delivered": 0,
+        "status": "pending", "next_attempt_at": effect["at"], "claimed_by": None, "created_at": effect["at"],
+        "settled_at": None, "expires_at": None,
+    }
 
 
 async def _record_evaluation(effect: dict[str, Any], training: Training, evaluate: Evaluate) -> None:
@@ -146,21 +197,27 @@ async def _record_evaluation(effect: dict[str, Any], training: Training, evaluat
     })
 
 
-async def drop_local_files(training_id: UUID, rounds: Any, drop_file: DropFile) -> None:
-    """Delete a training's updates and SWAG statistics of the given rounds, with their files."""
+async def drop_local_files(training_id: UUID, rounds: Any, drop_files: DropFiles) -> None:
+    """Delete a training's updates and SWAG statistics of the given rounds, then their files, in bulk.
+
+    Their files are never shared (each upload stores its own), so no "is it still named" check per file;
+    a crash between the two leaves files no document names, which the sweeper removes.
+    """
     for document, fields in ((Update, ("file_id",)), (SwagStatistic, ("first_file_id", "second_file_id"))):
         collection = document.get_pymongo_collection()
-        async for raw in collection.find({"training": training_id, "round": rounds}):
-            if await collection.find_one_and_delete({"_id": raw["_id"]}):
-                for name in fields:
-                    await drop_file(raw[name])
+        query = {"training": training_id, "round": rounds}
+        file_ids = [raw[name] async for raw in collection.find(query, dict.fromkeys(fields, 1)) for name in fields]
+        if file_ids:
+            await collection.delete_many(query)
+            await drop_files(file_ids)
 
 
-async def _insert_once(collection: Any, document: dict[str, Any]) -> None:
+async def _insert_once(collection: Any, document: dict[str, Any]) -> bool:
     try:
         await collection.insert_one(document)
     except DuplicateKeyError:
-        pass  # applied before, by this process or another
+        return False  # applied before, by this process or another
+    return True
 
 
 # Deleting files is slow on some stores, and evaluating a model takes time; these effects run in their
@@ -174,14 +231,11 @@ def pending(training: Training, cleanup: bool) -> list[dict[str, Any]]:
     return [effect for effect in training.effects if (effect["kind"] in CLEANUP_KINDS) == cleanup]
 
 
-async def apply_pending(
-    training: Training, drop_file: DropFile, notified: Callable[[], None], cleanup: bool = False,
-    evaluate: Evaluate | None = None,
-) -> None:
+async def apply_pending(training: Training, effectors: Effectors, cleanup: bool = False) -> None:
     """Apply a training's pending effects of one lane in order, then remove them from the document.
 
-    `notified` is called as soon as notifications are in the outbox, so delivery starts at once. An
-    effect the store refuses for good (a validator, a malformed effect) is logged once and set aside,
+    A notification is handed to the outbox as soon as its record is written, so delivery starts at once.
+    An effect the store refuses for good (a validator, a malformed effect) is logged once and set aside,
     so it neither blocks the effects behind it nor is retried forever; lost connections still raise.
     """
     effects = pending(training, cleanup)
@@ -189,12 +243,9 @@ async def apply_pending(
         return
     for effect in effects:
         try:
-            await apply_effect(effect, training, drop_file, evaluate)
+            await apply_effect(effect, training, effectors)
         except (WriteError, KeyError, TypeError, ValueError) as error:
             await set_aside(effect, training, error)
-            continue
-        if effect["kind"] == "notify":
-            notified()
     ids = [effect["id"] for effect in effects]
     await Training.get_pymongo_collection().update_one(
         {"_id": training.id}, {"$pull": {"effects": {"id": {"$in": ids}}}}

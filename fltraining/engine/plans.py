@@ -38,9 +38,8 @@ def still_taking_part(round_participants: Iterable[UUID], participants: Iterable
     return [user for user in round_participants if user in current]
 
 
-def missing_users(training: Training) -> list[UUID]:
+def missing_users(training: Training, arrived: set[UUID]) -> list[UUID]:
     """Round participants whose contribution to the current phase has not arrived."""
-    arrived = set(training.round_arrived)
     return [user for user in expected_users(training) if user not in arrived]
 
 
@@ -156,7 +155,9 @@ def after_swag(training: Training, fields: Fields, effects: Effects) -> None:
 
 def after_testing(training: Training, fields: Fields, effects: Effects) -> None:
     """After the test phase: next round or C."""
-    effects.event("testing_completed", training.round, missing=[str(user) for user in missing_users(training)])
+    arrived = set(training.round_arrived)
+    effects.event("testing_completed", training.round,
+                  missing=[str(user) for user in missing_users(training, arrived)])
     _next_round_or_finish(training, fields, effects, training.round, [])
 
 

@@ -24,7 +24,9 @@ from pymongo.errors import PyMongoError
 from fltraining.clock import utcnow
 from fltraining.documents import ChainLink, Model, SwagStatistic, Training, Update
 from fltraining.engine import plans
-from fltraining.engine.effects import Effects, Evaluate, apply_pending, pending
+from fltraining.engine.arrivals import arrived_users
+from fltraining.engine.bell import ChangeBell
+from fltraining.engine.effects import Effectors, Effects, Evaluate, LaterOutbox, Outbox, apply_pending, pending
 from fltraining.errors import FLTrainingError
 from fltraining.schemas.common import iso_z
 from fltraining.services.models import ModelService
@@ -54,6 +56,13 @@ def daisy_chain(updates: list[Update], participants: list[UUID], rng: random.Ran
     # Participants who joined after the sub-round began have no model of their own to avoid.
     links += [ChainLink(user=user, model=rng.choice(pool)) for user in participants if user not in by_user]
     return links
+
+
+def arrivals(updates: list[Update]) -> list[dict[str, Any]]:
+    """The audit of a round's accepted updates (who, when, how much), listed in its aggregation event."""
+    return [{"user": str(update.user), "update": str(update.id), "at": iso_z(update.created_at),
+             "sample_size": update.sample_size, "size": update.size, "sha256": update.sha256}
+            for update in updates]
 
 
 class LeaseKeeper:
@@ -98,7 +107,8 @@ class RoundEngine:
         self._cleaning: dict[UUID, asyncio.Task[None]] = {}
         self._again: set[UUID] = set()
         self._rng = random.SystemRandom()
-        self.on_notifications: Callable[[], None] = lambda: None
+        self.outbox: Outbox = LaterOutbox()  # the process's notification delivery, set where it is built
+        self.bell = ChangeBell()  # wakes this process's event streams
         self.evaluate: Evaluate | None = None  # server-side evaluation, set where inference is built
 
     # -- scheduling ---------------------------------------------------------------------------
@@ -157,20 +167,26 @@ class RoundEngine:
                 await Training.get_pymongo_collection().update_one(
                     {"_id": training.id, "effects": {"$size": 0}, "effects_pending": True},
                     {"$set": {"effects_pending": False}})
-            action = self._decide(training, utcnow())
+            waiting = training.state in RUNNING and training.phase not in (None, Phase.AGGREGATING)
+            arrived = await arrived_users(training) if waiting else set()
+            action = self._decide(training, utcnow(), arrived)
             if action is None or not await action():
                 return
 
     async def apply_effects(self, training: Training) -> None:
         """Apply a training's pending effects (clean-up in the background) and wake the notification delivery."""
-        await apply_pending(training, self._models.drop_unshared_file, self.on_notifications)
+        await apply_pending(training, self._effectors())
+        self.bell.ring(training.id)
         if pending(training, cleanup=True) and training.id not in self._cleaning:
             self._cleaning[training.id] = asyncio.create_task(self._clean(training), name=f"clean-{training.id}")
 
+    def _effectors(self) -> Effectors:
+        return Effectors(self._models.drop_unshared_file, self._files.delete_many, self.outbox, self.evaluate,
+                         self._models.facts.remember_round_file)
+
     async def _clean(self, training: Training) -> None:
         try:
-            await apply_pending(training, self._models.drop_unshared_file, self.on_notifications, cleanup=True,
-                                evaluate=self.evaluate)
+            await apply_pending(training, self._effectors(), cleanup=True)
         except PyMongoError as error:
             log.warning("clean-up of a training failed: database unavailable (%s)", type(error).__name__)
         except Exception:
@@ -178,7 +194,7 @@ class RoundEngine:
         finally:
             self._cleaning.pop(training.id, None)
 
-    def _decide(self, training: Training, now: datetime) -> Action | None:
+    def _decide(self, training: Training, now: datetime, arrived_users: set[UUID]) -> Action | None:
         if training.state not in RUNNING or training.phase is None:
             return None
         if training.phase == Phase.AGGREGATING:
@@ -188,13 +204,13 @@ class RoundEngine:
         expected = plans.expected_users(training)
         if len(expected) != len(training.round_participants):
             return lambda: self._prune(training)
-        missing = plans.missing_users(training)
+        missing = plans.missing_users(training, arrived_users)
         timed_out = training.round_deadline is not None and training.round_deadline <= now
         if training.phase == Phase.TESTING:
             if not missing or timed_out:
                 return lambda: self._end_testing(training)
             return None
-        arrived = len(training.round_arrived)
+        arrived = len(arrived_users)
         if arrived and not missing:
             return lambda: self._claim(training, now)
         if not arrived and not expected:
@@ -330,7 +346,7 @@ class RoundEngine:
     ) -> None:
         round_ = training.round
         new_round = round_ + 1
-        arrived = set(training.round_arrived)  # matched here: a round may have more than `$in` can carry
+        arrived = await arrived_users(training, Phase.UPDATES)  # matched here: more than `$in` can carry
         updates = [Update.model_validate(raw) async for raw in Update.get_pymongo_collection().find(
             {"training": training.id, "round": round_}).sort("user", 1) if raw["user"] in arrived]
         if not updates:
@@ -348,12 +364,12 @@ class RoundEngine:
                 effects.evaluate(model.id, new_round, stored, UUID(evaluation["dataset"]))
             effects.event("aggregated", round_, updates=len(updates),
                           samples=sum(update.sample_size for update in updates),
-                          users=[str(update.user) for update in updates])
+                          users=[str(update.user) for update in updates], arrivals=arrivals(updates))
         else:
             chain = daisy_chain(updates, list(training.participants), self._rng)
             effects.sync_model(model.id, new_round, None)
             effects.event("daisy_chained", round_, updates=len(updates),
-                          chain={str(link.user): str(link.model) for link in chain})
+                          chain={str(link.user): str(link.model) for link in chain}, arrivals=arrivals(updates))
         plans.after_updates(training, fields, effects, new_round, aggregate, chain)
         # Clean-up last, so the notifications above are delivered without waiting for it.
         if aggregate:
@@ -365,7 +381,7 @@ class RoundEngine:
         self, training: Training, model: Model, fields: plans.Fields, effects: Effects, created: list[StoredFile],
         keeper: LeaseKeeper,
     ) -> None:
-        arrived = set(training.round_arrived)  # matched here, as in `_aggregate_updates`
+        arrived = await arrived_users(training, Phase.SWAG)  # matched here, as in `_aggregate_updates`
         stats = [SwagStatistic.model_validate(raw) async for raw in SwagStatistic.get_pymongo_collection().find(
             {"training": training.id, "round": training.round}).sort("user", 1) if raw["user"] in arrived]
         if not stats:

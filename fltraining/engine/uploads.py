@@ -1,38 +1,43 @@
 """Contributions of round participants: local updates, test metrics and SWAG statistics.
 
-Each is stored first (a unique index allows one per participant and round) and then counted by
-one conditional `$addToSet` on the training that only matches while the training waits for it;
-an identical retry finds its stored twin and answers as the first attempt did.
+A local update or SWAG statistic is stored first (a unique index allows one per participant and
+round; that document is the record of arrival) and confirmed with one `count` of the training in
+the waiting state; test metrics are counted by a conditional `$addToSet` on the training. An
+identical retry finds its stored twin and answers as the first attempt did.
 """
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
+from beanie import Document
 from pymongo.errors import DuplicateKeyError
 
 from fltraining.documents import Metric, Model, SwagStatistic, Training, Update, User
 from fltraining.engine import plans
+from fltraining.engine.completion import CompletionWatch
 from fltraining.engine.rounds import RoundEngine
 from fltraining.errors import Conflict, FLTrainingError, InvalidInput, NotFound, PermissionDenied
 from fltraining.services.models import ModelService, Upload
 from fltraining.states import Phase, TrainingState
-from fltraining.storage.queries import find_document
+from fltraining.storage.facts import ImmutableFacts
+from fltraining.storage.queries import count_matching, find_document
 from fltraining.weights.inspect import check_facts
-from fltraining.weights.signature import from_documents
+from fltraining.weights.signature import Signature, from_documents
 
 MAX_METRICS = 100
 
 
 @dataclass(frozen=True)
 class Target:
-    """What a model id in a contribution's path names: the training and its global model."""
+    """What a model id in a contribution's path names: the training, its global model and that model's signature."""
 
-    training: Training
-    model: Model
+    training_id: UUID
+    model_id: UUID
+    signature: Signature
 
 
 def check_metrics(names: Sequence[str], values: Sequence[float]) -> None:
@@ -50,16 +55,52 @@ def check_metrics(names: Sequence[str], values: Sequence[float]) -> None:
             raise InvalidInput(f"Metric {name!r} is not a finite number.")
 
 
-class ContributionService:
-    """Accepts the uploads that drive a round forward."""
+def check_waiting(training: Training, user: User, state: TrainingState, phase: Phase, round_: int) -> None:
+    """The training waits for this user's contribution to `phase` of `round_` (403 or 409 saying why not)."""
+    if user.id not in training.participants:
+        raise PermissionDenied(f"You are not a participant of training {training.id}!")
+    if training.state != state:
+        raise Conflict(f"Training with ID {training.id} is in state {training.state}")
+    if training.phase != phase:
+        raise Conflict(f"Training with ID {training.id} is not waiting for {phase} (phase {training.phase}).")
+    if training.round != round_:
+        raise Conflict(f"Training with ID {training.id} is not currently in round {round_}")
+    if user.id not in training.round_participants:
+        raise Conflict(f"You joined training {training.id} during round {training.round}; "
+                       "you take part from the next round on.")
 
-    def __init__(self, models: ModelService, engine: RoundEngine) -> None:
+
+def waiting_filter(training_id: UUID, user: User, state: TrainingState, phase: Phase, round_: int) -> dict[str, Any]:
+    """The filter a training matches while it waits for this user's contribution (what `check_waiting` checks)."""
+    return {"_id": training_id, "state": str(state), "phase": str(phase), "round": round_,
+            "participants": user.id, "round_participants": user.id}
+
+
+class StaleTarget(Exception):
+    """A remembered model → training link whose training is gone: look the model up again."""
+
+
+class ContributionService:
+    """Accepts the uploads that drive a round forward.
+
+    A local update or SWAG statistic is inserted first (the unique index makes it the record of
+    arrival) and then confirmed with one `count` of the training in the waiting state: an answered
+    201 means the round was still open after the insert, so the aggregation, which claims the round
+    before it reads the round's documents, finds it. A refused upload is removed again.
+    """
+
+    def __init__(self, models: ModelService, engine: RoundEngine, facts: ImmutableFacts) -> None:
         self._models = models
         self._files = models.files
         self._engine = engine
+        self._facts = facts
+        self._completion = CompletionWatch(engine.kick)
 
     async def resolve(self, model_id: UUID) -> Target:
         """The training a global model or a local update belongs to (404 for neither)."""
+        known = self._facts.target(model_id)
+        if known is not None and (signature := self._facts.signature(known[1])) is not None:
+            return Target(known[0], known[1], signature)
         model = await find_document(Model, {"_id": model_id})
         if model is None:
             local = await find_document(Update, {"_id": model_id})
@@ -74,43 +115,78 @@ class ContributionService:
             model = await find_document(Model, {"_id": training.model})
             if model is None:
                 raise NotFound(f"Model {training.model} not found.")
-        return Target(training, model)
+        signature = from_documents([t.model_dump() for t in model.tensors])
+        if model.format is not None:  # described: its signature is final
+            self._facts.remember_target(model_id, training.id, model.id)
+            self._facts.remember_signature(model.id, signature)
+        return Target(training.id, model.id, signature)
 
-    def _check_waiting(self, training: Training, user: User, state: TrainingState, phase: Phase, round_: int) -> None:
-        if user.id not in training.participants:
-            raise PermissionDenied(f"You are not a participant of training {training.id}!")
-        if training.state != state:
-            raise Conflict(f"Training with ID {training.id} is in state {training.state}")
-        if training.phase != phase:
-            raise Conflict(f"Training with ID {training.id} is not waiting for {phase} (phase {training.phase}).")
-        if training.round != round_:
-            raise Conflict(f"Training with ID {training.id} is not currently in round {round_}")
-        if user.id not in training.round_participants:
-            raise Conflict(f"You joined training {training.id} during round {training.round}; "
-                           "you take part from the next round on.")
+    async def _refusal(self, training_id: UUID, user: User, state: TrainingState, phase: Phase,
+                       round_: int) -> FLTrainingError:
+        """Why a training does not take this contribution now (read on the refusal path only)."""
+        current = await find_document(Training, {"_id": training_id})
+        if current is None:
+            raise StaleTarget()
+        try:
+            check_waiting(current, user, state, phase, round_)
+        except FLTrainingError as error:
+            return error
+        return Conflict("The training changed while the upload was counted; send it again.")
 
-    def _check_file(self, stored: Upload, model: Model, field: str) -> None:
-        # What the upload was found to be when it was staged: the stored bytes are never read back.
-        check_facts(stored.facts, from_documents([t.model_dump() for t in model.tensors]), field)
+    async def _confirm(self, target: Target, user: User, state: TrainingState, phase: Phase, round_: int) -> None:
+        """One `count`: the training still waits for this user's contribution (raises why not otherwise)."""
+        query = waiting_filter(target.training_id, user, state, phase, round_)
+        if not await count_matching(Training.get_pymongo_collection(), query):
+            raise await self._refusal(target.training_id, user, state, phase, round_)
 
-    async def _count(self, training: Training, user: User, state: TrainingState, phase: Phase, event: str,
-                     **data: Any) -> None:
-        """Count the contribution in the training (once), then let the engine look at the round."""
-        effects = plans.new_effects()
-        effects.event(event, training.round, user.id, **data)
-        condition = {"state": str(state), "phase": str(phase), "round": training.round,
-                     "round_participants": user.id, "round_arrived": {"$ne": user.id}}
-        written = await plans.write_step(training, condition, {}, effects, {"$addToSet": {"round_arrived": user.id}})
-        if written is None:
-            current = await find_document(Training, {"_id": training.id})
-            if current is None:
-                raise NotFound(f"Training {training.id} not found.")
-            self._check_waiting(current, user, state, phase, training.round)
-            if user.id not in current.round_arrived:
-                raise Conflict("The training changed while the upload was counted; send it again.")
-        # The engine applies the event and looks at the round in the background: the answer does
-        # not wait for effects (some, like deleting a finished round's files, take a while).
-        self._engine.kick(training.id)
+    async def _accept[D: Document](
+        self, user: User, model_id: UUID, round_: int, state: TrainingState, phase: Phase,
+        make: Callable[[Target], D], same: Callable[[D, D], bool], files: Callable[[D], list[UUID]],
+        conflict: str, after: Callable[[D, bool], Awaitable[None]] | None = None,
+    ) -> None:
+        """Insert a contribution, confirm it against the training, and wake the engine if it completes the round."""
+        for attempt in range(2):
+            target = await self.resolve(model_id)
+            document = make(target)
+            fresh = True
+            try:
+                await document.insert()
+            except DuplicateKeyError:
+                fresh = False
+                for file_id in files(document):
+                    await self._files.delete(file_id)
+                query = {"training": target.training_id, "round": round_, "user": user.id}
+                existing = await find_document(type(document), query)
+                if existing is None or not same(existing, document):
+                    raise Conflict(conflict) from None
+                document = existing
+            try:
+                await self._confirm(target, user, state, phase, round_)
+                if after is not None:
+                    await after(document, fresh)
+            except (FLTrainingError, StaleTarget) as error:
+                if fresh:
+                    await self._withdraw(document, files(document))
+                if isinstance(error, StaleTarget) and attempt == 0:
+                    self._facts.forget_target(model_id)
+                    continue
+                if isinstance(error, StaleTarget):
+                    raise NotFound(f"Model with ID {model_id} does not have a training process running") from None
+                raise
+            self._engine.bell.ring(target.training_id)
+            await self._completion.arrived(target.training_id, phase, round_, fresh)
+            return
+
+    async def _withdraw(self, document: Document, files: list[UUID]) -> None:
+        """Remove a refused contribution, unless the round was closed meanwhile and its aggregation may use it."""
+        raw = await Training.get_pymongo_collection().find_one(
+            {"_id": getattr(document, "training"), "round": getattr(document, "round"),
+             "phase": str(Phase.AGGREGATING)}, {"_id": 1})
+        if raw is not None:
+            return  # the round's clean-up removes it with the others
+        await type(document).get_pymongo_collection().delete_one({"_id": document.id})
+        for file_id in files:
+            await self._models.drop_unshared_file(file_id)
 
     async def accept_update(
         self, user: User, model_id: UUID, round_: int, sample_size: int, stored: Upload,
@@ -118,66 +194,57 @@ class ContributionService:
     ) -> None:
         """POST /api/models/{id}/: a participant's local model for the current round."""
         check_metrics(*metrics)
-        target = await self.resolve(model_id)
-        training = target.training
-        self._check_waiting(training, user, TrainingState.ONGOING, Phase.UPDATES, round_)
-        self._check_file(stored, target.model, "model_file")
-        update = Update(training=training.id, model=target.model.id, round=round_, user=user.id,
-                        sample_size=sample_size, file_id=stored.file_id, size=stored.size, sha256=stored.sha256)
-        fresh = True
-        try:
-            await update.insert()
-        except DuplicateKeyError:
-            fresh = False
-            await self._files.delete(stored.file_id)
-            existing = await find_document(Update, {"training": training.id, "round": round_, "user": user.id})
-            if existing is None or (existing.sha256, existing.sample_size) != (stored.sha256, sample_size):
-                raise Conflict(f"You already sent a different update for round {round_}.") from None
-            update = existing
-        try:
-            names, values = metrics
+        names, values = metrics
+
+        def make(target: Target) -> Update:
+            check_facts(stored.facts, target.signature, "model_file")
+            return Update(training=target.training_id, model=target.model_id, round=round_, user=user.id,
+                          sample_size=sample_size, file_id=stored.file_id, size=stored.size, sha256=stored.sha256)
+
+        async def with_metrics(update: Update, fresh: bool) -> None:
             if names:
-                await self._store_metrics(update.id, training.id, update.round, user, names, values)
-            await self._count(training, user, TrainingState.ONGOING, Phase.UPDATES, "update_accepted",
-                              update=str(update.id), sample_size=sample_size)
-        except FLTrainingError:
-            if fresh:  # refused after all: nothing of it stays
-                await Update.get_pymongo_collection().delete_one({"_id": update.id})
-                await self._models.drop_unshared_file(update.file_id)
-            raise
+                await self._store_metrics(update.id, update.training, update.round, user, names, values, fresh)
+
+        await self._accept(
+            user, model_id, round_, TrainingState.ONGOING, Phase.UPDATES, make,
+            lambda old, new: (old.sha256, old.sample_size) == (new.sha256, new.sample_size),
+            lambda update: [update.file_id], f"You already sent a different update for round {round_}.", with_metrics)
 
     async def accept_swag(
         self, user: User, model_id: UUID, round_: int, sample_size: int, first: Upload, second: Upload
     ) -> None:
         """POST /api/models/{id}/swag/: a participant's SWAG moments in state S."""
-        target = await self.resolve(model_id)
-        training = target.training
-        self._check_waiting(training, user, TrainingState.SWAG_ROUND, Phase.SWAG, round_)
-        self._check_file(first, target.model, "first_moment_file")
-        self._check_file(second, target.model, "second_moment_file")
         digest = hashlib.sha256(f"{first.sha256}:{second.sha256}".encode()).hexdigest()
-        stat = SwagStatistic(training=training.id, model=target.model.id, round=round_, user=user.id,
-                             sample_size=sample_size, first_file_id=first.file_id, second_file_id=second.file_id,
-                             sha256=digest)
-        fresh = True
-        try:
-            await stat.insert()
-        except DuplicateKeyError:
-            fresh = False
-            await self._files.delete(first.file_id)
-            await self._files.delete(second.file_id)
-            existing = await find_document(SwagStatistic, {"training": training.id, "round": round_, "user": user.id})
-            if existing is None or (existing.sha256, existing.sample_size) != (digest, sample_size):
-                raise Conflict(f"You already sent different SWAG statistics for round {round_}.") from None
-        try:
-            await self._count(training, user, TrainingState.SWAG_ROUND, Phase.SWAG, "swag_statistics_accepted",
-                              sample_size=sample_size)
-        except FLTrainingError:
-            if fresh:  # refused after all: nothing of it stays
-                await SwagStatistic.get_pymongo_collection().delete_one({"_id": stat.id})
-                await self._models.drop_unshared_file(first.file_id)
-                await self._models.drop_unshared_file(second.file_id)
-            raise
+
+        def make(target: Target) -> SwagStatistic:
+            check_facts(first.facts, target.signature, "first_moment_file")
+            check_facts(second.facts, target.signature, "second_moment_file")
+            return SwagStatistic(training=target.training_id, model=target.model_id, round=round_, user=user.id,
+                                 sample_size=sample_size, first_file_id=first.file_id,
+                                 second_file_id=second.file_id, sha256=digest)
+
+        await self._accept(
+            user, model_id, round_, TrainingState.SWAG_ROUND, Phase.SWAG, make,
+            lambda old, new: (old.sha256, old.sample_size) == (new.sha256, new.sample_size),
+            lambda stat: [stat.first_file_id, stat.second_file_id],
+            f"You already sent different SWAG statistics for round {round_}.")
+
+    async def _count_test(self, training: Training, user: User, **data: Any) -> None:
+        """Count a participant's test metrics in the training (once), then let the engine look at the round."""
+        effects = plans.new_effects()
+        effects.event("test_metrics_accepted", training.round, user.id, **data)
+        condition = {"state": str(TrainingState.ONGOING), "phase": str(Phase.TESTING), "round": training.round,
+                     "round_participants": user.id, "round_arrived": {"$ne": user.id}}
+        written = await plans.write_step(training, condition, {}, effects, {"$addToSet": {"round_arrived": user.id}})
+        if written is None:
+            current = await find_document(Training, {"_id": training.id})
+            if current is None:
+                raise NotFound(f"Training {training.id} not found.")
+            check_waiting(current, user, TrainingState.ONGOING, Phase.TESTING, training.round)
+            if user.id not in current.round_arrived:
+                raise Conflict("The training changed while the upload was counted; send it again.")
+        self._engine.bell.ring(training.id)
+        self._engine.kick(training.id)
 
     async def accept_metrics(self, user: User, model_id: UUID, names: list[str], values: list[float]) -> UUID:
         """POST /api/models/{id}/metrics/: test metrics of a global model, or metrics of any model one owns."""
@@ -203,17 +270,26 @@ class ContributionService:
                 and training.phase == Phase.TESTING and user.id in training.round_participants
                 and user.id not in training.round_arrived):
             try:
-                await self._count(training, user, TrainingState.ONGOING, Phase.TESTING, "test_metrics_accepted",
-                                  metrics=[{"key": name, "value": value} for name, value in zip(names, values)])
+                await self._count_test(training, user,
+                                       metrics=[{"key": name, "value": value} for name, value in zip(names, values)])
             except Conflict:
                 pass  # the test phase ended meanwhile; the metrics are stored all the same
         return model.id
 
     async def _store_metrics(
-        self, model_id: UUID, training_id: UUID | None, step: int, user: User, names: list[str], values: list[float]
+        self, model_id: UUID, training_id: UUID | None, step: int, user: User, names: list[str], values: list[float],
+        fresh: bool = False,
     ) -> None:
-        """Store checked metric values once; resending the same values is fine, changing one is a conflict (409)."""
+        """Store checked metric values once; resending the same values is fine, changing one is a conflict (409).
+
+        `fresh`: the model was stored by this request, so no value of it can exist yet (one insert, no lookup).
+        """
         collection = Metric.get_pymongo_collection()
+        if fresh:
+            await collection.insert_many([
+                Metric(model=model_id, training=training_id, step=step, reporter=user.id, key=name,
+                       value=float(value)).model_dump(by_alias=True) for name, value in zip(names, values)])
+            return
         query = {"model": model_id, "step": step, "reporter": user.id, "key": {"$in": names}}
         stored = {raw["key"]: raw["value"] async for raw in collection.find(query)}
         for name, value in zip(names, values):
@@ -254,8 +330,8 @@ class FileRef:
 async def visible_file(models: ModelService, user: User, model_id: UUID) -> FileRef:
     """The bytes of a global model the user reaches, or of a local update the user sent or reaches."""
     try:
-        model = await models.get_accessible(user, model_id)
-        return FileRef(model.file_id, model.size, model.sha256)
+        stored = await models.current_file(user, model_id)
+        return FileRef(stored.file_id, stored.size, stored.sha256)
     except NotFound:
         local = await local_model_visible(user, model_id)
         return FileRef(local.file_id, local.size, local.sha256)

@@ -72,12 +72,13 @@ def build_services(database: AsyncDatabase[dict[str, Any]], settings: Settings) 
         settings.notification_max_attempts,
         settings.notification_backoff_seconds,
         settings.notification_timeout_seconds,
+        settings.notification_retention_days,
     )
-    engine.on_notifications = delivery.kick
+    engine.outbox = delivery
     trainings.on_change(engine.kick)
     pool = InferencePool(settings.inference_threads, settings.inference_queue, settings.inference_timeout_seconds)
     inference = InferenceService(models, pool, SessionCache(settings.inference_sessions),
                                  settings.inference_max_elements, settings.inference_session_threads)
     engine.evaluate = inference.evaluate
-    return Services(users, models, trainings, engine, ContributionService(models, engine), delivery,
+    return Services(users, models, trainings, engine, ContributionService(models, engine, models.facts), delivery,
                     GraphService(models), DatasetService(models, settings.max_dataset_bytes), inference, pool)

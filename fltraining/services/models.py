@@ -13,7 +13,8 @@ from fltraining.engine.effects import drop_local_files
 from fltraining.errors import InvalidInput, NotFound, PermissionDenied
 from fltraining.schemas.models import ModelCreate
 from fltraining.storage.blobs import BlobStore, StoredFile
-from fltraining.storage.queries import IN_CHUNK, find_document, in_chunks
+from fltraining.storage.facts import ImmutableFacts
+from fltraining.storage.queries import IN_CHUNK, count_matching, find_document, in_chunks
 from fltraining.storage.references import file_in_use, referenced_file_ids
 from fltraining.weights.inspect import FileFacts, inspect_file
 
@@ -38,9 +39,15 @@ def check_reachable(user: User, model: Model, training: Training | None) -> None
 class ModelService:
     """Every model rule; bytes go through the blob store, metadata through the `models` collection."""
 
-    def __init__(self, files: BlobStore, max_model_bytes: int) -> None:
+    def __init__(self, files: BlobStore, max_model_bytes: int, facts: ImmutableFacts | None = None) -> None:
         self._files = files
         self._max_bytes = max_model_bytes
+        self._facts = facts or ImmutableFacts()
+
+    @property
+    def facts(self) -> ImmutableFacts:
+        """This process's memo of immutable facts (which training a model belongs to, signatures)."""
+        return self._facts
 
     @property
     def files(self) -> BlobStore:
@@ -122,8 +129,31 @@ class ModelService:
         model = await self.get(model_id)
         if model.owner == user.id:
             return model
-        check_reachable(user, model, await find_document(Training, {"model": model.id}))
+        known = self._facts.target(model.id)
+        if known is not None and await count_matching(Training.get_pymongo_collection(), {
+                "_id": known[0], "model": model.id, "$or": [{"actor": user.id}, {"participants": user.id}]}):
+            return model  # one index-served count instead of reading the training with all its participants
+        training = await find_document(Training, {"model": model.id})
+        if training is None:
+            self._facts.forget_target(model.id)
+        else:
+            self._facts.remember_target(model.id, training.id, model.id)
+        check_reachable(user, model, training)
         return model
+
+    async def current_file(self, user: User, model_id: UUID) -> StoredFile:
+        """The bytes of a model the user reaches (404, then 403); for a training's global model, served from
+        what this process remembers of its current round after one index-served `count` (access and round)."""
+        known, seen = self._facts.target(model_id), self._facts.round_file(model_id)
+        if known is not None and seen is not None and known[1] == model_id and await count_matching(
+                Training.get_pymongo_collection(), {"_id": known[0], "model": model_id, "round": seen[0],
+                                                    "$or": [{"actor": user.id}, {"participants": user.id}]}):
+            return seen[1]
+        model = await self.get_accessible(user, model_id)
+        stored = StoredFile(model.file_id, model.size, model.sha256)
+        if self._facts.target(model_id) is not None:
+            self._facts.remember_round_file(model_id, model.round, stored)
+        return stored
 
     async def list_accessible(self, user: User) -> list[Model]:
         """Models the user owns or reaches through a training, newest first."""
@@ -206,7 +236,7 @@ class ModelService:
         """Delete trainings with their stored local updates and SWAG statistics (events stay: the audit trail)."""
         async for raw in Training.get_pymongo_collection().find(query, {"_id": 1}):
             await Training.get_pymongo_collection().delete_one({"_id": raw["_id"]})
-            await drop_local_files(raw["_id"], {"$gte": 0}, self.drop_unshared_file)
+            await drop_local_files(raw["_id"], {"$gte": 0}, self._files.delete_many)
 
     async def purge(self, model: Model) -> None:
         """Remove a model, its training, and its file once no model shares it."""

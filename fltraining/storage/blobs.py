@@ -181,6 +181,11 @@ class BlobStore(ABC):
     async def delete(self, file_id: UUID) -> None:
         """Delete a blob; an already deleted one is fine."""
 
+    async def delete_many(self, file_ids: list[UUID]) -> None:
+        """Delete blobs no document names any more (already deleted ones are fine)."""
+        for file_id in file_ids:
+            await self.delete(file_id)
+
     @abstractmethod
     def ids_older_than(self, moment: datetime) -> AsyncIterator[UUID]:
         """Ids of committed blobs written before a moment (for the sweeper)."""

@@ -4,7 +4,7 @@ import logging
 from typing import Any
 
 from beanie import Document, init_beanie
-from pymongo import AsyncMongoClient
+from pymongo import AsyncMongoClient, monitoring
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import OperationFailure
 from pymongo.uri_parser import parse_uri
@@ -22,9 +22,10 @@ def database_name(url: str, default: str) -> str:
     return parse_uri(url).get("database") or default
 
 
-def make_client(url: str) -> AsyncMongoClient[dict[str, Any]]:
+def make_client(url: str, listeners: list[monitoring.CommandListener] | None = None) -> AsyncMongoClient[dict[str, Any]]:
     """Create the async PyMongo client with the codec options fltraining relies on."""
-    return AsyncMongoClient(url, uuidRepresentation="standard", tz_aware=True, connect=False)
+    return AsyncMongoClient(url, uuidRepresentation="standard", tz_aware=True, connect=False,
+                            event_listeners=listeners or [])
 
 
 async def ensure_validator(database: AsyncDatabase[dict[str, Any]], document: type[Document]) -> None:

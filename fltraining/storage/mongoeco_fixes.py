@@ -1,4 +1,4 @@
-"""Corrections to four faults of mongoeco 4.11.0, applied before the embedded store starts."""
+"""Corrections to five faults of mongoeco 4.11.0, applied before the embedded store starts."""
 
 import functools
 import threading
@@ -214,6 +214,22 @@ def _unique_key_via_index(method: Callable[..., bool | None]) -> Callable[..., b
     return checked
 
 
+def _immutable_values_copied_as_themselves() -> None:
+    """Let `copy.deepcopy` return UUIDs and datetimes as they are, as it does for str and int.
+
+    mongoeco deep-copies a document before every update and again for the mutation outcome; both
+    types are immutable, but `deepcopy` rebuilds each through `__reduce_ex__` (`_reconstruct`), which
+    took half of an update's CPU for a document holding 2,000 UUIDs (410 ms per `$inc` on a training
+    of 1,000 participants). Upstream: register them as atomic in mongoeco's copy helper (or copy
+    documents with a codec-aware copier that skips immutable scalars).
+    """
+    import copy
+    import datetime
+
+    for kind in (uuid.UUID, datetime.datetime, datetime.date):
+        copy._deepcopy_dispatch[kind] = copy._deepcopy_atomic  # type: ignore[attr-defined]
+
+
 def apply() -> None:
     """Apply the corrections once; refuse any mongoeco release but the one they fit."""
     global _applied
@@ -255,4 +271,5 @@ def apply() -> None:
     encoder = _encode_bson_dbref(bson_bridge.encode_wire_value)
     bson_bridge.encode_wire_value = encoder
     protocol.encode_wire_value = encoder
+    _immutable_values_copied_as_themselves()
     _applied = True

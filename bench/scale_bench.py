@@ -1,0 +1,296 @@
+"""The round engine at scale: N simulated DLR-style clients per round against `fltraining serve`.
+
+The service runs as `make run` starts it (`fltraining serve`, one process, the embedded store unless
+`--mongodb-url`), with two bench-only settings: loopback message endpoints, and a count of the store
+commands it sends (`FLTRAINING_STORE_COMMAND_COUNTS_FILE`, written on SIGUSR1). The clients live in
+this process: one aiohttp server with a notification path per client. A FedAvg training with
+`skip_model_tests` on a 10,000-parameter safetensors model; when told (`UPDATE_ROUND_START`), each
+client downloads the global model, adds its delta and uploads it.
+
+Per N it prints: the upload phase (first round notification → last upload answered), last upload →
+first / last client notified of the next round, service and store CPU per client per round (from
+/proc), store commands per client per round, and the growth of CPU per client from round 2 to the
+last round. Every upload must answer 201 and every round must aggregate every client: a run with any
+error says so and exits non-zero.
+
+Usage: `python bench/scale_bench.py [--clients 10,100,300,1000] [--rounds 5] [--rounds-large 3]
+[--mongodb-url URL]` (`make bench-scale`).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from load import CLK_TCK, Sampler, _json  # noqa: E402  (bench/ is on sys.path as the script's folder)
+
+from fltraining.weights import dump_tensors, load_tensors  # noqa: E402
+from tests.processes import ServiceProcess, free_port  # noqa: E402
+
+PASSWORD = "scale bench password"
+PARAMETERS = 10_000
+LARGE = 1000  # from this many clients on, --rounds-large rounds
+CLIENT_CONNECTIONS = 128
+ROUND_TIMEOUT_SECONDS = 900.0
+
+
+@dataclass
+class RoundTimes:
+    """When each client was told to train in a round, and when its upload was answered."""
+
+    notified: dict[int, float] = field(default_factory=dict)
+    uploaded: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class Clients:
+    """N simulated clients behind one notification server."""
+
+    base: str
+    tokens: list[str] = field(default_factory=list)
+    ids: list[str] = field(default_factory=list)
+    rounds: defaultdict[int, RoundTimes] = field(default_factory=lambda: defaultdict(RoundTimes))
+    finished: dict[int, float] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    session: aiohttp.ClientSession | None = None
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def notified(self, request: web.Request) -> web.Response:
+        """A notification for client `index`: train now, or note the end."""
+        index = int(request.match_info["index"])
+        message = await request.json()
+        kind, body = message["notification_type"], message["body"]
+        now = time.monotonic()
+        if kind == "UPDATE_ROUND_START":
+            self.rounds[body["round"]].notified.setdefault(index, now)
+            task = asyncio.create_task(self.train(index, body["round"], body["global_model_uuid"]))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        elif kind == "TRAINING_FINISHED":
+            self.finished.setdefault(index, now)
+        self.changed.set()
+        return web.Response(status=202)
+
+    async def train(self, index: int, round_: int, model_id: str) -> None:
+        """Download the global model, add this client's delta, upload it."""
+        assert self.session is not None
+        headers = {"Authorization": f"Token {self.tokens[index]}"}
+        try:
+            async with self.session.get(f"{self.base}/api/models/{model_id}/", headers=headers) as response:
+                if response.status != 200:
+                    raise RuntimeError(f"download {response.status}")
+                tensors = load_tensors(await response.read())
+            trained = {name: np.asarray(value) + np.float32(index % 7) for name, value in tensors.items()}
+            form = aiohttp.FormData()
+            form.add_field("round", str(round_))
+            form.add_field("sample_size", "1")
+            form.add_field("model_file", dump_tensors(trained), filename="model_file")
+            async with self.session.post(f"{self.base}/api/models/{model_id}/", data=form, headers=headers) as response:
+                if response.status != 201:
+                    raise RuntimeError(f"upload {response.status} {await response.text()}")
+            self.rounds[round_].uploaded[index] = time.monotonic()
+        except Exception as error:  # counted and printed: a bench with errors is no measurement
+            self.errors.append(f"client {index} round {round_}: {type(error).__name__}: {error}")
+        self.changed.set()
+
+
+@dataclass
+class Boundary:
+    """CPU ticks and store commands when every client had been told about a round."""
+
+    service_ticks: int
+    store_ticks: int
+    commands: Counter[str]
+
+
+def read_commands(stem: Path, pid: int) -> Counter[str]:
+    """Ask the service for its store command counts (SIGUSR1) and read them once written."""
+    target = stem.with_name(f"{stem.name}.{pid}.json")
+    target.unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while not target.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError("the service wrote no command counts")
+        time.sleep(0.01)
+    return Counter(json.loads(target.read_text()))
+
+
+async def wait_for(clients: Clients, done: Any, what: str) -> None:
+    """Wait until `done()` holds (each client notification or upload wakes the check)."""
+    async with asyncio.timeout(ROUND_TIMEOUT_SECONDS):
+        while not done():
+            if clients.errors:
+                raise RuntimeError(f"{what}: {clients.errors[:5]}")
+            clients.changed.clear()
+            await clients.changed.wait()
+
+
+async def setup(service: ServiceProcess, clients: Clients, n: int, rounds: int, notify_base: str) -> None:
+    """N client users, an actor, the model and the started training."""
+    assert clients.session is not None
+    session, base = clients.session, service.base_url
+    semaphore = asyncio.Semaphore(8)
+
+    async def register(index: int) -> dict[str, Any]:
+        body = {"username": f"client{index}", "password": PASSWORD, "client": True,
+                "message_endpoint": f"{notify_base}/c/{index}"}
+        async with semaphore:
+            return dict(await _json(session, "POST", base + "/api/users/", 201, json=body))
+
+    users = await asyncio.gather(*(register(index) for index in range(n)))
+    clients.tokens = [user["token"] for user in users]
+    clients.ids = [user["id"] for user in users]
+    actor = await _json(session, "POST", base + "/api/users/", 201,
+                        json={"username": "actor", "password": PASSWORD, "actor": True})
+    headers = {"Authorization": f"Token {actor['token']}"}
+    form = aiohttp.FormData()
+    form.add_field("name", "scale")
+    weights = {"w": np.zeros((100, 99), np.float32), "b": np.zeros(100, np.float32)}  # 10,000 parameters
+    form.add_field("model_file", dump_tensors(weights), filename="model.safetensors")
+    model = await _json(session, "POST", base + "/api/models/", 201, data=form, headers=headers)
+    body = {"model_id": model["model_id"], "target_num_updates": rounds, "clients": clients.ids,
+            "aggregation_method": "FedAvg", "uncertainty_method": "NONE", "metric_names": [],
+            "options": {"skip_model_tests": True}}
+    created = await _json(session, "POST", base + "/api/trainings/", 201, json=body, headers=headers)
+    await _json(session, "POST", f"{base}/api/trainings/{created['training_id']}/start/", 202, headers=headers)
+
+
+@dataclass
+class Row:
+    """The figures of one N."""
+
+    n: int
+    rounds: int
+    upload_phase: float
+    first_notified: float
+    last_notified: float
+    service_ms: float
+    store_ms: float
+    commands: float
+    growth: float
+    top_commands: str
+
+
+async def measure(n: int, rounds: int, mongodb_url: str | None) -> Row:
+    """Run one training of `rounds` rounds with `n` clients; return the figures."""
+    with tempfile.TemporaryDirectory(prefix="fltraining-scale-") as temp:
+        stem = Path(temp) / "commands"
+        env = {"FLTRAINING_NOTIFICATION_ALLOW_LOOPBACK": "true", "FLTRAINING_STORE_COMMAND_COUNTS_FILE": str(stem)}
+        if mongodb_url:
+            env |= {"FLTRAINING_MONGODB_URL": mongodb_url, "FLTRAINING_DATABASE": f"scale{n}_{os.getpid()}"}
+        service = ServiceProcess(Path(temp) / "data", env=env)
+        service.start()
+        port = free_port()
+        clients = Clients(service.base_url)
+        app = web.Application()
+        app.router.add_post("/c/{index}", clients.notified)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        connector = aiohttp.TCPConnector(limit=CLIENT_CONNECTIONS)
+        clients.session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600))
+        try:
+            assert service.process is not None
+            pid = service.process.pid
+            sampler = Sampler(pid)
+            await setup(service, clients, n, rounds, f"http://127.0.0.1:{port}")
+            boundaries: list[Boundary] = []
+            for round_ in range(rounds + 1):
+                if round_ < rounds:
+                    await wait_for(clients, lambda r=round_: len(clients.rounds[r].notified) == n, f"round {round_}")
+                else:
+                    await wait_for(clients, lambda: len(clients.finished) == n, "the end")
+                sample = sampler.read()
+                commands = await asyncio.to_thread(read_commands, stem, pid)
+                boundaries.append(Boundary(sample.service_ticks, sample.store_ticks, commands))
+            if clients.errors:
+                raise RuntimeError(f"client errors: {clients.errors[:5]}")
+            for round_ in range(rounds):
+                if len(clients.rounds[round_].uploaded) != n:
+                    raise RuntimeError(f"round {round_}: {len(clients.rounds[round_].uploaded)} of {n} uploads")
+        finally:
+            await clients.session.close()
+            await runner.cleanup()
+            service.stop()
+
+    def per_client_ms(ticks: list[int]) -> list[float]:
+        return [(b - a) * 1000 / CLK_TCK / n for a, b in zip(ticks, ticks[1:])]
+
+    service_ms = per_client_ms([b.service_ticks for b in boundaries])
+    store_ms = per_client_ms([b.store_ticks for b in boundaries])
+    per_round_commands = [b.commands - a.commands for a, b in zip(boundaries, boundaries[1:])]
+    commands = [sum(c.values()) / n for c in per_round_commands]
+    upload_phase, first_notified, last_notified = [], [], []
+    for round_ in range(rounds):
+        times = clients.rounds[round_]
+        last_upload = max(times.uploaded.values())
+        upload_phase.append(last_upload - min(times.notified.values()))
+        following = clients.rounds[round_ + 1].notified if round_ + 1 < rounds else clients.finished
+        first_notified.append(min(following.values()) - last_upload)
+        last_notified.append(max(following.values()) - last_upload)
+    totals = [s + t for s, t in zip(service_ms, store_ms)]
+    later = slice(1, None) if rounds > 1 else slice(None)  # round 1 includes the service's warm-up
+    top = sum(per_round_commands[later], Counter())
+    return Row(
+        n=n, rounds=rounds, upload_phase=statistics.median(upload_phase[later]),
+        first_notified=statistics.median(first_notified[later]), last_notified=statistics.median(last_notified[later]),
+        service_ms=statistics.median(service_ms[later]), store_ms=statistics.median(store_ms[later]),
+        commands=statistics.median(commands[later]), growth=totals[-1] / totals[1] if rounds > 1 else 1.0,
+        top_commands=", ".join(f"{name} {count / n / len(per_round_commands[later]):.2f}"
+                               for name, count in top.most_common(8)),
+    )
+
+
+def print_table(rows: list[Row], mongodb_url: str | None) -> None:
+    """The figures, one row per N (medians over rounds 2 … last)."""
+    store = "MongoDB at " + mongodb_url if mongodb_url else "the embedded store"
+    print(f"\nRound engine at scale on {store} ({os.cpu_count()} cores); medians over rounds 2 … last")
+    print("| clients | rounds | upload phase | last upload → first / last notified | service + store CPU "
+          "per client per round | store commands per client per round | CPU growth round 2 → last |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        print(f"| {row.n:,} | {row.rounds} | {row.upload_phase:.2f} s | {row.first_notified:.2f} / "
+              f"{row.last_notified:.2f} s | {row.service_ms:.1f} + {row.store_ms:.1f} ms | {row.commands:.2f} | "
+              f"{row.growth:.2f}× |")
+    print("\nStore commands per client per round, by kind (rounds 2 … last):")
+    for row in rows:
+        print(f"  N = {row.n:,}: {row.top_commands}")
+
+
+def main() -> None:
+    """Parse the arguments, run each N, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", default="10,100,300,1000", help="comma-separated client counts")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per training below 1,000 clients")
+    parser.add_argument("--rounds-large", type=int, default=3, help="rounds per training from 1,000 clients on")
+    parser.add_argument("--mongodb-url", default=None, help="run on this MongoDB instead of the embedded store")
+    args = parser.parse_args()
+    rows = []
+    for n in (int(value) for value in args.clients.split(",")):
+        rounds = args.rounds_large if n >= LARGE else args.rounds
+        started = time.monotonic()
+        rows.append(asyncio.run(measure(n, rounds, args.mongodb_url)))
+        print(f"N = {n:,}: {rounds} rounds in {time.monotonic() - started:.0f} s", flush=True)
+    print_table(rows, args.mongodb_url)
+
+
+if __name__ == "__main__":
+    main()

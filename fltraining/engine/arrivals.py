@@ -1,0 +1,77 @@
+"""Who arrived in a round's waiting phase.
+
+Local updates and SWAG statistics are their own record of arrival: one document per participant
+and round (a unique index), so an upload writes nothing into the training, and completion is a
+`count` of the round's documents (index-served). Test metrics, which have no document of their
+own per participant, are still counted in the training's `round_arrived`.
+"""
+
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from beanie import Document
+
+from fltraining.documents import SwagStatistic, Training, Update
+from fltraining.engine.plans import still_taking_part
+from fltraining.states import Phase
+from fltraining.storage.queries import count_matching
+
+RECORDED_BY: dict[Phase, type[Document]] = {Phase.UPDATES: Update, Phase.SWAG: SwagStatistic}
+
+
+async def count_stored(phase: Phase, training_id: UUID, round_: int) -> int:
+    """How many contributions of a round's phase are stored (including any of users removed since)."""
+    return await count_matching(RECORDED_BY[phase].get_pymongo_collection(), {"training": training_id, "round": round_})
+
+
+async def arrived_count(raw: dict[str, Any]) -> int:
+    """A stored training's arrivals in its current phase, as the detail shows them."""
+    phase = raw.get("phase")
+    if phase is None:
+        return 0
+    if Phase(phase) in RECORDED_BY:
+        return await count_stored(Phase(phase), raw["_id"], raw["round"])
+    return len(raw.get("round_arrived", []))
+
+
+async def arrived_users(training: Training, phase: Phase | None = None) -> set[UUID]:
+    """The round participants whose contribution to a phase (by default the current one) is stored."""
+    phase = phase or training.phase
+    if phase is None:
+        return set()
+    participants = set(training.round_participants)
+    if phase not in RECORDED_BY:
+        return participants & set(training.round_arrived)
+    cursor = RECORDED_BY[phase].get_pymongo_collection().find(
+        {"training": training.id, "round": training.round}, {"user": 1, "_id": 0})
+    # Only round participants count: an upload whose confirmation failed may be stored a moment before
+    # it is removed again.
+    return {raw["user"] async for raw in cursor} & participants
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a training stands, as an event stream reports it between events."""
+
+    state: str
+    settled: bool  # no effects of its last steps are still to be applied
+    round: int
+    phase: str | None
+    arrived: int
+    expected: int
+
+
+PROGRESS_FIELDS = {"state": 1, "phase": 1, "round": 1, "participants": 1, "round_participants": 1,
+                   "round_arrived": 1, "effects.id": 1}
+
+
+async def progress_of(training_id: UUID) -> Progress | None:
+    """A training's state and its current phase's arrivals (None once it is deleted)."""
+    raw = await Training.get_pymongo_collection().find_one({"_id": training_id}, PROGRESS_FIELDS)
+    if raw is None:
+        return None
+    waiting = raw.get("phase") not in (None, str(Phase.AGGREGATING))
+    expected = len(still_taking_part(raw.get("round_participants", []), raw["participants"])) if waiting else 0
+    return Progress(state=raw["state"], settled=not raw.get("effects"), round=raw["round"], phase=raw.get("phase"),
+                    arrived=await arrived_count(raw) if waiting else 0, expected=expected)

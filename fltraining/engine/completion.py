@@ -1,0 +1,100 @@
+"""Noticing that a round's contributions are complete, without a store operation per upload.
+
+Each process counts the contributions it confirmed per (training, round, phase). When its own count
+reaches the number of round participants (read once per round and process), it confirms with one
+index-served `count` of the stored documents and wakes the engine, which decides exactly. With several
+processes no single count reaches the total, so a process also counts once its uploads pause for
+`SETTLE_SECONDS` (one count per burst, not per upload). The reconciler still looks at every running
+training, so a lost wake-up only delays a round.
+"""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from uuid import UUID
+
+from pymongo.errors import PyMongoError
+
+from fltraining.documents import Training
+from fltraining.engine.arrivals import count_stored
+from fltraining.engine.plans import still_taking_part
+from fltraining.states import Phase
+
+log = logging.getLogger(__name__)
+
+SETTLE_SECONDS = 0.25
+MAX_ROUNDS = 10_000
+
+Key = tuple[UUID, int, Phase]
+
+
+class CompletionWatch:
+    """Per process: contributions confirmed here, and a wake-up for the engine when a round may be complete."""
+
+    def __init__(self, kick: Callable[[UUID], None], settle_seconds: float = SETTLE_SECONDS) -> None:
+        self._kick = kick
+        self._settle = settle_seconds
+        self._expected: dict[Key, int] = {}
+        self._confirmed: dict[Key, int] = {}
+        self._later: dict[Key, asyncio.TimerHandle] = {}
+        self._reading: dict[Key, asyncio.Future[int | None]] = {}
+
+    async def arrived(self, training_id: UUID, phase: Phase, round_: int, fresh: bool) -> None:
+        """A contribution was confirmed (`fresh`: stored by this request, not a retry finding its twin)."""
+        key = (training_id, round_, phase)
+        expected = await self._expected_in(key)
+        if expected is None:
+            return
+        if not fresh:  # a retry may be the one a crash kept from waking anybody
+            await self._check(key)
+            return
+        self._confirmed[key] = self._confirmed.get(key, 0) + 1
+        if self._confirmed[key] >= expected:
+            await self._check(key)
+            return
+        if (handle := self._later.pop(key, None)) is not None:
+            handle.cancel()
+        loop = asyncio.get_running_loop()
+        self._later[key] = loop.call_later(self._settle, lambda: loop.create_task(self._check_later(key)))
+
+    async def _expected_in(self, key: Key) -> int | None:
+        if (expected := self._expected.get(key)) is not None:
+            return expected
+        # One read per round and process, however many uploads arrive while it is under way.
+        reading = self._reading.get(key)
+        if reading is None:
+            reading = self._reading[key] = asyncio.ensure_future(self._read_expected(key[0]))
+            reading.add_done_callback(lambda _: self._reading.pop(key, None))
+        expected = await asyncio.shield(reading)
+        if expected is not None:
+            if len(self._expected) >= MAX_ROUNDS:  # rounds long over; their entries are only a cache
+                self._expected.clear()
+                self._confirmed.clear()
+            self._expected[key] = expected
+        return expected
+
+    @staticmethod
+    async def _read_expected(training_id: UUID) -> int | None:
+        raw = await Training.get_pymongo_collection().find_one({"_id": training_id})
+        if raw is None:
+            return None
+        return len(still_taking_part(raw.get("round_participants", []), raw["participants"]))
+
+    async def _check(self, key: Key) -> None:
+        if (handle := self._later.pop(key, None)) is not None:
+            handle.cancel()
+        training_id, round_, phase = key
+        if await count_stored(phase, training_id, round_) >= self._expected.get(key, 0):
+            self._kick(training_id)
+
+    async def _check_later(self, key: Key) -> None:
+        self._later.pop(key, None)
+        with contextlib.suppress(PyMongoError):  # the reconciler looks again
+            await self._check(key)
+
+    def close(self) -> None:
+        """Cancel the pending checks."""
+        for handle in self._later.values():
+            handle.cancel()
+        self._later.clear()
