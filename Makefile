@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 BENCH_VENV := .venv-bench
 
-.PHONY: run test bench bench-aggregation bench-rounds bench-transfer bench-inference demo clean
+.PHONY: run test bench bench-aggregation bench-rounds bench-scale bench-transfer bench-inference demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13) and "fltraining needs Python 3.13 (see .python-version)")'
@@ -45,6 +45,10 @@ bench-aggregation: $(BENCH_VENV)/.installed
 
 bench-rounds: $(STAMP)
 	$(PY) bench/round_latency_bench.py $(ARGS)
+
+# N simulated clients per round against `fltraining serve` (N = 10 / 100 / 300 / 1,000): ARGS="--mongodb-url URL" for MongoDB.
+bench-scale: $(STAMP)
+	$(PY) bench/scale_bench.py $(ARGS)
 
 bench-transfer: $(STAMP)
 	$(PY) bench/transfer_bench.py $(ARGS)

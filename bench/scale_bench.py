@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -232,11 +233,11 @@ async def measure(n: int, rounds: int, mongodb_url: str | None) -> Row:
             service.stop()
 
     def per_client_ms(ticks: list[int]) -> list[float]:
-        return [(b - a) * 1000 / CLK_TCK / n for a, b in zip(ticks, ticks[1:])]
+        return [(b - a) * 1000 / CLK_TCK / n for a, b in pairwise(ticks)]
 
     service_ms = per_client_ms([b.service_ticks for b in boundaries])
     store_ms = per_client_ms([b.store_ticks for b in boundaries])
-    per_round_commands = [b.commands - a.commands for a, b in zip(boundaries, boundaries[1:])]
+    per_round_commands = [b.commands - a.commands for a, b in pairwise(boundaries)]
     commands = [sum(c.values()) / n for c in per_round_commands]
     upload_phase, first_notified, last_notified = [], [], []
     for round_ in range(rounds):

@@ -244,7 +244,7 @@ async def _follow_events(
             # A shutting-down service ends its streams (clients reconnect with Last-Event-ID).
             shutting_down = request.app[shutting_down_key]
             started = loop.time()
-            done, pending = await asyncio.wait(
+            _, pending = await asyncio.wait(
                 [asyncio.ensure_future(woken.wait()), asyncio.ensure_future(shutting_down.wait())],
                 timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             for task in pending:

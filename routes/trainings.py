@@ -7,7 +7,6 @@ from aiohttp import web
 from fltraining.engine.arrivals import RECORDED_BY, arrived_count
 from fltraining.engine.plans import still_taking_part
 from fltraining.schemas.common import Message
-from fltraining.states import Phase
 from fltraining.schemas.trainings import (
     ClientsBody,
     TrainingCreate,
@@ -18,6 +17,7 @@ from fltraining.schemas.trainings import (
     TrainingPublic,
     public_training,
 )
+from fltraining.states import Phase
 from routes.auth import current_user
 from routes.conditional import REVALIDATE, list_etag, none_match, not_modified
 from routes.keys import trainings_key

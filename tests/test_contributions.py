@@ -228,6 +228,32 @@ async def test_identical_retry_accepted_once(api: TestClient, started: Round) ->
     assert len([entry for entry in models if entry["type"] == "LOCAL"]) == 1
 
 
+async def test_concurrent_duplicate_uploads_arrive_once(api: TestClient, started: Round) -> None:
+    """Eight identical uploads at once, and one different one: the record of arrival is the stored update, so
+    the first participant arrives once, the round aggregates once, and its audit lists each participant once."""
+    forms = [update_form(sample_size="3", content=trained(1)) for _ in range(8)]
+    answers = await asyncio.gather(*(post_update(api, started.first, started.model_id, form) for form in forms),
+                                   post_update(api, started.first, started.model_id,
+                                               update_form(sample_size="3", content=trained(5))))
+    statuses = [status for status, _ in answers]
+    # The different upload is refused, unless it was the first stored: then the eight identical ones are.
+    assert sorted(statuses) in ([201] * 8 + [409], [201] + [409] * 8), answers
+    arrived, models = await snapshot(api, started.actor, started.training_id)
+    assert arrived == 1
+    assert len([entry for entry in models if entry["type"] == "LOCAL"]) == 1
+    status, _ = await post_update(api, started.second, started.model_id, update_form(content=trained(2)))
+    assert status == 201
+    await wait_for_phase(api, started.actor, started.training_id, 1, "testing")
+    [aggregated] = [event for event in await events_of(api, started.actor, started.training_id)
+                    if event["type"] == "aggregated"]
+    arrivals = aggregated["data"]["arrivals"]
+    assert sorted(arrival["user"] for arrival in arrivals) == sorted([started.first.id, started.second.id])
+    by_user = {arrival["user"]: arrival for arrival in arrivals}
+    kept = trained(1) if statuses.count(201) == 8 else trained(5)
+    assert by_user[started.first.id]["sha256"] == hashlib.sha256(kept).hexdigest()
+    assert (by_user[started.first.id]["sample_size"], by_user[started.first.id]["size"]) == (3, len(kept))
+
+
 @pytest.mark.parametrize("second", ["other bytes", "other sample size"])
 async def test_different_second_update_conflicts(api: TestClient, started: Round, second: str) -> None:
     status, _ = await post_update(api, started.first, started.model_id,

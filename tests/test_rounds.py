@@ -93,7 +93,9 @@ async def test_a_pytorch_model_is_trained_and_handed_back_as_a_pytorch_state_dic
         np.testing.assert_allclose(value, np.full(GLOBAL_TENSORS[name].shape, 14 / 6), rtol=1e-6)
 
 
-async def test_exhausted_notification_retries_end_the_training(api: TestClient, clients: list[SimulatedClient]) -> None:
+async def test_exhausted_notification_retries_end_the_training(
+    api: TestClient, clients: list[SimulatedClient], database_url: str
+) -> None:
     clients[1].answer_status = 503  # a receiver that is down for good
     actor = await register(api, actor=True)
     training_id = await run_training(api, actor, clients, target_num_updates=2)
@@ -105,6 +107,17 @@ async def test_exhausted_notification_retries_end_the_training(api: TestClient, 
     assert clients[1].types().count("TRAINING_START") + clients[1].types().count("UPDATE_ROUND_START") >= 5
     failed = [event for event in await events_of(api, actor, training_id) if event["type"] == "notification_failed"]
     assert failed and {event["user"] for event in failed} == {clients[1].account.id}
+    # The record of TRAINING_START says so for that receiver alone; the others had it at once.
+    mongo = make_client(database_url)
+    try:
+        notifications = mongo[database_name(database_url, "fltraining")]["notifications"]
+        record = await notifications.find_one({"training": UUID(training_id), "notification_type": "TRAINING_START"})
+    finally:
+        await mongo.close()
+    assert record is not None and record["status"] == "settled" and record["delivered"] == 2
+    assert [(r["user"], r["status"], r["attempts"]) for r in record["receipts"]] == [
+        (UUID(clients[1].account.id), "failed", 5)]
+    assert all(client.types()[:1] == ["TRAINING_START"] for client in (clients[0], clients[2]))
 
 
 async def test_a_client_answering_500_ends_the_training_with_its_event_and_the_stream_ends(

@@ -3,7 +3,7 @@
 import copy
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -716,3 +716,29 @@ async def test_deletes_keep_the_facts_they_leave_true(engine_collection: Any, ar
     with pytest.raises(DuplicateKeyError):
         await engine_collection.insert_one({"k": 901})
     assert await engine_collection.count_documents({}) == STORED + 1
+
+
+@pytest.mark.parametrize("engine_collection", ["sqlite"], indirect=True)
+async def test_updates_do_not_rebuild_every_uuid_and_datetime(
+    engine_collection: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mongoeco deep-copies a document on every update; UUIDs and datetimes are immutable, so a copy is the value
+    itself (before: each was rebuilt through `__reduce_ex__`, half the CPU of an update of a training with 1,000
+    participants). The values stored are unchanged."""
+    users = [uuid.uuid4() for _ in range(1000)]
+    moments = [datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=i) for i in range(100)]
+    await engine_collection.insert_one({"_id": "t", "participants": users, "at": moments, "version": 1})
+    rebuilt = [0]
+    reconstruct = copy._reconstruct  # type: ignore[attr-defined]
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        rebuilt[0] += 1
+        return reconstruct(*args, **kwargs)
+
+    monkeypatch.setattr(copy, "_reconstruct", counting)
+    await engine_collection.update_one({"_id": "t"}, {"$inc": {"version": 1}})
+    assert rebuilt[0] == 0
+    stored = await engine_collection.find_one({"_id": "t"})
+    assert (stored["participants"], stored["version"]) == (users, 2)
+    assert [moment.replace(tzinfo=UTC) for moment in stored["at"]] == moments
+    assert copy.deepcopy(users[0]) is users[0]

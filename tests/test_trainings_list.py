@@ -10,11 +10,11 @@ from aiohttp.test_utils import TestClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from fltraining.documents import Training
+from fltraining.engine.arrivals import arrived_count
 from fltraining.engine.plans import expected_users
 from fltraining.schemas.trainings import TrainingDetail, TrainingPublic
 from routes.responses import json_document
 from routes.trainings import training_detail
-from fltraining.engine.arrivals import arrived_count
 from tests.helpers import Account, create_training, register, update_stored_training
 
 LISTS = ("/api/trainings/", "/api/users/trainings/")

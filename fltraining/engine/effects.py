@@ -16,7 +16,16 @@ from uuid import UUID, uuid5
 from pymongo.errors import DuplicateKeyError, WriteError
 
 from fltraining.clock import utcnow
-from fltraining.documents import Event, Metric, Model, Notification, SetAsideEffect, SwagStatistic, Training, Update
+from fltraining.documents import (
+    Event,
+    Metric,
+    Model,
+    Notification,
+    SetAsideEffect,
+    SwagStatistic,
+    Training,
+    Update,
+)
 from fltraining.storage.blobs import StoredFile
 
 log = logging.getLogger(__name__)

@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 BATCH = 50  # records claimed per scan
 MAX_BACKOFF_SECONDS = 300.0
 PARALLEL_RECEIVERS = 64
-MIN_CLAIM_SECONDS = 30.0
 
 # The phase a round notification asks a client to act in.
 PHASE_OF = {"UPDATE_ROUND_START": "updates", "MODEL_TEST_ROUND": "testing", "SWAG_ROUND_START": "swag"}
@@ -110,7 +109,8 @@ class NotificationDelivery:
         self._backoff = backoff_seconds
         self._timeout = timeout_seconds
         self._retention = timedelta(days=retention_days)
-        self._claim_for = timedelta(seconds=max(MIN_CLAIM_SECONDS, timeout_seconds * 2 + 5))
+        # Long enough for one attempt at every receiver's answer; renewed while a long fan-out goes on.
+        self._claim_for = timedelta(seconds=timeout_seconds * 2 + 5)
         self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._session: aiohttp.ClientSession | None = None
         self._wake = asyncio.Event()
@@ -271,9 +271,8 @@ class NotificationDelivery:
 
         async def one(user: UUID) -> Outcome:
             previous, mine = chained[user]
-            if previous is not None and not await asyncio.shield(previous):
-                outcome = Outcome(user, "deferred", "an earlier notification to this receiver is not settled")
-            elif user in held_elsewhere:
+            earlier_unsettled = previous is not None and not await asyncio.shield(previous)
+            if earlier_unsettled or user in held_elsewhere:
                 outcome = Outcome(user, "deferred", "an earlier notification to this receiver is not settled")
             else:
                 body = {**record.body, **overrides.get(user, {})}

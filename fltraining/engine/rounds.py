@@ -26,7 +26,15 @@ from fltraining.documents import ChainLink, Model, SwagStatistic, Training, Upda
 from fltraining.engine import plans
 from fltraining.engine.arrivals import arrived_users
 from fltraining.engine.bell import ChangeBell
-from fltraining.engine.effects import Effectors, Effects, Evaluate, LaterOutbox, Outbox, apply_pending, pending
+from fltraining.engine.effects import (
+    Effectors,
+    Effects,
+    Evaluate,
+    LaterOutbox,
+    Outbox,
+    apply_pending,
+    pending,
+)
 from fltraining.errors import FLTrainingError
 from fltraining.schemas.common import iso_z
 from fltraining.services.models import ModelService

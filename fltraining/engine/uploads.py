@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from beanie import Document
 from pymongo.errors import DuplicateKeyError
 
 from fltraining.documents import Metric, Model, SwagStatistic, Training, Update, User
@@ -139,7 +138,7 @@ class ContributionService:
         if not await count_matching(Training.get_pymongo_collection(), query):
             raise await self._refusal(target.training_id, user, state, phase, round_)
 
-    async def _accept[D: Document](
+    async def _accept[D: (Update, SwagStatistic)](
         self, user: User, model_id: UUID, round_: int, state: TrainingState, phase: Phase,
         make: Callable[[Target], D], same: Callable[[D, D], bool], files: Callable[[D], list[UUID]],
         conflict: str, after: Callable[[D, bool], Awaitable[None]] | None = None,
@@ -177,11 +176,10 @@ class ContributionService:
             await self._completion.arrived(target.training_id, phase, round_, fresh)
             return
 
-    async def _withdraw(self, document: Document, files: list[UUID]) -> None:
+    async def _withdraw(self, document: Update | SwagStatistic, files: list[UUID]) -> None:
         """Remove a refused contribution, unless the round was closed meanwhile and its aggregation may use it."""
         raw = await Training.get_pymongo_collection().find_one(
-            {"_id": getattr(document, "training"), "round": getattr(document, "round"),
-             "phase": str(Phase.AGGREGATING)}, {"_id": 1})
+            {"_id": document.training, "round": document.round, "phase": str(Phase.AGGREGATING)}, {"_id": 1})
         if raw is not None:
             return  # the round's clean-up removes it with the others
         await type(document).get_pymongo_collection().delete_one({"_id": document.id})

@@ -13,8 +13,8 @@ from gridfs import AsyncGridFSBucket
 from gridfs.errors import NoFile
 from pymongo.asynchronous.database import AsyncDatabase
 
-from fltraining.storage.queries import in_chunks
 from fltraining.storage.blobs import BlobMissing, BlobStore, BlobStoreKind, Staged, Staging, StoredFile
+from fltraining.storage.queries import in_chunks
 
 BUCKET = "model_files"
 CHUNK_BYTES = 255 * 1024
