@@ -244,8 +244,16 @@ async def test_concurrent_duplicate_uploads_arrive_once(api: TestClient, started
     status, _ = await post_update(api, started.second, started.model_id, update_form(content=trained(2)))
     assert status == 201
     await wait_for_phase(api, started.actor, started.training_id, 1, "testing")
-    [aggregated] = [event for event in await events_of(api, started.actor, started.training_id)
-                    if event["type"] == "aggregated"]
+
+    async def aggregations() -> list[dict[str, Any]]:  # the step's events are written just after it
+        return [event for event in await events_of(api, started.actor, started.training_id)
+                if event["type"] == "aggregated"]
+
+    async def audited() -> bool:
+        return bool(await aggregations())
+
+    await wait_until(audited, "the aggregation's event")
+    [aggregated] = await aggregations()
     arrivals = aggregated["data"]["arrivals"]
     assert sorted(arrival["user"] for arrival in arrivals) == sorted([started.first.id, started.second.id])
     by_user = {arrival["user"]: arrival for arrival in arrivals}

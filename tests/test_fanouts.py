@@ -7,6 +7,7 @@ user would take the test longer than the rounds). Behaviour, not timing: no figu
 
 import asyncio
 import hashlib
+import os
 import secrets
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,15 +26,19 @@ from pymongo.asynchronous.database import AsyncDatabase
 from fltraining.clock import utcnow
 from fltraining.documents import User
 from fltraining.engine.outbox import purge_settled
+from fltraining.settings import Settings
 from fltraining.storage.database import database_name, init_database, make_client
 from fltraining.storage.embedded import EmbeddedStore
 from fltraining.weights import dump_tensors, load_tensors
+from routes.app import create_app
+from tests.conftest import TEST_URL_VARIABLE, with_database
 from tests.fl_clients import GLOBAL_TENSORS, HttpApi, model_bytes, wait_for_state, wait_until
 from tests.helpers import Account, create_training, register, upload_model
 from tests.processes import ServiceProcess
 from tests.test_rounds import events_of
 
 RECEIVERS = 300
+KILLED_RECEIVERS = 150  # enough for a fan-out half delivered at 64 receivers in parallel
 SECONDS = 180.0
 Api = TestClient | HttpApi
 
@@ -148,12 +153,42 @@ async def start(api: Api, actor: Account, accounts: list[Account], **fields: Any
     return training_id
 
 
+@pytest.fixture
+async def own_store(tmp_path: Path, store_url: str) -> AsyncIterator[str]:
+    """A database of its own for a heavy test: on the embedded store a fresh store process (its load stays
+    out of the suite's shared one), else a fresh database on the MongoDB under test."""
+    if os.environ.get(TEST_URL_VARIABLE):
+        url = with_database(store_url, f"fltraining_fanout_{uuid4().hex[:12]}")
+        yield url
+        mongo = make_client(url)
+        await mongo.drop_database(database_name(url, "fltraining"))
+        await mongo.close()
+        return
+    with EmbeddedStore(tmp_path / "own-store") as embedded:
+        yield embedded.url.replace("/?", "/fanout?")
+
+
+@pytest.fixture
+async def heavy_api(aiohttp_client: Any, engine_settings: Settings, own_store: str) -> TestClient:
+    """The round-engine test service on its own database."""
+    return await aiohttp_client(create_app(engine_settings.model_copy(update={"mongodb_url": own_store})))
+
+
+@pytest.fixture
+async def heavy_db(heavy_api: TestClient, own_store: str) -> AsyncIterator[AsyncDatabase[dict[str, Any]]]:
+    """That database, read directly."""
+    mongo = make_client(own_store)
+    yield mongo[database_name(own_store, "fltraining")]
+    await mongo.close()
+
+
 async def test_300_clients_run_their_rounds_and_a_refusing_one_is_removed(
-    api: TestClient, raw_db: AsyncDatabase[dict[str, Any]], receivers: Receivers
+    heavy_api: TestClient, heavy_db: AsyncDatabase[dict[str, Any]], receivers: Receivers
 ) -> None:
     """300 participants on the embedded store (or the MongoDB under test): one answers 410 to its round
     notification and is removed (the actor told); the other 299 train two rounds to C; every notification
     is one record, settled, with a receipt only for the refusal."""
+    api, raw_db = heavy_api, heavy_db
     accounts = await insert_clients(raw_db, receivers, RECEIVERS)
     refusing = 7
     receivers.status[refusing] = 410
@@ -229,20 +264,20 @@ async def test_a_fan_out_killed_midway_reaches_everyone_in_order_through_two_pro
         try:
             doomed.start()
             apis.append(HttpApi(doomed.base_url))
-            accounts = await insert_clients(database, receivers, RECEIVERS)
+            accounts = await insert_clients(database, receivers, KILLED_RECEIVERS)
             actor = await register(cast(Any, apis[0]), actor=True)
             receivers.gate.clear()  # answers wait: the first deliveries stay in flight
             await start(apis[0], actor, accounts, target_num_updates=1)
 
             async def midway() -> bool:
-                return sum(1 for index in range(RECEIVERS) if receivers.got[index]) >= 32
+                return sum(1 for index in range(KILLED_RECEIVERS) if receivers.got[index]) >= 32
 
             await wait_until(midway, "the first fan-out under way", SECONDS)
             assert doomed.process is not None
             doomed.process.kill()
             doomed.process.wait()
-            reached = sum(1 for index in range(RECEIVERS) if receivers.got[index])
-            assert 32 <= reached < RECEIVERS, reached
+            reached = sum(1 for index in range(KILLED_RECEIVERS) if receivers.got[index])
+            assert 32 <= reached < KILLED_RECEIVERS, reached
             pending = await database["notifications"].find({"status": "pending"}).to_list()
             assert {record["notification_type"] for record in pending} == {"TRAINING_START", "UPDATE_ROUND_START"}
             receivers.gate.set()
@@ -250,10 +285,10 @@ async def test_a_fan_out_killed_midway_reaches_everyone_in_order_through_two_pro
                 survivor.start()
 
             async def everyone() -> bool:
-                return all("UPDATE_ROUND_START" in receivers.got[index] for index in range(RECEIVERS))
+                return all("UPDATE_ROUND_START" in receivers.got[index] for index in range(KILLED_RECEIVERS))
 
             await wait_until(everyone, "every receiver reached after the kill", SECONDS)
-            for index in range(RECEIVERS):  # at least once, in order (a receiver may see a redelivery)
+            for index in range(KILLED_RECEIVERS):  # at least once, in order (a receiver may see a redelivery)
                 assert receivers.first(index, "TRAINING_START") < receivers.first(index, "UPDATE_ROUND_START")
                 assert receivers.last(index, "TRAINING_START") < receivers.last(index, "UPDATE_ROUND_START")
 

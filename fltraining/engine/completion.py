@@ -39,6 +39,7 @@ class CompletionWatch:
         self._confirmed: dict[Key, int] = {}
         self._later: dict[Key, asyncio.TimerHandle] = {}
         self._reading: dict[Key, asyncio.Future[int | None]] = {}
+        self._checking: set[asyncio.Task[None]] = set()
 
     async def arrived(self, training_id: UUID, phase: Phase, round_: int, fresh: bool) -> None:
         """A contribution was confirmed (`fresh`: stored by this request, not a retry finding its twin)."""
@@ -56,7 +57,7 @@ class CompletionWatch:
         if (handle := self._later.pop(key, None)) is not None:
             handle.cancel()
         loop = asyncio.get_running_loop()
-        self._later[key] = loop.call_later(self._settle, lambda: loop.create_task(self._check_later(key)))
+        self._later[key] = loop.call_later(self._settle, self._start_check, key)
 
     async def _expected_in(self, key: Key) -> int | None:
         if (expected := self._expected.get(key)) is not None:
@@ -88,13 +89,20 @@ class CompletionWatch:
         if await count_stored(phase, training_id, round_) >= self._expected.get(key, 0):
             self._kick(training_id)
 
+    def _start_check(self, key: Key) -> None:
+        task = asyncio.get_running_loop().create_task(self._check_later(key))
+        self._checking.add(task)
+        task.add_done_callback(self._checking.discard)
+
     async def _check_later(self, key: Key) -> None:
         self._later.pop(key, None)
         with contextlib.suppress(PyMongoError):  # the reconciler looks again
             await self._check(key)
 
     def close(self) -> None:
-        """Cancel the pending checks."""
+        """Cancel the pending checks (at shutdown: the reconciler of any process looks again)."""
         for handle in self._later.values():
             handle.cancel()
         self._later.clear()
+        for task in self._checking:
+            task.cancel()

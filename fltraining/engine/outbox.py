@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 BATCH = 50  # records claimed per scan
 MAX_BACKOFF_SECONDS = 300.0
 PARALLEL_RECEIVERS = 64
+MAX_KNOWN_ENDPOINTS = 100_000
 
 # The phase a round notification asks a client to act in.
 PHASE_OF = {"UPDATE_ROUND_START": "updates", "MODEL_TEST_ROUND": "testing", "SWAG_ROUND_START": "swag"}
@@ -121,6 +122,7 @@ class NotificationDelivery:
         # next one waits for it, so each receiver gets its notifications in order.
         self._tails: dict[UUID, tuple[str, asyncio.Future[bool]]] = {}
         self._parallel = asyncio.Semaphore(PARALLEL_RECEIVERS)
+        self._known_endpoints: dict[UUID, str] = {}
 
     # -- handing records over ---------------------------------------------------------------------
 
@@ -135,7 +137,7 @@ class NotificationDelivery:
             self._waiting.append(entry)
             self._wake.set()
             return
-        self._start(entry)
+        self._start(entry, fresh=True)
 
     def kick(self) -> None:
         """Look for due records soon."""
@@ -186,14 +188,16 @@ class NotificationDelivery:
                 started += 1
         return started
 
-    def _start(self, record: Notification) -> None:
+    def _start(self, record: Notification, fresh: bool = False) -> None:
+        """Deliver a record in the background (`fresh`: written by this process just now, by the step that made
+        its round current, so that is not read again)."""
         if record.id in self._held:
             return
         now = utcnow()
         due = [user for user in record.pending if self._due(record, user, now)]
         # Chained now, before any await: records start in the order they were written or found.
         chained = {user: self._chain(user, record.id) for user in due}
-        task = asyncio.create_task(self._deliver_record(record, due, chained), name="notify")
+        task = asyncio.create_task(self._deliver_record(record, due, chained, fresh), name="notify")
         self._held[record.id] = task
         self._attempting[record.id] = set(due)
         task.add_done_callback(lambda _, record_id=record.id: self._release(record_id))
@@ -224,12 +228,12 @@ class NotificationDelivery:
 
     async def _deliver_record(
         self, record: Notification, due: list[UUID],
-        chained: dict[UUID, tuple[asyncio.Future[bool] | None, asyncio.Future[bool]]],
+        chained: dict[UUID, tuple[asyncio.Future[bool] | None, asyncio.Future[bool]]], fresh: bool,
     ) -> None:
         outcomes: list[Outcome] = []
         keeper = asyncio.create_task(self._keep_claim(record.id), name="notify-claim")
         try:
-            outcomes = await self._attempt(record, due, chained)
+            outcomes = await self._attempt(record, due, chained, fresh)
             await self._record(record, outcomes)
         except PyMongoError as error:
             log.warning("notification delivery: database unavailable (%s)", type(error).__name__)
@@ -254,10 +258,10 @@ class NotificationDelivery:
 
     async def _attempt(
         self, record: Notification, due: list[UUID],
-        chained: dict[UUID, tuple[asyncio.Future[bool] | None, asyncio.Future[bool]]],
+        chained: dict[UUID, tuple[asyncio.Future[bool] | None, asyncio.Future[bool]]], fresh: bool,
     ) -> list[Outcome]:
         """Deliver to every due receiver (in parallel, each after its previous notification)."""
-        if record.round_notification:
+        if record.round_notification and not fresh:
             training = await Training.get_pymongo_collection().find_one(
                 {"_id": record.training}, {"state": 1, "round": 1, "phase": 1})
             if training is None:
@@ -293,12 +297,15 @@ class NotificationDelivery:
         return blocked
 
     async def _endpoints(self, users: list[UUID]) -> dict[UUID, str]:
-        """The receivers' message endpoints, read in pieces (no store operation per receiver)."""
-        found: dict[UUID, str] = {}
-        for chunk in in_chunks(users):
+        """The receivers' message endpoints: remembered per process (an endpoint is set at registration and the API
+        never changes it), the others read in pieces — no store operation per receiver."""
+        found = {user: endpoint for user in users if (endpoint := self._known_endpoints.get(user)) is not None}
+        for chunk in in_chunks([user for user in users if user not in found]):
             async for raw in User.get_pymongo_collection().find({"_id": {"$in": chunk}}, {"message_endpoint": 1}):
                 if raw.get("message_endpoint"):
-                    found[raw["_id"]] = raw["message_endpoint"]
+                    found[raw["_id"]] = self._known_endpoints[raw["_id"]] = raw["message_endpoint"]
+        if len(self._known_endpoints) > MAX_KNOWN_ENDPOINTS:
+            self._known_endpoints.clear()
         return found
 
     async def _post(self, record: Notification, user: UUID, endpoint: str | None, body: dict[str, Any]) -> Outcome:

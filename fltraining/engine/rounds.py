@@ -24,8 +24,9 @@ from pymongo.errors import PyMongoError
 from fltraining.clock import utcnow
 from fltraining.documents import ChainLink, Model, SwagStatistic, Training, Update
 from fltraining.engine import plans
-from fltraining.engine.arrivals import arrived_users
+from fltraining.engine.arrivals import RECORDED_BY, arrived_users, count_stored
 from fltraining.engine.bell import ChangeBell
+from fltraining.engine.completion import CompletionWatch
 from fltraining.engine.effects import (
     Effectors,
     Effects,
@@ -117,6 +118,7 @@ class RoundEngine:
         self._rng = random.SystemRandom()
         self.outbox: Outbox = LaterOutbox()  # the process's notification delivery, set where it is built
         self.bell = ChangeBell()  # wakes this process's event streams
+        self.completion = CompletionWatch(self.kick)  # notices rounds whose uploads are complete
         self.evaluate: Evaluate | None = None  # server-side evaluation, set where inference is built
 
     # -- scheduling ---------------------------------------------------------------------------
@@ -145,6 +147,7 @@ class RoundEngine:
 
     async def close(self) -> None:
         """Cancel work in progress; leases it held expire and another process redoes it."""
+        self.completion.close()
         tasks = [*self._running.values(), *self._cleaning.values()]
         for task in tasks:
             task.cancel()
@@ -175,11 +178,23 @@ class RoundEngine:
                 await Training.get_pymongo_collection().update_one(
                     {"_id": training.id, "effects": {"$size": 0}, "effects_pending": True},
                     {"$set": {"effects_pending": False}})
-            waiting = training.state in RUNNING and training.phase not in (None, Phase.AGGREGATING)
-            arrived = await arrived_users(training) if waiting else set()
+            arrived = await self._arrived(training)
             action = self._decide(training, utcnow(), arrived)
             if action is None or not await action():
                 return
+
+    async def _arrived(self, training: Training) -> set[UUID]:
+        """Who arrived in the waiting phase; while an index count says the round cannot be complete and no
+        deadline passed, the round's documents are not read (the reconciler looks every few seconds)."""
+        if training.state not in RUNNING or training.phase in (None, Phase.AGGREGATING):
+            return set()
+        if training.phase in RECORDED_BY and not (
+                training.round_deadline is not None and training.round_deadline <= utcnow()):
+            expected = plans.expected_users(training)
+            if len(expected) == len(training.round_participants) and (
+                    await count_stored(training.phase, training.id, training.round) < len(expected)):
+                return set()  # not all there: nothing to decide but a prune, which the lengths rule out
+        return await arrived_users(training)
 
     async def apply_effects(self, training: Training) -> None:
         """Apply a training's pending effects (clean-up in the background) and wake the notification delivery."""

@@ -17,7 +17,6 @@ from pymongo.errors import DuplicateKeyError
 
 from fltraining.documents import Metric, Model, SwagStatistic, Training, Update, User
 from fltraining.engine import plans
-from fltraining.engine.completion import CompletionWatch
 from fltraining.engine.rounds import RoundEngine
 from fltraining.errors import Conflict, FLTrainingError, InvalidInput, NotFound, PermissionDenied
 from fltraining.services.models import ModelService, Upload
@@ -93,7 +92,6 @@ class ContributionService:
         self._files = models.files
         self._engine = engine
         self._facts = facts
-        self._completion = CompletionWatch(engine.kick)
 
     async def resolve(self, model_id: UUID) -> Target:
         """The training a global model or a local update belongs to (404 for neither)."""
@@ -173,7 +171,7 @@ class ContributionService:
                     raise NotFound(f"Model with ID {model_id} does not have a training process running") from None
                 raise
             self._engine.bell.ring(target.training_id)
-            await self._completion.arrived(target.training_id, phase, round_, fresh)
+            await self._engine.completion.arrived(target.training_id, phase, round_, fresh)
             return
 
     async def _withdraw(self, document: Update | SwagStatistic, files: list[UUID]) -> None:
