@@ -414,7 +414,9 @@ class RoundEngine:
             files = [stat.first_file_id if which == "first" else stat.second_file_id for stat in stats]
             created.append(await self._mean_file(files, weights, model, keeper, f"{which}_moment_file"))
         effects.store_moments(model.id, created[0], created[1])
-        effects.event("swag_aggregated", training.round, statistics=len(stats))
+        effects.event("swag_aggregated", training.round, statistics=len(stats), arrivals=[
+            {"user": str(stat.user), "statistic": str(stat.id), "at": iso_z(stat.created_at),
+             "sample_size": stat.sample_size, "sha256": stat.sha256} for stat in stats])
         plans.after_swag(training, fields, effects)
 
     # -- steps caused from outside ------------------------------------------------------------
