@@ -4,8 +4,8 @@ from typing import Any
 
 from aiohttp import web
 
-from fltraining.engine.arrivals import RECORDED_BY, arrived_count
-from fltraining.engine.plans import still_taking_part
+from fltraining.engine.arrivals import arrived_count, counted_outside
+from fltraining.engine.plans import expected_count
 from fltraining.schemas.common import Message
 from fltraining.schemas.trainings import (
     ClientsBody,
@@ -17,7 +17,6 @@ from fltraining.schemas.trainings import (
     TrainingPublic,
     public_training,
 )
-from fltraining.states import Phase
 from routes.auth import current_user
 from routes.conditional import REVALIDATE, list_etag, none_match, not_modified
 from routes.keys import trainings_key
@@ -33,7 +32,7 @@ def training_detail(raw: dict[str, Any], arrived: int) -> dict[str, Any]:
     detail = public_training(raw)
     if raw.get("phase") is not None:
         detail["local_models_arrived"] = arrived
-        detail["local_models_expected"] = len(still_taking_part(raw.get("round_participants", []), raw["participants"]))
+        detail["local_models_expected"] = expected_count(raw)
     else:
         detail["local_models_arrived"] = 0
         detail["local_models_expected"] = len(raw["participants"])
@@ -42,8 +41,7 @@ def training_detail(raw: dict[str, Any], arrived: int) -> dict[str, Any]:
 
 def detail_etag(raw: dict[str, Any], arrived: int) -> str:
     """The detail's ETag: the version, and the arrivals while uploads are counted outside the document."""
-    phase = raw.get("phase")
-    if phase is not None and Phase(phase) in RECORDED_BY:
+    if counted_outside(raw):
         return f'"{raw["version"]}.{arrived}"'
     return etag(raw["version"])
 

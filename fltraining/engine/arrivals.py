@@ -13,7 +13,7 @@ from uuid import UUID
 from beanie import Document
 
 from fltraining.documents import SwagStatistic, Training, Update
-from fltraining.engine.plans import still_taking_part
+from fltraining.engine.plans import expected_count
 from fltraining.states import Phase
 from fltraining.storage.queries import count_matching
 
@@ -23,6 +23,12 @@ RECORDED_BY: dict[Phase, type[Document]] = {Phase.UPDATES: Update, Phase.SWAG: S
 async def count_stored(phase: Phase, training_id: UUID, round_: int) -> int:
     """How many contributions of a round's phase are stored (including any of users removed since)."""
     return await count_matching(RECORDED_BY[phase].get_pymongo_collection(), {"training": training_id, "round": round_})
+
+
+def counted_outside(raw: dict[str, Any]) -> bool:
+    """Whether a stored training's current phase counts arrivals in their own documents (not in the training)."""
+    phase = raw.get("phase")
+    return phase is not None and Phase(phase) in RECORDED_BY
 
 
 async def arrived_count(raw: dict[str, Any]) -> int:
@@ -72,6 +78,6 @@ async def progress_of(training_id: UUID) -> Progress | None:
     if raw is None:
         return None
     waiting = raw.get("phase") not in (None, str(Phase.AGGREGATING))
-    expected = len(still_taking_part(raw.get("round_participants", []), raw["participants"])) if waiting else 0
+    expected = expected_count(raw) if waiting else 0
     return Progress(state=raw["state"], settled=not raw.get("effects"), round=raw["round"], phase=raw.get("phase"),
                     arrived=await arrived_count(raw) if waiting else 0, expected=expected)

@@ -18,7 +18,7 @@ from pymongo.errors import PyMongoError
 
 from fltraining.documents import Training
 from fltraining.engine.arrivals import count_stored
-from fltraining.engine.plans import still_taking_part
+from fltraining.engine.plans import expected_count
 from fltraining.states import Phase
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class CompletionWatch:
         raw = await Training.get_pymongo_collection().find_one({"_id": training_id})
         if raw is None:
             return None
-        return len(still_taking_part(raw.get("round_participants", []), raw["participants"]))
+        return expected_count(raw)
 
     async def _check(self, key: Key) -> None:
         if (handle := self._later.pop(key, None)) is not None:

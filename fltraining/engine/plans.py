@@ -32,6 +32,11 @@ def expected_users(training: Training) -> list[UUID]:
     return still_taking_part(training.round_participants, training.participants)
 
 
+def expected_count(raw: dict[str, Any]) -> int:
+    """How many round participants a stored training still expects in its current phase."""
+    return len(still_taking_part(raw.get("round_participants", []), raw["participants"]))
+
+
 def still_taking_part(round_participants: Iterable[UUID], participants: Iterable[UUID]) -> list[UUID]:
     """`expected_users` on stored fields: the round participants that are still participants."""
     current = set(participants)

@@ -29,6 +29,11 @@ class Upload(StoredFile):
     facts: FileFacts
 
 
+def involving(user: User) -> dict[str, Any]:
+    """The filter of trainings a user is actor or participant of."""
+    return {"$or": [{"actor": user.id}, {"participants": user.id}]}
+
+
 def check_reachable(user: User, model: Model, training: Training | None) -> None:
     """The user owns the model or is actor or participant of its (one) training; 403 otherwise."""
     if model.owner != user.id and (
@@ -131,7 +136,7 @@ class ModelService:
             return model
         known = self._facts.target(model.id)
         if known is not None and await count_matching(Training.get_pymongo_collection(), {
-                "_id": known[0], "model": model.id, "$or": [{"actor": user.id}, {"participants": user.id}]}):
+                "_id": known[0], "model": model.id, **involving(user)}):
             return model  # one index-served count instead of reading the training with all its participants
         training = await find_document(Training, {"model": model.id})
         if training is None:
@@ -147,7 +152,7 @@ class ModelService:
         known, seen = self._facts.target(model_id), self._facts.round_file(model_id)
         if known is not None and seen is not None and known[1] == model_id and await count_matching(
                 Training.get_pymongo_collection(), {"_id": known[0], "model": model_id, "round": seen[0],
-                                                    "$or": [{"actor": user.id}, {"participants": user.id}]}):
+                                                    **involving(user)}):
             return seen[1]
         model = await self.get_accessible(user, model_id)
         stored = StoredFile(model.file_id, model.size, model.sha256)
@@ -158,7 +163,7 @@ class ModelService:
     async def list_accessible(self, user: User) -> list[Model]:
         """Models the user owns or reaches through a training, newest first."""
         training_models = await Training.get_pymongo_collection().distinct(
-            "model", {"$or": [{"actor": user.id}, {"participants": user.id}]}
+            "model", involving(user)
         )
         found = {model.id: model for model in await Model.find({"owner": user.id}).to_list()}
         for chunk in in_chunks([model_id for model_id in training_models if model_id not in found]):
