@@ -6,21 +6,30 @@ STAMP := $(VENV)/.installed
 
 BENCH_VENV := .venv-bench
 
-.PHONY: run test bench bench-aggregation bench-rounds bench-scale bench-transfer bench-inference demo clean
+.PHONY: run test docs bench bench-aggregation bench-rounds bench-scale bench-transfer bench-inference demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13) and "fltraining needs Python 3.13 (see .python-version)")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,docs]'
 	touch $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/fltraining serve $(ARGS)
 
-# The whole suite twice: on the `files` blob store (the embedded default) and on `gridfs`, side by
+# The docs site into site/ (served by `make run` at /docs/): the settings table regenerated from the Settings
+# class, then built offline, every link and anchor checked (--strict).
+docs: $(STAMP)
+	$(PY) docs/settings_page.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+# First the layers (import-linter, pyproject.toml) and the docs site as committed (strict); then
+# the whole suite twice: on the `files` blob store (the embedded default) and on `gridfs`, side by
 # side (each tier starts its own embedded store); the gridfs tier's output follows the files tier's.
 test: $(STAMP)
+	$(VENV)/bin/lint-imports --no-cache
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 	@rm -f .test-gridfs.log; \
 	FLTRAINING_BLOB_STORE=gridfs $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS) > .test-gridfs.log 2>&1 & gridfs=$$!; \
 	echo "== blob store tier: files (the gridfs tier runs beside it; its output follows) =="; \
@@ -60,4 +69,4 @@ demo: $(STAMP)
 	$(PY) examples/federated_digits.py --method all $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) build *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) build site *.egg-info

@@ -3,7 +3,7 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
@@ -153,4 +153,22 @@ class Settings(BaseSettings):
     max_dataset_bytes: int = Field(
         default=256 * MIB, ge=1, description="Largest held-out data set file (POST /api/datasets/)."
     )
-    log_level: str = Field(default="INFO", description="Python logging level.")
+    docs_dir: Path = Field(
+        default=Path("site"),
+        description="The built docs site (`make docs` writes it to `site/`), served at /docs/ when it is there "
+        "at start-up.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", description="Least severe log records written (any case: `info` is `INFO`)."
+    )
+    log_format: Literal["auto", "json", "text"] = Field(
+        default="auto",
+        description="Log lines on stderr: `text` (readable), `json` (one JSON object per line), or `auto`: "
+        "text when stderr is a terminal, JSON otherwise.",
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case_level(cls, value: object) -> object:
+        """Log levels are read in any case."""
+        return value.upper() if isinstance(value, str) else value

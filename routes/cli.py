@@ -86,7 +86,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the console script."""
     args = parser().parse_args(argv)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as error:  # one line per bad variable, no traceback
+        problems = "; ".join(f"FLTRAINING_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors())
+        raise SystemExit(f"invalid setting: {problems}") from None
     if args.command == "serve":
         overrides = {key: value for key, value in (("host", args.host), ("port", args.port)) if value is not None}
         if args.workers < 1:

@@ -33,6 +33,7 @@ datasets_key = web.AppKey("datasets", DatasetService)
 inference_key = web.AppKey("inference", InferenceService)
 openapi_key = web.AppKey("openapi", dict[str, Any])
 shutting_down_key = web.AppKey("shutting_down", asyncio.Event)
+docs_site_key = web.AppKey("docs_site", bool)  # whether the built docs site is served at /docs/
 
 metrics_key = web.AppKey("metrics", RequestMetrics)
 

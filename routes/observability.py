@@ -1,12 +1,9 @@
-"""Per-request observability: request ids, one JSON log line per request, metrics."""
+"""Per-request observability: request ids, one log line per request, metrics."""
 
-import json
 import logging
-import os
 import re
 import time
 import uuid
-from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -17,28 +14,6 @@ from routes.metrics import collect
 access_log = logging.getLogger("fltraining.access")
 REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_STANDARD_RECORD_KEYS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per log line; extra fields of a record become keys."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        """Render the record."""
-        line: dict[str, Any] = {
-            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "pid": os.getpid(),
-            "msg": record.getMessage(),
-        }
-        line.update({k: v for k, v in vars(record).items() if k not in _STANDARD_RECORD_KEYS})
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
-
-
-JsonFormatter.converter = time.gmtime
 
 
 def route_template(request: web.Request) -> str:

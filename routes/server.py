@@ -3,16 +3,18 @@
 import errno
 import logging
 import multiprocessing
+import os
 import signal
+import sys
 from multiprocessing.context import SpawnProcess
 from types import FrameType
 
 from aiohttp import web
 
+from fltraining.logs import configure_logging
 from fltraining.settings import Settings
 from fltraining.storage.embedded import EmbeddedStore, EmbeddedStoreError, port_free, start_for
 from routes.app import create_app
-from routes.observability import JsonFormatter
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +31,20 @@ def redact_url(url: str) -> str:
     return f"{scheme}{sep}{user}:***@{host}"
 
 
-def configure_logging(level: str) -> None:
-    """JSON lines on stderr at the configured level."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter())
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+def writable_data_dir(settings: Settings) -> str | None:
+    """Why the data directory (the embedded store's files, blobs, staged uploads) cannot be used, or None."""
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"FLTRAINING_DATA_DIR={settings.data_dir}: {error.strerror}"
+    if not os.access(settings.data_dir, os.W_OK | os.X_OK):
+        return f"FLTRAINING_DATA_DIR={settings.data_dir}: not writable by this user (uploads are staged there)"
+    return None
 
 
 def run_worker(settings: Settings, reuse_port: bool) -> None:
     """Serve HTTP in this process until SIGTERM or SIGINT; a start-up problem is one log line and exit 1."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format, sys.stderr)
     if settings.mongodb_url:
         log.info("store: MongoDB at %s", redact_url(settings.mongodb_url))
     app = create_app(settings)
@@ -69,7 +75,10 @@ def run_worker(settings: Settings, reuse_port: bool) -> None:
 
 def serve(settings: Settings, workers: int) -> None:
     """Run the service with `workers` processes sharing one port and one store."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format, sys.stderr)
+    if (problem := writable_data_dir(settings)) is not None:
+        log.error("cannot start: %s", problem)
+        raise SystemExit(1)
     if workers <= 1:
         run_worker(settings, reuse_port=False)
         return

@@ -136,6 +136,18 @@ async def test_a_data_directory_in_use_is_one_clear_line(tmp_path: Path) -> None
     assert "is in use by another running store" in done.stderr
 
 
+async def test_an_unusable_data_directory_or_setting_is_one_clear_line(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    done = await asyncio.to_thread(serve_briefly, tmp_path / "a-file" / "data", {})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    errors = [json.loads(line) for line in done.stderr.splitlines() if '"ERROR"' in line]
+    assert len(errors) == 1 and "FLTRAINING_DATA_DIR" in errors[0]["msg"]
+    assert "listening" not in done.stderr
+    refused = await asyncio.to_thread(serve_briefly, tmp_path / "data", {"FLTRAINING_LOG_FORMAT": "xml"})
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "invalid setting: FLTRAINING_LOG_FORMAT" in refused.stderr
+
+
 def test_a_taken_default_embedded_port_falls_back_to_a_free_one(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from fltraining.logs import JsonFormatter
 from fltraining.settings import Settings
 from routes.app import create_app
 from routes.keys import metrics_key
-from routes.observability import JsonFormatter
 from tests.helpers import PASSWORD, create_training, register, upload_model
 
 

@@ -38,9 +38,9 @@ from fltraining.engine.effects import (
 )
 from fltraining.errors import FLTrainingError
 from fltraining.schemas.common import iso_z
-from fltraining.services.models import ModelService
 from fltraining.states import RUNNING, Phase, TrainingState, Transition
 from fltraining.storage.blobs import StoredFile, staged_from_path
+from fltraining.storage.model_store import ModelStore
 from fltraining.weights.aggregate import derangement, mean_of_files
 from fltraining.weights.formats import Format
 from fltraining.weights.signature import from_documents
@@ -105,7 +105,7 @@ class LeaseKeeper:
 class RoundEngine:
     """Advances running trainings; one instance per service process."""
 
-    def __init__(self, models: ModelService, lease_seconds: float, hold_after_claim: bool = False) -> None:
+    def __init__(self, models: ModelStore, lease_seconds: float, hold_after_claim: bool = False) -> None:
         self._models = models
         self._files = models.files
         self._lease = timedelta(seconds=lease_seconds)

@@ -19,9 +19,9 @@ from fltraining.documents import Metric, Model, SwagStatistic, Training, Update,
 from fltraining.engine import plans
 from fltraining.engine.rounds import RoundEngine
 from fltraining.errors import Conflict, FLTrainingError, InvalidInput, NotFound, PermissionDenied
-from fltraining.services.models import ModelService, Upload
 from fltraining.states import Phase, TrainingState
 from fltraining.storage.facts import ImmutableFacts
+from fltraining.storage.model_store import ModelStore, Upload
 from fltraining.storage.queries import count_matching, find_document
 from fltraining.weights.inspect import check_facts
 from fltraining.weights.signature import Signature, from_documents
@@ -87,7 +87,7 @@ class ContributionService:
     before it reads the round's documents, finds it. A refused upload is removed again.
     """
 
-    def __init__(self, models: ModelService, engine: RoundEngine, facts: ImmutableFacts) -> None:
+    def __init__(self, models: ModelStore, engine: RoundEngine, facts: ImmutableFacts) -> None:
         self._models = models
         self._files = models.files
         self._engine = engine
@@ -323,7 +323,7 @@ class FileRef:
     sha256: str
 
 
-async def visible_file(models: ModelService, user: User, model_id: UUID) -> FileRef:
+async def visible_file(models: ModelStore, user: User, model_id: UUID) -> FileRef:
     """The bytes of a global model the user reaches, or of a local update the user sent or reaches."""
     try:
         stored = await models.current_file(user, model_id)

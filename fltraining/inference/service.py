@@ -21,9 +21,9 @@ from fltraining.inference.evaluation import read_dataset, score
 from fltraining.inference.graphs import BoundSession, Variant, build_session
 from fltraining.inference.pool import InferencePool, SessionCache
 from fltraining.options import UncertaintyOptions
-from fltraining.services.models import ModelService, check_reachable
 from fltraining.states import UncertaintyMethod
 from fltraining.storage.blobs import BlobMissing
+from fltraining.storage.model_store import ModelStore, check_reachable
 from fltraining.storage.queries import find_document
 from fltraining.weights.formats import load_tensors
 
@@ -61,7 +61,7 @@ def graph_file_of(model: Model) -> UUID | None:
 class InferenceService:
     """Runs models' graphs in onnxruntime with their current weights, as their training's method says."""
 
-    def __init__(self, models: ModelService, pool: InferencePool, cache: SessionCache, max_elements: int,
+    def __init__(self, models: ModelStore, pool: InferencePool, cache: SessionCache, max_elements: int,
                  session_threads: int) -> None:
         self._models = models
         self._pool = pool

@@ -6,7 +6,7 @@ from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
 
-from fltraining.credential_cache import CredentialCache
+from fltraining.services.credential_cache import CredentialCache
 from fltraining.engine.outbox import NotificationDelivery
 from fltraining.engine.rounds import RoundEngine
 from fltraining.engine.uploads import ContributionService

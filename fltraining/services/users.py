@@ -7,7 +7,7 @@ from uuid import UUID
 from pymongo.errors import DuplicateKeyError
 
 from fltraining.clock import utcnow
-from fltraining.credential_cache import CredentialCache
+from fltraining.services.credential_cache import CredentialCache
 from fltraining.documents import Model, Training, User
 from fltraining.errors import Conflict, InvalidInput, NotFound
 from fltraining.notifications.endpoints import check_endpoint_url

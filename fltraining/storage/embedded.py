@@ -18,6 +18,8 @@ from types import TracebackType
 from typing import Self
 from urllib.parse import urlsplit
 
+from fltraining.logs import configure_logging
+
 log = logging.getLogger(__name__)
 
 READY_PREFIX = "FLTRAINING-STORE-READY "
@@ -226,7 +228,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--managed", action="store_true", help="started by a service, which stops it")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=os.environ.get("FLTRAINING_LOG_LEVEL", "WARNING"))
+    # The service's own settings, inherited through the environment (this process never reads Settings).
+    log_format = os.environ.get("FLTRAINING_LOG_FORMAT", "auto")
+    configure_logging(os.environ.get("FLTRAINING_LOG_LEVEL", "WARNING"),
+                      log_format if log_format in ("json", "text") else "auto", sys.stderr)
     asyncio.run(serve_store(args.data, args.host, args.port, args.managed))
 
 

@@ -1,5 +1,7 @@
 """Model weights without storage: file formats, tensor signatures, aggregation."""
 
+# Each reader module registers its codec on import; Python runs this file before any module of the package.
+from fltraining.weights import npz_files, onnx_files, safetensors_files, torch_files  # noqa: F401
 from fltraining.weights.aggregate import (
     FedAvgAccumulator,
     MomentsAccumulator,

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fltraining.weights.formats import Format, create_safetensors, load_tensors, write_at, write_tensors
+from fltraining.weights.formats import Format, load_tensors, write_tensors
+from fltraining.weights.safetensors_files import create_safetensors, write_at
 from fltraining.weights.signature import Signature, TensorSpec, check_matches, signature_of
 
 # Elements per step of the weighted add: the scratch product (and the slice of the sums it is added

@@ -13,6 +13,7 @@ from fltraining.weights.formats import (
     read_signature,
     refusing,
 )
+from fltraining.weights.onnx_files import describe_onnx
 from fltraining.weights.signature import Signature, check_matches, from_documents, signature_of, to_documents
 
 
@@ -31,8 +32,6 @@ def inspect_file(source: Source) -> FileFacts:
     try:
         data = file_buffer(source)
         if detect_format(data) == "onnx":
-            from fltraining.weights.onnx_files import describe_onnx  # onnx is imported only for ONNX files
-
             with refusing("onnx file"):  # one parse for the signature and the checks
                 tensors, digest = describe_onnx(data, MAX_TENSOR_BYTES)
             return FileFacts(format="onnx", tensors=to_documents(signature_of(tensors)), graph_digest=digest)

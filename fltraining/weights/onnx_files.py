@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from fltraining.weights.formats import Buffer, UnsupportedModelFormat
+from fltraining.weights.codecs import Buffer, Codec, UnsupportedModelFormat, register
 
 # The standard operator sets onnxruntime's CPU provider implements.
 STANDARD_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml"})
@@ -29,7 +29,7 @@ def looks_like_onnx(data: Buffer) -> bool:
         return False
     try:
         model = onnx.load_model_from_string(bytes(data))
-    except Exception:  # protobuf's DecodeError and its relatives: not an ONNX file
+    except Exception:  # noqa: BLE001 (protobuf's DecodeError and its relatives: not an ONNX file)
         return False
     return model.HasField("graph") and model.ir_version > 0
 
@@ -114,7 +114,7 @@ def check_runnable(data: Buffer) -> None:
     options.intra_op_num_threads = 1
     try:
         onnxruntime.InferenceSession(bytes(data), options, providers=["CPUExecutionProvider"])
-    except Exception as error:  # onnxruntime's own exception classes (Fail, InvalidGraph, NotImplemented)
+    except Exception as error:  # noqa: BLE001 (onnxruntime's own classes: Fail, InvalidGraph, NotImplemented)
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         raise UnsupportedModelFormat(f"onnxruntime's CPU provider cannot run the ONNX graph ({reason})") from None
 
@@ -126,3 +126,18 @@ def describe_onnx(data: Buffer, max_tensor_bytes: int) -> tuple[dict[str, np.nda
     tensors = _initializers(model, max_tensor_bytes)
     check_runnable(data)
     return tensors, graph_digest(model)
+
+
+def _dump_onnx(arrays: Mapping[str, np.ndarray], template: Buffer | None) -> bytes:
+    if template is None:
+        raise ValueError("ONNX weights are written into a graph: pass the template")
+    return write_onnx(template, arrays)
+
+
+register(Codec(
+    name="onnx",
+    description="ONNX graph (its initializers are the weights)",
+    read=read_onnx,
+    dump=_dump_onnx,
+    sniff=looks_like_onnx,
+))

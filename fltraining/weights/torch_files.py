@@ -25,15 +25,15 @@ from typing import Any, Literal, NamedTuple, TypeIs
 import ml_dtypes
 import numpy as np
 
-from fltraining.weights.formats import (
+from fltraining.weights.codecs import (
     MAX_TENSOR_BYTES,
     Buffer,
+    Codec,
     UnsupportedModelFormat,
-    ViewFile,
-    check_unpacked_size,
     native_order,
-    stored_member,
+    register,
 )
+from fltraining.weights.zips import ViewFile, check_unpacked_size, stored_member
 
 # NumPy has no bfloat16: ml_dtypes' keeps the bytes as they are (no copy, no widening) and is named
 # "bfloat16" in signatures; its values convert to float64 for aggregation and back.
@@ -602,3 +602,18 @@ def write_state_dict(tensors: Mapping[str, np.ndarray]) -> bytes:
         ("version", FILE_FORMAT_VERSION),
     ]
     return b"".join(_zip(records))
+
+
+def _dump_state_dict(arrays: Mapping[str, np.ndarray], template: Buffer | None) -> bytes:
+    return write_state_dict(arrays)
+
+
+register(Codec(
+    name="torch",
+    description=(
+        "PyTorch state dict as torch.save(model.state_dict(), f) writes it (tensors only, as"
+        " torch.load(weights_only=True) reads them)"
+    ),
+    read=read_state_dict,
+    dump=_dump_state_dict,
+))
