@@ -46,6 +46,24 @@ class User(Document):
         ]
 
 
+class Session(Document):
+    """A sign-in of a user (the dashboard's): a token of its own that expires, stored only as a hash."""
+
+    id: UUID = Field(default_factory=uuid4)  # type: ignore[assignment]
+    user: UUID
+    token_hash: str = Field(min_length=64, max_length=64)
+    created_at: datetime = Field(default_factory=utcnow)
+    expires_at: datetime
+
+    class Settings:
+        name = "sessions"
+        indexes: ClassVar[list[IndexModel]] = [
+            IndexModel("token_hash", unique=True, name="token_hash_unique"),
+            IndexModel("user", name="user"),
+            IndexModel("expires_at", expireAfterSeconds=0, name="expires_at_ttl"),
+        ]
+
+
 class TensorDocument(BaseModel):
     """One tensor of a model's signature."""
 
@@ -399,7 +417,7 @@ class Dataset(Document):
 
 
 DOCUMENT_MODELS: list[type[Document]] = [
-    User, Model, Training, LoginFailures, MetricsSnapshot, Update, SwagStatistic, Metric, Event, Notification,
+    User, Session, Model, Training, LoginFailures, MetricsSnapshot, Update, SwagStatistic, Metric, Event, Notification,
     SetAsideEffect, Dataset,
 ]
 

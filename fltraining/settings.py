@@ -58,6 +58,11 @@ class Settings(BaseSettings):
     token_lifetime_days: float = Field(
         default=0, ge=0, description="Days a new user's token stays valid (0 = no expiry, as DLR)."
     )
+    session_hours: float = Field(
+        default=12, gt=0, le=24 * 30,
+        description="Hours a sign-in token (POST /api/sessions/, the dashboard's) stays valid; expired ones are "
+        "removed by a TTL index.",
+    )
     login_failure_limit: int = Field(
         default=20, ge=0,
         description="Failed passwords per account and window before that account's password logins get 429 "

@@ -16,7 +16,18 @@ from fltraining.settings import Settings
 from fltraining.storage.command_counts import CommandCounter
 from fltraining.storage.database import database_name, init_database, make_client
 from fltraining.storage.embedded import start_for
-from routes import datasets, inference, landing, models, rounds, service, trainings, users
+from routes import (
+    dashboard,
+    datasets,
+    docs_site,
+    inference,
+    models,
+    rounds,
+    service,
+    sessions,
+    trainings,
+    users,
+)
 from routes.auth import make_auth_middleware
 from routes.background import periodic
 from routes.errors import error_middleware
@@ -47,7 +58,7 @@ log = logging.getLogger(__name__)
 
 # Fixed routes before parameterised ones: aiohttp matches in registration order.
 ENDPOINTS: list[Endpoint] = [
-    *landing.ENDPOINTS, *service.ENDPOINTS, *users.ENDPOINTS, *inference.ENDPOINTS, *models.ENDPOINTS, *trainings.ENDPOINTS,
+    *service.ENDPOINTS, *sessions.ENDPOINTS, *users.ENDPOINTS, *inference.ENDPOINTS, *models.ENDPOINTS, *trainings.ENDPOINTS,
     *rounds.ENDPOINTS, *datasets.ENDPOINTS,
 ]
 
@@ -161,5 +172,6 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(periodic("sweeper", lambda a: a[settings_key].sweep_interval_seconds, sweep_leftovers))
     add_endpoints(app, ENDPOINTS)
     service.add_docs_assets(app)
-    landing.add_docs_site(app, settings.docs_dir)
+    docs_site.add_docs_site(app, settings.docs_dir)
+    dashboard.add_dashboard(app)  # last: its catch-all answers every path no other route takes
     return app

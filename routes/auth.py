@@ -43,6 +43,21 @@ async def authenticate(users: UserService, header: str, address: str) -> User:
     return user
 
 
+def presented_token(header: str) -> str | None:
+    """The token an Authorization header presents (Token, Bearer, or Basic with an empty password), if any."""
+    scheme, _, credentials = header.strip().partition(" ")
+    credentials = credentials.strip()
+    if scheme.lower() in {"token", "bearer"}:
+        return credentials or None
+    if scheme.lower() == "basic":
+        try:
+            name, colon, password = base64.b64decode(credentials, validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+        return name if colon and name and password == "" else None
+    return None
+
+
 def current_user(request: web.Request) -> User:
     """The authenticated caller of a protected handler."""
     return request[user_key]

@@ -8,22 +8,24 @@ from uuid import UUID
 from aiohttp import web
 
 from fltraining.clock import utcnow
-from fltraining.engine.arrivals import Progress, progress_of
+from fltraining.engine.arrivals import Progress, arrivals_of, progress_of
 from fltraining.engine.events import list_events
 from fltraining.engine.uploads import metrics_of, training_models, visible_file
 from fltraining.errors import Conflict, InvalidInput, NotFound
 from fltraining.schemas.common import Message, iso_z
 from fltraining.schemas.rounds import (
+    Arrival,
     EventPublic,
     EventsQuery,
     MetricPublic,
     MetricsAccepted,
     MetricsBody,
+    RoundProgress,
     SwagForm,
     TrainingModelEntry,
     UpdateForm,
 )
-from fltraining.states import TrainingState
+from fltraining.states import Phase, TrainingState
 from fltraining.storage.blobs import BlobMissing
 from routes.auth import current_user
 from routes.keys import contributions_key, engine_key, models_key, shutting_down_key, trainings_key
@@ -267,6 +269,23 @@ async def get_events(request: web.Request) -> web.StreamResponse:
     return json_models([EventPublic.model_validate(event) for event in events])
 
 
+async def get_progress(request: web.Request) -> web.Response:
+    """GET /api/trainings/{id}/progress/: the current round's participants, arrivals (with times) and who is
+    still expected."""
+    training = await request.app[trainings_key].get_visible(current_user(request), path_uuid(request, "training_id"))
+    arrived = await arrivals_of(training)
+    came = {arrival["user"] for arrival in arrived}
+    waiting = training.phase is not None and training.phase != Phase.AGGREGATING
+    participants = list(training.round_participants) if training.phase is not None else []
+    return json_model(RoundProgress(
+        training=training.id, state=training.state, round=training.round, phase=training.phase,
+        round_deadline=training.round_deadline, participants=participants,
+        expected_count=len(participants) if waiting else 0, arrived_count=len(arrived),
+        arrived=[Arrival.model_validate(arrival) for arrival in arrived],
+        expected=[user for user in participants if user not in came] if waiting else [],
+    ))
+
+
 _MODEL = "/api/models/{model_id}"
 _TRAINING = "/api/trainings/{training_id}"
 ENDPOINTS = [
@@ -291,6 +310,12 @@ ENDPOINTS = [
              responses={200: [TrainingModelEntry]}, errors=(403, 404)),
     Endpoint("GET", _TRAINING + "/models", list_training_models, "Global model and stored updates", "rounds",
              responses={200: [TrainingModelEntry]}, errors=(403, 404)),
+    Endpoint("GET", _TRAINING + "/progress", get_progress, "The current round: arrivals and who is expected",
+             "rounds", responses={200: RoundProgress}, errors=(403, 404),
+             description="Who takes part in the current round, whose contribution to the current phase "
+                         "(updates, SWAG statistics or test metrics) has arrived — when, with what sample size "
+                         "and bytes — and who is still expected. While a round is aggregated nobody is "
+                         "expected; before the start and after the end the lists are empty."),
     Endpoint("GET", _TRAINING + "/events", get_events, "A training's events (JSON, or SSE with Accept)", "rounds",
              query=EventsQuery, responses={200: [EventPublic]}, errors=(400, 403, 404),
              description="With `Accept: text/event-stream` the answer is a live Server-Sent Events stream "

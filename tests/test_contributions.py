@@ -174,6 +174,25 @@ async def test_update_accepted_and_counted(api: TestClient, started: Round) -> N
     assert local[0]["sha256"] == hashlib.sha256(trained(1)).hexdigest()
 
 
+async def test_progress_names_who_arrived_when_and_who_is_expected(api: TestClient, started: Round) -> None:
+    path = f"/api/trainings/{started.training_id}/progress/"
+    first, second = (client.account for client in started.clients)
+    before = await (await api.get(path, headers=started.actor.headers)).json()
+    assert (before["round"], before["phase"], before["state"]) == (0, "updates", "O")
+    assert sorted(before["participants"]) == sorted([first.id, second.id]) == sorted(before["expected"])
+    assert (before["arrived_count"], before["expected_count"], before["arrived"]) == (0, 2, [])
+    status, _ = await post_update(api, first, started.model_id, update_form(sample_size="5", content=trained(1)))
+    assert status == 201
+    # A participant sees it too; a stranger does not.
+    after = await (await api.get(path, headers=second.headers)).json()
+    assert (after["arrived_count"], after["expected"]) == (1, [second.id])
+    arrival = after["arrived"][0]
+    assert (arrival["user"], arrival["sample_size"], arrival["size"]) == (first.id, 5, len(trained(1)))
+    assert arrival["sha256"] == hashlib.sha256(trained(1)).hexdigest() and arrival["at"].endswith("Z")
+    assert (await api.get(path, headers=started.stranger.headers)).status == 403
+    assert (await api.get(f"/api/trainings/{uuid4()}/progress/", headers=started.actor.headers)).status == 404
+
+
 @pytest.mark.parametrize("missing", ["round", "sample_size", "model_file"])
 async def test_update_missing_field_refused(api: TestClient, started: Round, missing: str) -> None:
     before = await snapshot(api, started.actor, started.training_id)

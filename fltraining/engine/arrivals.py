@@ -56,6 +56,22 @@ async def arrived_users(training: Training, phase: Phase | None = None) -> set[U
     return {raw["user"] async for raw in cursor} & participants
 
 
+ARRIVAL_FIELDS = {"user": 1, "created_at": 1, "sample_size": 1, "size": 1, "sha256": 1, "_id": 0}
+
+
+async def arrivals_of(training: Training) -> list[dict[str, Any]]:
+    """The current phase's arrivals of round participants, oldest first: user, time, sample size, bytes."""
+    phase = training.phase
+    if phase is None or phase == Phase.AGGREGATING:
+        return []
+    participants = set(training.round_participants)
+    if phase not in RECORDED_BY:
+        return [{"user": user, "at": None} for user in training.round_arrived if user in participants]
+    cursor = RECORDED_BY[phase].get_pymongo_collection().find(
+        {"training": training.id, "round": training.round}, ARRIVAL_FIELDS).sort("created_at", 1)
+    return [{**raw, "at": raw.pop("created_at", None)} async for raw in cursor if raw["user"] in participants]
+
+
 @dataclass(frozen=True)
 class Progress:
     """Where a training stands, as an event stream reports it between events."""

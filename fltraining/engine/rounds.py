@@ -14,6 +14,7 @@ import os
 import random
 import secrets
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -369,6 +370,7 @@ class RoundEngine:
     ) -> None:
         round_ = training.round
         new_round = round_ + 1
+        began = time.perf_counter()
         arrived = await arrived_users(training, Phase.UPDATES)  # matched here: more than `$in` can carry
         updates = [Update.model_validate(raw) async for raw in Update.get_pymongo_collection().find(
             {"training": training.id, "round": round_}).sort("user", 1) if raw["user"] in arrived]
@@ -387,11 +389,12 @@ class RoundEngine:
                 effects.evaluate(model.id, new_round, stored, UUID(evaluation["dataset"]))
             effects.event("aggregated", round_, updates=len(updates),
                           samples=sum(update.sample_size for update in updates),
-                          users=[str(update.user) for update in updates], arrivals=arrivals(updates))
+                          users=[str(update.user) for update in updates], arrivals=arrivals(updates),
+                          size=stored.size, sha256=stored.sha256, seconds=round(time.perf_counter() - began, 3))
         else:
             chain = daisy_chain(updates, list(training.participants), self._rng)
             effects.sync_model(model.id, new_round, None)
-            effects.event("daisy_chained", round_, updates=len(updates),
+            effects.event("daisy_chained", round_, updates=len(updates), seconds=round(time.perf_counter() - began, 3),
                           chain={str(link.user): str(link.model) for link in chain}, arrivals=arrivals(updates))
         plans.after_updates(training, fields, effects, new_round, aggregate, chain)
         # Clean-up last, so the notifications above are delivered without waiting for it.

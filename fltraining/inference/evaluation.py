@@ -6,7 +6,13 @@ import numpy as np
 
 from fltraining.errors import InvalidInput
 from fltraining.inference.statistics import in_unit_interval, softmax
-from fltraining.weights.formats import Source, UnsupportedModelFormat, detect_format, file_buffer, load_tensors
+from fltraining.weights.formats import (
+    Source,
+    UnsupportedModelFormat,
+    detect_format,
+    file_buffer,
+    load_tensors,
+)
 
 # Probabilities are clipped here before the logarithm, so one confident mistake cannot make the loss infinite.
 PROBABILITY_FLOOR = 1e-12

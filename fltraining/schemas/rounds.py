@@ -103,3 +103,28 @@ class EventPublic(PublicModel):
     at: UtcDatetime
     user: UUID | None
     data: dict[str, Any]
+
+
+class Arrival(PublicModel):
+    """One round participant's contribution to the current phase: who, when, how much."""
+
+    user: UUID
+    at: UtcDatetime | None  # test metrics record who, not when
+    sample_size: int | None = None
+    size: int | None = None
+    sha256: str | None = None
+
+
+class RoundProgress(PublicModel):
+    """The current round of a training: who takes part, who has arrived (and when), who is still expected."""
+
+    training: UUID
+    state: str
+    round: int
+    phase: str | None
+    round_deadline: UtcDatetime | None
+    participants: list[UUID]
+    expected_count: int
+    arrived_count: int
+    arrived: list[Arrival]
+    expected: list[UUID]

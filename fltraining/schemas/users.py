@@ -4,7 +4,7 @@ from uuid import UUID
 
 from pydantic import AnyHttpUrl, Field, StrictBool, StrictStr, field_validator
 
-from fltraining.schemas.common import PublicModel, RequestModel
+from fltraining.schemas.common import PublicModel, RequestModel, UtcDatetime
 
 USERNAME_PATTERN = r"^[\w.@+-]+$"
 
@@ -48,3 +48,11 @@ class UserRegistered(UserPublic):
     """The registration answer: the only place the token is ever shown."""
 
     token: str
+
+
+class SessionStarted(PublicModel):
+    """A sign-in: its own token (shown only here), when it expires, and who signed in."""
+
+    token: str
+    expires_at: UtcDatetime
+    user: UserPublic

@@ -48,6 +48,10 @@ class CredentialCache:
             self._entries.pop(next(iter(self._entries)))
         self._entries[key] = (time.monotonic(), user)
 
+    def forget(self, key: str) -> None:
+        """Drop one entry (its credentials were revoked here)."""
+        self._entries.pop(key, None)
+
     def forget_user(self, user_id: UUID) -> None:
         """Drop every entry of a user (after it was deleted here)."""
         for key in [k for k, (_, user) in self._entries.items() if user.id == user_id]:

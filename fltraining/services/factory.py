@@ -6,13 +6,13 @@ from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
 
-from fltraining.services.credential_cache import CredentialCache
 from fltraining.engine.outbox import NotificationDelivery
 from fltraining.engine.rounds import RoundEngine
 from fltraining.engine.uploads import ContributionService
 from fltraining.inference.pool import InferencePool, SessionCache
 from fltraining.inference.service import InferenceService
 from fltraining.security import PasswordHashing
+from fltraining.services.credential_cache import CredentialCache
 from fltraining.services.datasets import DatasetService
 from fltraining.services.graphs import GraphService
 from fltraining.services.login_throttle import LoginThrottle
@@ -63,6 +63,7 @@ def build_services(database: AsyncDatabase[dict[str, Any]], settings: Settings) 
                       settings.login_failure_window_seconds),
         lifetime,
         settings.notification_allow_loopback,
+        timedelta(hours=settings.session_hours),
     )
     trainings = TrainingService(users, models, settings.max_options_depth)
     engine = RoundEngine(models, settings.lock_lease_seconds, settings.fault_hold_after_claim)

@@ -7,12 +7,12 @@ from uuid import UUID
 from pymongo.errors import DuplicateKeyError
 
 from fltraining.clock import utcnow
-from fltraining.services.credential_cache import CredentialCache
-from fltraining.documents import Model, Training, User
+from fltraining.documents import Model, Session, Training, User
 from fltraining.errors import Conflict, InvalidInput, NotFound
 from fltraining.notifications.endpoints import check_endpoint_url
 from fltraining.schemas.users import UserCreate
 from fltraining.security import PasswordHashing, new_token, token_hash, tokens_match
+from fltraining.services.credential_cache import CredentialCache
 from fltraining.services.login_throttle import LoginThrottle
 from fltraining.services.models import ModelService
 from fltraining.storage.queries import count_matching, find_document, in_chunks
@@ -29,7 +29,9 @@ class UserService:
         throttle: LoginThrottle,
         token_lifetime: timedelta | None = None,
         allow_loopback_endpoints: bool = False,
+        session_lifetime: timedelta = timedelta(hours=12),
     ) -> None:
+        self._session_lifetime = session_lifetime
         self._allow_loopback = allow_loopback_endpoints
         self._passwords = passwords
         self._models = models
@@ -63,11 +65,17 @@ class UserService:
         return user, token
 
     async def by_token(self, token: str, address: str) -> User | None:
-        """The user a valid, unexpired token belongs to, if any."""
+        """The user a valid, unexpired token (the user's own, or a sign-in's) belongs to, if any."""
+        session_key = self._cache.key("session", token)
+        if (signed_in := self._cache.get(session_key)) is not None:
+            return signed_in
         key = self._cache.key("token", token)
         user = self._cache.get(key)
         if user is None:
             user = await find_document(User, {"token_hash": token_hash(token)})
+            if user is None and (signed_in := await self._session_owner(token)) is not None:
+                self._cache.put(session_key, signed_in)
+                return signed_in
             if user is None or not tokens_match(user.token_hash, token):
                 # 160 random bits cannot be guessed, so a valid token is never refused (clients
                 # behind a shared address stay up); failed ones count and turn into 429s.
@@ -75,6 +83,26 @@ class UserService:
                 return None
             self._cache.put(key, user)
         return None if user.token_expired(utcnow()) else user
+
+    async def _session_owner(self, token: str) -> User | None:
+        """The user an unexpired sign-in token belongs to (the TTL index removes expired ones only later)."""
+        session = await Session.get_pymongo_collection().find_one(
+            {"token_hash": token_hash(token), "expires_at": {"$gt": utcnow()}}, {"user": 1})
+        return None if session is None else await find_document(User, {"_id": session["user"]})
+
+    async def start_session(self, user: User) -> tuple[Session, str]:
+        """A new sign-in for the user: its own token (shown only this once) that expires."""
+        token = new_token()
+        session = Session(user=user.id, token_hash=token_hash(token), expires_at=utcnow() + self._session_lifetime)
+        await Session.get_pymongo_collection().insert_one(session.model_dump(by_alias=True))
+        return session, token
+
+    async def end_session(self, user: User, token: str) -> bool:
+        """Sign out: the user's sign-in with this token ends at once here (within the credential cache's
+        lifetime on other processes); False when the token is no sign-in of the user's."""
+        ended = await Session.get_pymongo_collection().delete_one({"token_hash": token_hash(token), "user": user.id})
+        self._cache.forget(self._cache.key("session", token))
+        return ended.deleted_count == 1
 
     async def by_password(self, username: str, password: str, address: str) -> User | None:
         """The user these credentials belong to, if any (a miss costs one full hash verification)."""
@@ -123,5 +151,6 @@ class UserService:
         )
         for model in await Model.find({"owner": user.id}).to_list():
             await self._models.purge(model)
+        await Session.get_pymongo_collection().delete_many({"user": user.id})
         await user.delete()
         self._cache.forget_user(user.id)
