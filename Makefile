@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 BENCH_VENV := .venv-bench
 
-.PHONY: run test docs bench bench-aggregation bench-rounds bench-scale bench-transfer bench-inference demo clean
+.PHONY: run test docs bench bench-aggregation bench-rounds bench-scale bench-transfer bench-inference bench-dashboard demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13) and "fltraining needs Python 3.13 (see .python-version)")'
@@ -62,6 +62,10 @@ bench-scale: $(STAMP)
 
 bench-transfer: $(STAMP)
 	$(PY) bench/transfer_bench.py $(ARGS)
+
+# 100 trainings: how soon the dashboard's pages are usable in headless chromium, and what they weigh.
+bench-dashboard: $(STAMP)
+	$(PY) bench/dashboard_bench.py $(ARGS)
 
 bench-inference: $(STAMP)
 	$(PY) bench/inference_bench.py $(ARGS)

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import io
 import json
+import random
 import socket
 import sys
 import tempfile
@@ -175,6 +176,7 @@ class DemoClient:
     headers: dict[str, str] = field(default_factory=dict)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     failures: list[str] = field(default_factory=list)
+    pace: float = 0.0  # seconds of pretend training before each upload, so a person can watch the rounds
 
     async def download(self, model_id: str) -> Weights:
         """The named model's weights."""
@@ -204,6 +206,8 @@ class DemoClient:
         """Train locally and upload the update."""
         weights = await self.download(body["global_model_uuid"])
         trained = await asyncio.to_thread(train, weights, self.data, self.rng, body.get("fedprox_mu", 0.0))
+        if self.pace:  # jittered, and never from `rng`, so the demo's training is the same with or without it
+            await asyncio.sleep(self.pace * random.uniform(0.5, 1.5))
         form = FormData()
         form.add_field("round", str(body["round"]))
         form.add_field("sample_size", str(len(self.data.y)))
@@ -395,7 +399,13 @@ async def run(method: str, rounds: int, seed: int) -> list[tuple[int, float]]:
     return (await run_demo(method, rounds, seed)).rounds
 
 
-async def run_demo(method: str, rounds: int, seed: int) -> DemoResult:
+def watch_hint(port: int, training_id: str) -> str:
+    """Where a person watches the training live, and how to sign in."""
+    return (f"watch it live: http://127.0.0.1:{port}/trainings/{training_id} "
+            f"(sign in as actor / {PASSWORD}; --pace 2 slows the clients down)")
+
+
+async def run_demo(method: str, rounds: int, seed: int, pace: float = 0.0) -> DemoResult:
     """Start the service and five clients, run the training, then ask for inference with uncertainty."""
     shares, test = load_splits(5, seed)
     with tempfile.TemporaryDirectory(prefix="fltraining-demo-") as data_dir:
@@ -407,7 +417,8 @@ async def run_demo(method: str, rounds: int, seed: int) -> DemoResult:
             client_ids: list[str] = []
             async with contextlib.AsyncExitStack() as servers:
                 for index, share in enumerate(shares):
-                    client = DemoClient(f"client{index}", share, session, np.random.default_rng(seed + index))
+                    client = DemoClient(f"client{index}", share, session, np.random.default_rng(seed + index),
+                                        pace=pace)
                     app = web.Application()
                     app.router.add_post("/", client.on_notification)
                     client_port = free_port()
@@ -431,6 +442,7 @@ async def run_demo(method: str, rounds: int, seed: int) -> DemoResult:
                 async with session.post("/api/trainings/", json=body, headers=actor_headers) as response:
                     response.raise_for_status()
                     training_id = (await response.json())["training_id"]
+                print(watch_hint(port, training_id), flush=True)
                 print(f"accuracy of the untrained model: {accuracy(initial_model(), test):.3f} "
                       f"({len(test.y)} held-out digits, chance 0.100)")
                 async with session.post(f"/api/trainings/{training_id}/start/", headers=actor_headers) as response:
@@ -474,12 +486,14 @@ def main() -> None:
                         help="all: every method in turn, then one table comparing their uncertainty")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pace", type=float, default=0.0,
+                        help="seconds each client pretends to train per round, to watch the rounds on the dashboard")
     args = parser.parse_args()
     rows: list[tuple[str, UncertaintyReport]] = []
     for method in METHODS if args.method == "all" else (args.method,):
         if rows:
             print()
-        outcome = asyncio.run(run_demo(method, args.rounds, args.seed))
+        outcome = asyncio.run(run_demo(method, args.rounds, args.seed, args.pace))
         print_rounds(method, outcome)
         if args.method != "all":
             print_uncertainty([(method, outcome.uncertainty)])

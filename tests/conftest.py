@@ -29,6 +29,14 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Point a reviewer at the dashboard's screenshots, when the browser tests took any."""
+    from tests.browser import SCREENSHOTS  # only here: the rest of the suite needs no Playwright
+
+    if SCREENSHOTS.is_dir() and any(SCREENSHOTS.iterdir()):
+        terminalreporter.write_line(f"dashboard screenshots: {SCREENSHOTS.resolve()}")
+
+
 @pytest.fixture(scope="session")
 def store_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The MongoDB under test: the URL in the environment, else a fresh embedded store."""

@@ -1,5 +1,6 @@
 """The dashboard in a real browser, against `fltraining serve` as `make run` starts it."""
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -192,3 +193,37 @@ async def test_unknown_page_and_unknown_training(http: HttpApi, web: Browsing) -
     gone = await web.signed_in(actor, "/trainings/00000000-0000-4000-8000-000000000000")
     await expect(gone.page.get_by_role("heading", name="Training not found")).to_be_visible()
     gone.assert_clean(allowed_api_errors=("404 /api/trainings/",))
+
+
+async def test_page_reconnects_after_the_service_restarts(service: ServiceProcess, web: Browsing) -> None:
+    http = HttpApi(service.base_url)
+    clients = await start_clients(http, 2, silent=True)
+    try:
+        actor = await register(http, actor=True)
+        training_id = await create_training(http, actor, await upload_model(http, actor, content=model_bytes()),
+                                            target_num_updates=1, clients=[c.account.id for c in clients],
+                                            options={"skip_model_tests": True})
+        assert (await http.post(f"/api/trainings/{training_id}/start/", headers=actor.headers)).status == 202
+        await wait_for_notification(clients, "UPDATE_ROUND_START")
+        watched = await web.signed_in(actor, f"/trainings/{training_id}")
+        page, count, note = watched.page, watched.page.locator(".progress-count"), watched.page.locator(".live")
+        await expect(count).to_have_text("0 / 2 arrived")
+        await expect(note).to_have_text("Live: following the training's events.")
+        await page.evaluate("() => { window.notReloaded = true; }")
+        await asyncio.to_thread(service.stop)
+        await expect(note).to_have_text("Connection lost: reconnecting…", timeout=10_000)
+        await asyncio.to_thread(service.start)
+        await expect(note).to_have_text("Live: following the training's events.", timeout=30_000)
+        await http.close()
+        http = HttpApi(service.base_url)  # the old connections died with the old process
+        for client in clients:
+            client.api = http  # type: ignore[assignment]
+        await clients[0].train(clients[0].received[-1]["body"])
+        await expect(count).to_have_text("1 / 2 arrived", timeout=LIVE_MS)
+        await clients[1].train(clients[1].received[-1]["body"])
+        await expect(page.locator("dl.facts")).to_contain_text("Completed", timeout=LIVE_MS)
+        assert await page.evaluate("() => window.notReloaded") is True
+        watched.assert_clean()
+    finally:
+        await stop_clients(clients)
+        await http.close()

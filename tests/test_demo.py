@@ -1,6 +1,7 @@
 """The federated digits demo runs end to end through the service, learns, and knows when it is unsure."""
 
 import importlib.util
+import re
 from pathlib import Path
 from types import ModuleType
 
@@ -23,8 +24,11 @@ def load_demo() -> ModuleType:
     ("swag", 2, [1, 2], "SWAG"),
 ])
 async def test_demo_learns_well_above_chance(method: str, rounds: int, aggregated: list[int],
-                                             uncertainty: str) -> None:
+                                             uncertainty: str, capsys: pytest.CaptureFixture[str]) -> None:
     outcome = await load_demo().run_demo(method, rounds, seed=0)
+    # Where a person watches it: the dashboard page of its training, and how to sign in.
+    assert re.search(r"watch it live: http://127\.0\.0\.1:\d+/trainings/[0-9a-f-]{36} \(sign in as actor / ",
+                     capsys.readouterr().out)
     results = outcome.rounds
     assert [round_ for round_, _ in results] == aggregated
     accuracies = [accuracy for _, accuracy in results]
