@@ -27,8 +27,8 @@ from playwright.async_api import Page, async_playwright
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fltraining.weights import dump_tensors  # noqa: E402
-from tests.processes import ServiceProcess  # noqa: E402
+from fltraining.weights import dump_tensors
+from tests.processes import ServiceProcess
 
 TRAININGS = 100
 PARTICIPANTS = 5
@@ -178,10 +178,9 @@ def main() -> None:
     chromium = os.environ.get("FLTRAINING_TEST_CHROMIUM") or shutil.which("chromium")
     if chromium is None:
         sys.exit("needs Debian's chromium (apt-get install chromium)")
-    with tempfile.TemporaryDirectory(prefix="fltraining-dashboard-bench-") as data:
-        with ServiceProcess(Path(data)) as service:
-            token, training_id = asyncio.run(populate(service.base_url))
-            rows = asyncio.run(measure(service.base_url, token, training_id, args.repeats, chromium))
+    with tempfile.TemporaryDirectory(prefix="fltraining-dashboard-bench-") as data, ServiceProcess(Path(data)) as service:
+        token, training_id = asyncio.run(populate(service.base_url))
+        rows = asyncio.run(measure(service.base_url, token, training_id, args.repeats, chromium))
     print(f"\nDashboard on the embedded store, {TRAININGS} trainings, headless chromium, {args.repeats} loads each "
           f"({time.strftime('%Y-%m-%d')})\n")
     print("| page | usable after, first (cold) load, ms | later loads, median ms | max ms | median vs baseline "

@@ -1,6 +1,6 @@
 """Rules for the free-form `options` object of a training."""
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
@@ -12,6 +12,7 @@ MAX_DAISY_CHAIN_PERIOD = 1_000_000
 DEFAULT_FEDPROX_MU = 0.01
 MAX_ROUND_TIMEOUT_SECONDS = 366 * 86_400
 MAX_UNCERTAINTY_PASSES = 1000
+MAX_BYZANTINE = 1_000_000
 
 
 class UncertaintyOptions(BaseModel):
@@ -39,6 +40,61 @@ class EvaluationOptions(BaseModel):
         return UUID(self.dataset)
 
 
+class MeanRule(BaseModel):
+    """`{"rule": "mean"}`: the sample-weighted mean (the default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rule: Literal["mean"]
+
+
+class MedianRule(BaseModel):
+    """`{"rule": "median"}`: the coordinate-wise median of the updates, unweighted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rule: Literal["median"]
+
+
+class TrimmedMeanRule(BaseModel):
+    """`{"rule": "trimmed_mean", "trim_fraction": β}`: per coordinate, the unweighted mean without the ⌊β·n⌋
+    smallest and largest values (β defaults to Flower's FedTrimmedAvg's 0.2)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rule: Literal["trimmed_mean"]
+    trim_fraction: Annotated[float, Field(ge=0, lt=0.5, strict=True, allow_inf_nan=False)] = 0.2
+
+
+class KrumRule(BaseModel):
+    """`{"rule": "krum", "byzantine": f}`: the update with the lowest Krum score (needs n ≥ 2f + 3)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rule: Literal["krum"]
+    byzantine: StrictInt = Field(default=0, ge=0, le=MAX_BYZANTINE)
+
+    def smallest_n(self) -> int:
+        """The fewest updates the rule can combine."""
+        return 2 * self.byzantine + 3
+
+
+class MultiKrumRule(KrumRule):
+    """`{"rule": "multi_krum", "byzantine": f, "select": m}`: the sample-weighted mean of the m updates with
+    the lowest Krum scores (1 ≤ m ≤ n − f)."""
+
+    rule: Literal["multi_krum"]  # type: ignore[assignment]
+    select: StrictInt = Field(ge=1, le=MAX_BYZANTINE)
+
+    def smallest_n(self) -> int:
+        """The fewest updates the rule can combine."""
+        return max(2 * self.byzantine + 3, self.select + self.byzantine)
+
+
+type AggregationRule = Annotated[MeanRule | MedianRule | TrimmedMeanRule | KrumRule | MultiKrumRule,
+                                 Field(discriminator="rule")]
+
+
 class TrainingOptions(BaseModel):
     """Training options: known keys are typed, any other JSON key is kept as sent."""
 
@@ -52,6 +108,7 @@ class TrainingOptions(BaseModel):
     min_updates: StrictInt | None = Field(default=None, ge=1, le=1_000_000)
     keep_local_models: StrictBool | None = None
     evaluation: EvaluationOptions | None = None
+    aggregation: AggregationRule | None = None
 
     def as_stored(self) -> dict[str, Any]:
         """Return the object exactly as the client sent it (unset known keys stay absent)."""

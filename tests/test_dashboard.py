@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from playwright.async_api import expect
 
-from tests.browser import LIVE_MS, Browsing, browsing, sign_in
+from tests.browser import LIVE_MS, Browsing, browsing
 from tests.fl_clients import HttpApi, model_bytes, start_clients, stop_clients, wait_for_notification
 from tests.helpers import PASSWORD, create_training, register, upload_model
 from tests.processes import ServiceProcess
@@ -47,11 +47,17 @@ async def test_sign_in_with_a_wrong_then_the_right_password(http: HttpApi, web: 
     page = watched.page
     await expect(page.get_by_role("heading", name="Sign in")).to_be_visible()
     await watched.screenshot("sign-in")
-    await sign_in(page, alice.username, "not the password")
+    # With the keyboard alone: the name field has the focus, Tab goes on, Enter signs in.
+    await expect(page.get_by_label("Username")).to_be_focused()
+    await page.keyboard.type(alice.username)
+    await page.keyboard.press("Tab")
+    await page.keyboard.type("not the password")
+    await page.keyboard.press("Enter")
     await expect(page.get_by_role("alert")).to_have_text("Invalid credentials.")
     await watched.screenshot("sign-in-refused")
-    await page.get_by_label("Password").fill(PASSWORD)
-    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_label("Password")).to_be_focused()  # selected, to be typed again
+    await page.keyboard.type(PASSWORD)
+    await page.keyboard.press("Enter")
     await expect(page.get_by_role("heading", name="Trainings")).to_be_visible()
     await expect(page.locator("#who")).to_have_text(f"Signed in as Alice Liddell ({alice.username})")
     stored = await page.evaluate("() => [sessionStorage.getItem('fltraining.token'), localStorage.length, document.cookie]")

@@ -9,12 +9,13 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+from pydantic import TypeAdapter
 from pymongo import ReturnDocument
 
 from fltraining.clock import utcnow
 from fltraining.documents import ChainLink, Training
 from fltraining.engine.effects import Effects
-from fltraining.options import DEFAULT_FEDPROX_MU
+from fltraining.options import DEFAULT_FEDPROX_MU, AggregationRule, MeanRule
 from fltraining.states import (
     TRANSITIONS,
     AggregationMethod,
@@ -52,6 +53,15 @@ def option(training: Training, name: str, default: Any = None) -> Any:
     """A training option as stored (validated at creation), or its default."""
     value = training.options.get(name)
     return default if value is None else value
+
+
+_RULE: TypeAdapter[AggregationRule] = TypeAdapter(AggregationRule)
+
+
+def aggregation_rule(training: Training) -> AggregationRule:
+    """How a round's updates are combined (`options.aggregation`, validated at creation; the mean by default)."""
+    stored = option(training, "aggregation")
+    return MeanRule(rule="mean") if stored is None else _RULE.validate_python(stored)
 
 
 def _deadline(training: Training, at: datetime) -> datetime | None:

@@ -38,12 +38,14 @@ from fltraining.engine.effects import (
     pending,
 )
 from fltraining.errors import FLTrainingError
+from fltraining.options import AggregationRule
 from fltraining.schemas.common import iso_z
 from fltraining.states import RUNNING, Phase, TrainingState, Transition
 from fltraining.storage.blobs import StoredFile, staged_from_path
 from fltraining.storage.model_store import ModelStore
-from fltraining.weights.aggregate import derangement, mean_of_files
+from fltraining.weights.aggregate import derangement
 from fltraining.weights.formats import Format
+from fltraining.weights.robust import KrumChoice, rule_of_files
 from fltraining.weights.signature import from_documents
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,14 @@ def daisy_chain(updates: list[Update], participants: list[UUID], rng: random.Ran
     # Participants who joined after the sub-round began have no model of their own to avoid.
     links += [ChainLink(user=user, model=rng.choice(pool)) for user in participants if user not in by_user]
     return links
+
+
+def krum_record(choice: KrumChoice | None, updates: list[Update]) -> dict[str, Any]:
+    """What an aggregation event records of Krum's choice: the selected participants and every score."""
+    if choice is None:
+        return {}
+    return {"selected": [str(updates[index].user) for index in choice.selected],
+            "scores": {str(update.user): score for update, score in zip(updates, choice.scores, strict=True)}}
 
 
 def arrivals(updates: list[Update]) -> list[dict[str, Any]]:
@@ -340,9 +350,11 @@ class RoundEngine:
 
     async def _mean_file(
         self, files: list[UUID], weights: list[int], model: Model, keeper: LeaseKeeper, field: str,
-    ) -> StoredFile:
-        """The weighted mean of stored files, computed from local (mapped) copies into a staged file, stored
-        in the global model's format (an ONNX model keeps its graph: the global model's file is the template)."""
+        rule: AggregationRule | None = None,
+    ) -> tuple[StoredFile, KrumChoice | None]:
+        """Stored files combined by `rule` (by default the weighted mean), computed from local (mapped) copies
+        into a staged file, stored in the global model's format (an ONNX model keeps its graph: the global
+        model's file is the template); with Krum's choice, when the rule made one."""
         signature = from_documents([t.model_dump() for t in model.tensors])
         fmt: Format = model.format or "safetensors"  # type: ignore[assignment]
         async with contextlib.AsyncExitStack() as stack:
@@ -351,14 +363,14 @@ class RoundEngine:
             out = self._files.staging.new_path()
             try:
                 # A full disk is not the round's fault: the error ends this attempt and the lease lets another redo it.
-                await asyncio.to_thread(mean_of_files, paths, weights, signature, fmt, out, keeper.advanced, field,
-                                        template)
+                choice = await asyncio.to_thread(rule_of_files, paths, weights, signature, fmt, out, rule,
+                                                 keeper.advanced, field, template)
                 staged = await asyncio.to_thread(staged_from_path, out)
             except BaseException:
                 out.unlink(missing_ok=True)
                 raise
         keeper.advanced()
-        return await self._files.commit(staged)
+        return await self._files.commit(staged), choice
 
     async def _drop(self, created: list[StoredFile]) -> None:
         for stored in created:
@@ -381,8 +393,10 @@ class RoundEngine:
         keep = plans.option(training, "keep_local_models", False)
         chain: list[ChainLink] = []
         if aggregate:
-            stored = await self._mean_file([update.file_id for update in updates],
-                                           [update.sample_size for update in updates], model, keeper, "model_file")
+            rule = plans.aggregation_rule(training)
+            stored, choice = await self._mean_file([update.file_id for update in updates],
+                                                   [update.sample_size for update in updates], model, keeper,
+                                                   "model_file", rule)
             created.append(stored)
             effects.sync_model(model.id, new_round, stored)
             if evaluation := plans.option(training, "evaluation"):
@@ -390,7 +404,8 @@ class RoundEngine:
             effects.event("aggregated", round_, updates=len(updates),
                           samples=sum(update.sample_size for update in updates),
                           users=[str(update.user) for update in updates], arrivals=arrivals(updates),
-                          size=stored.size, sha256=stored.sha256, seconds=round(time.perf_counter() - began, 3))
+                          size=stored.size, sha256=stored.sha256, seconds=round(time.perf_counter() - began, 3),
+                          rule=rule.rule, **krum_record(choice, updates))
         else:
             chain = daisy_chain(updates, list(training.participants), self._rng)
             effects.sync_model(model.id, new_round, None)
@@ -415,7 +430,7 @@ class RoundEngine:
         weights = [stat.sample_size for stat in stats]
         for which in ("first", "second"):
             files = [stat.first_file_id if which == "first" else stat.second_file_id for stat in stats]
-            created.append(await self._mean_file(files, weights, model, keeper, f"{which}_moment_file"))
+            created.append((await self._mean_file(files, weights, model, keeper, f"{which}_moment_file"))[0])
         effects.store_moments(model.id, created[0], created[1])
         effects.event("swag_aggregated", training.round, statistics=len(stats), arrivals=[
             {"user": str(stat.user), "statistic": str(stat.id), "at": iso_z(stat.created_at),

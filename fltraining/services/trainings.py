@@ -9,9 +9,24 @@ from pydantic import ValidationError
 from pymongo.errors import DuplicateKeyError
 
 from fltraining.documents import Dataset, Model, Training, User
-from fltraining.engine.plans import Fields, begin_round, fail, move_state, new_effects, write_step
+from fltraining.engine.plans import (
+    Fields,
+    aggregation_rule,
+    begin_round,
+    fail,
+    move_state,
+    new_effects,
+    option,
+    write_step,
+)
 from fltraining.errors import Conflict, InvalidInput, NotFound, PermissionDenied, PreconditionFailed
-from fltraining.options import TrainingOptions, daisy_chained_target, find_value_problems
+from fltraining.options import (
+    KrumRule,
+    MultiKrumRule,
+    TrainingOptions,
+    daisy_chained_target,
+    find_value_problems,
+)
 from fltraining.schemas.common import iso_z, public_errors
 from fltraining.schemas.trainings import TrainingCreate, TrainingListQuery, TrainingPatch
 from fltraining.services.models import ModelService
@@ -20,6 +35,22 @@ from fltraining.states import PARTICIPANTS_EDITABLE, PATCHABLE, TRANSITIONS, Tra
 from fltraining.storage.queries import count_matching, find_document, reading_raw_uuids
 
 PATCH_RETRIES = 8
+
+
+def check_rule_satisfiable(training: Training) -> None:
+    """409 when the aggregation rule needs more updates than a round of this training may bring."""
+    rule = aggregation_rule(training)
+    if not isinstance(rule, KrumRule):
+        return
+    participants = len(training.participants)
+    # A round times out into aggregation with as few as `min_updates` updates.
+    fewest = min(participants, option(training, "min_updates", participants))
+    if fewest < rule.smallest_n():
+        raise Conflict(
+            f"options.aggregation: {rule.rule} with byzantine = {rule.byzantine}"
+            + (f" and select = {rule.select}" if isinstance(rule, MultiKrumRule) else "")
+            + f" needs at least {rule.smallest_n()} updates per round; this training may aggregate {fewest} "
+            f"({participants} participants" + (f", min_updates {fewest}" if fewest < participants else "") + ").")
 
 
 class TrainingService:
@@ -243,6 +274,7 @@ class TrainingService:
                 raise Conflict(f"Training {training_id} is not in state INITIAL!")
             if not training.participants:
                 raise Conflict("At least one participant must be registered!")
+            check_rule_satisfiable(training)
             model = await self._models.described(await self._models.get(training.model))
             if model.format is None:
                 raise Conflict(f"The training's model cannot be trained federatedly: {model.format_problem}")

@@ -191,7 +191,7 @@ class FileTarget:
 type Target = Mapping[str, np.ndarray] | FileTarget
 
 
-def _emit(out: Target, name: str, start: int, mean: np.ndarray, narrow: np.ndarray) -> None:
+def emit_block(out: Target, name: str, start: int, mean: np.ndarray, narrow: np.ndarray) -> None:
     """Store one block of a tensor's mean in its dtype (floats rounded as astype would)."""
     if isinstance(out, Mapping):
         target = out[name].reshape(-1)
@@ -233,7 +233,7 @@ def _mean_spans(
             else:
                 np.add(block, np.multiply(part, float(weight), out=wide[:count], dtype=np.float64), out=block)
         np.divide(block, total, out=block)
-        _emit(out, name, start, block, narrow)
+        emit_block(out, name, start, block, narrow)
         progress()
 
 
@@ -262,11 +262,11 @@ def weighted_mean_into(
         future.result()
 
 
-def mean_of_files(
-    paths: Sequence[Path], weights: Sequence[int], signature: Mapping[str, TensorSpec], fmt: Format, out: Path,
-    progress: Callable[[], None] = lambda: None, field: str = "model_file", template: Path | None = None,
-) -> None:
-    """Write the weighted mean of model files as a model file: inputs mapped into memory (zero copy);
+def into_file[T](
+    paths: Sequence[Path], signature: Mapping[str, TensorSpec], fmt: Format, out: Path,
+    fill: Callable[[list[dict[str, np.ndarray]], Target], T], template: Path | None = None,
+) -> T:
+    """Write what `fill` computes from model files as a model file: inputs mapped into memory (zero copy);
     a safetensors result is written block by block into its preallocated file, never held whole."""
     updates = [load_tensors(path) for path in paths]
     if fmt == "safetensors":
@@ -274,13 +274,23 @@ def mean_of_files(
         fd = os.open(out, os.O_WRONLY)
         try:
             # The blob store's commit fsyncs the file.
-            weighted_mean_into(updates, weights, signature, FileTarget(fd, offsets, signature), progress, field)
+            return fill(updates, FileTarget(fd, offsets, signature))
         finally:
             os.close(fd)
-        return
     result = {name: np.empty(spec.shape, spec.dtype) for name, spec in signature.items()}
-    weighted_mean_into(updates, weights, signature, result, progress, field)
+    answer = fill(updates, result)
     write_tensors(out, result, fmt, template)  # ONNX: the global model's graph with the new weights
+    return answer
+
+
+def mean_of_files(
+    paths: Sequence[Path], weights: Sequence[int], signature: Mapping[str, TensorSpec], fmt: Format, out: Path,
+    progress: Callable[[], None] = lambda: None, field: str = "model_file", template: Path | None = None,
+) -> None:
+    """Write the weighted mean of model files as a model file (see `into_file`)."""
+    into_file(paths, signature, fmt, out,
+              lambda updates, target: weighted_mean_into(updates, weights, signature, target, progress, field),
+              template)
 
 
 def derangement(n: int, rng: random.Random) -> list[int]:

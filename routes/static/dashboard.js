@@ -362,7 +362,13 @@ class TrainingPage {
       el("section", { "aria-labelledby": "events-title" }, el("h2", { id: "events-title", text: "Events" }), this.eventList));
     this.renderFacts();
     this.renderActions();
-    await Promise.all([this.loadProgress(), this.loadMetrics(), this.loadEvents()]);
+    try {
+      await Promise.all([this.loadProgress(), this.loadMetrics(), this.loadEvents()]);
+    } catch (error) {
+      if (error.status === 401) return route();
+      this.liveNote.textContent = error.message;
+      return;
+    }
     this.renderModels();
     this.follow();
   }
@@ -600,6 +606,11 @@ class TrainingPage {
       try {
         const response = await fetch(`/api/trainings/${this.id}/events/`, { headers, cache: "no-store" });
         if (response.status === 401) return route();
+        if (response.status === 403 || response.status === 404) {
+          // Deleted, or the user was removed from it: nothing more to follow.
+          this.liveNote.textContent = "This training can no longer be followed (deleted, or you left it).";
+          return;
+        }
         if (!response.ok || !response.body) throw new Error(`events: ${response.status}`);
         this.liveNote.textContent = "Live: following the training's events.";
         this.reader = response.body.getReader();
