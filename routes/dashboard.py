@@ -16,6 +16,7 @@ from routes.keys import docs_site_key
 
 ASSETS = "/assets"
 ASSET_FILES = Path(str(importlib.resources.files("routes") / "static"))
+ASSET_NAMES = frozenset(path.name for path in ASSET_FILES.iterdir() if path.is_file())
 # Scripts and styles only from this service (no inline code), nothing framed, nothing sent elsewhere.
 PAGE_HEADERS = {
     "Content-Security-Policy": (
@@ -78,16 +79,18 @@ async def not_found(request: web.Request) -> web.Response:
     return page(request, "Not found · fltraining", NOT_FOUND, with_script=False, status=404)
 
 
-async def revalidate_assets(request: web.Request, response: web.StreamResponse) -> None:
-    """Browsers ask again for the dashboard's assets each time (a cheap 304), so an upgrade shows at once."""
-    if request.path.startswith(ASSETS + "/"):
-        response.headers["Cache-Control"] = "no-cache"
+async def asset(request: web.Request) -> web.StreamResponse:
+    """GET /assets/{name}: one of the dashboard's files, asked for again each time (a cheap 304), so an
+    upgrade shows at once; any other name is the API's JSON 404."""
+    name = request.match_info["name"]
+    if name not in ASSET_NAMES:
+        raise web.HTTPNotFound()
+    return web.FileResponse(ASSET_FILES / name, headers={"Cache-Control": "no-cache"})
 
 
 def add_dashboard(app: web.Application) -> None:
     """Route the dashboard's pages and assets; call last: its catch-all yields to every other route."""
-    app.on_response_prepare.append(revalidate_assets)
     app.router.add_get("/", dashboard)
     app.router.add_get("/trainings/{training_id:.+}", training_page)
-    app.router.add_static(ASSETS, ASSET_FILES, follow_symlinks=False)
+    app.router.add_get(ASSETS + "/{name}", asset)
     app.router.add_route("*", "/" + NOT_API, not_found)

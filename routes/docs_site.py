@@ -1,5 +1,6 @@
 """The built docs site (`make docs`), served at /docs/ when it is there at start-up."""
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -20,11 +21,24 @@ async def docs_front(request: web.Request) -> web.StreamResponse:
     raise web.HTTPFound(f"{DOCS_SITE}/index.html")
 
 
+def docs_file(root: Path) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The handler of /docs/{path}: a file of the built site, never one outside it, else the JSON 404."""
+    base = root.resolve()
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        wanted = (base / request.match_info["path"]).resolve()
+        if not wanted.is_relative_to(base) or not wanted.is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(wanted)
+
+    return serve
+
+
 def add_docs_site(app: web.Application, docs_dir: Path) -> None:
-    """Serve the built docs site at /docs/ (static files, no listing) when it is built at start-up."""
+    """Serve the built docs site at /docs/ (its files, no listing) when it is built at start-up."""
     app[docs_site_key] = docs_index(docs_dir) is not None
     if not app[docs_site_key]:
         return
     app.router.add_get(DOCS_SITE, docs_front)
     app.router.add_get(DOCS_SITE + "/", docs_front)
-    app.router.add_static(DOCS_SITE, docs_dir, follow_symlinks=False)
+    app.router.add_get(DOCS_SITE + "/{path:.+}", docs_file(docs_dir))
