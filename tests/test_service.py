@@ -183,8 +183,9 @@ async def test_docs_page_works_offline(client: TestClient, path: str) -> None:
 # --- general HTTP rules ---------------------------------------------------------------------
 
 
+# Outside /api/ an unknown path is the dashboard's HTML "not found" page (tests/test_pages.py).
 @pytest.mark.parametrize(
-    "path", ["/api/nothing-here/", "/nothing", "/api/users/x/y/z/", "/api/models/x/metadata/extra"]
+    "path", ["/api/nothing-here/", "/api", "/api/users/x/y/z/", "/api/models/x/metadata/extra"]
 )
 @pytest.mark.parametrize("authenticated", [False, True], ids=["anonymous", "authenticated"])
 async def test_unknown_route_is_404_json(client: TestClient, path: str, authenticated: bool) -> None:
