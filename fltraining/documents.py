@@ -95,6 +95,10 @@ class Model(Document):
     tensors: list[TensorDocument] = Field(default_factory=list)
     swag_first_file_id: UUID | None = None
     swag_second_file_id: UUID | None = None
+    # A server optimizer's state (float64 safetensors blobs) and its step count, replaced with the weights.
+    optimizer_m_file_id: UUID | None = None
+    optimizer_v_file_id: UUID | None = None
+    optimizer_steps: int = Field(default=0, ge=0)
     # The ONNX graph inference runs: the model file itself for format "onnx", else an attached graph file.
     graph_file_id: UUID | None = None
     graph_digest: str | None = Field(default=None, min_length=64, max_length=64)
@@ -427,6 +431,8 @@ FILE_REFERENCES: list[tuple[type[Document], str]] = [
     (Model, "swag_first_file_id"),
     (Model, "swag_second_file_id"),
     (Model, "graph_file_id"),
+    (Model, "optimizer_m_file_id"),
+    (Model, "optimizer_v_file_id"),
     (Update, "file_id"),
     (SwagStatistic, "first_file_id"),
     (SwagStatistic, "second_file_id"),

@@ -95,6 +95,36 @@ type AggregationRule = Annotated[MeanRule | MedianRule | TrimmedMeanRule | KrumR
                                  Field(discriminator="rule")]
 
 
+# Flower 1.42's defaults for FedAdam, FedYogi and FedAdagrad: (eta, beta_1, beta_2, tau).
+OPTIMIZER_DEFAULTS: dict[str, tuple[float, float, float, float]] = {
+    "adam": (0.1, 0.9, 0.99, 1e-9),
+    "yogi": (0.01, 0.9, 0.99, 1e-3),
+    "adagrad": (0.1, 0.0, 0.0, 1e-9),
+}
+UnitInterval = Annotated[float, Field(ge=0, lt=1, strict=True, allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0, le=1e6, strict=True, allow_inf_nan=False)]
+
+
+class ServerOptimizer(BaseModel):
+    """`options.server_optimizer` (Reddi et al., 2021): how the combined update moves the global model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["adam", "yogi", "adagrad"]
+    lr: Positive | None = None
+    beta1: UnitInterval | None = None
+    beta2: UnitInterval | None = None
+    tau: Positive | None = None
+
+    def resolved(self) -> tuple[float, float, float, float]:
+        """(η, β₁, β₂, τ): the values given, else Flower 1.42's defaults for this optimizer."""
+        defaults = OPTIMIZER_DEFAULTS[self.name]
+        given = (self.lr, self.beta1, self.beta2, self.tau)
+        lr, beta1, beta2, tau = (default if value is None else value for value, default in zip(given, defaults,
+                                                                                                 strict=True))
+        return lr, beta1, beta2, tau
+
+
 class TrainingOptions(BaseModel):
     """Training options: known keys are typed, any other JSON key is kept as sent."""
 
@@ -109,6 +139,7 @@ class TrainingOptions(BaseModel):
     keep_local_models: StrictBool | None = None
     evaluation: EvaluationOptions | None = None
     aggregation: AggregationRule | None = None
+    server_optimizer: ServerOptimizer | None = None
 
     def as_stored(self) -> dict[str, Any]:
         """Return the object exactly as the client sent it (unset known keys stay absent)."""

@@ -73,11 +73,20 @@ class Effects:
             self._add("notify", type=type_, round_notification=round_notification, receivers=receivers,
                       body=body, addressed=addressed)
 
-    def sync_model(self, model: UUID, round_: int, stored: StoredFile | None) -> None:
-        """Point the global model at its new round (and new weights, when aggregated)."""
-        file = None if stored is None else {"file_id": stored.file_id, "size": stored.size, "sha256": stored.sha256}
-        self._add("sync_model", model=model, round=round_, file=file,
-                  file_ids=[] if stored is None else [stored.file_id])
+    def sync_model(self, model: UUID, round_: int, stored: StoredFile | None,
+                   optimizer: tuple[StoredFile, StoredFile, int] | None = None) -> None:
+        """Point the global model at its new round (and new weights, when aggregated, with the server
+        optimizer's new m, v and step count, when it has one)."""
+        file: dict[str, Any] | None = None
+        file_ids = []
+        if stored is not None:
+            file = {"file_id": stored.file_id, "size": stored.size, "sha256": stored.sha256}
+            file_ids.append(stored.file_id)
+        if file is not None and optimizer is not None:
+            m, v, steps = optimizer
+            file |= {"optimizer_m_file_id": m.file_id, "optimizer_v_file_id": v.file_id, "optimizer_steps": steps}
+            file_ids += [m.file_id, v.file_id]
+        self._add("sync_model", model=model, round=round_, file=file, file_ids=file_ids)
 
     def drop_file(self, file_id: UUID) -> None:
         """Delete a file once nothing names it (the weights a new round replaced)."""

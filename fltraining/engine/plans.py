@@ -15,7 +15,7 @@ from pymongo import ReturnDocument
 from fltraining.clock import utcnow
 from fltraining.documents import ChainLink, Training
 from fltraining.engine.effects import Effects
-from fltraining.options import DEFAULT_FEDPROX_MU, AggregationRule, MeanRule
+from fltraining.options import DEFAULT_FEDPROX_MU, AggregationRule, MeanRule, ServerOptimizer
 from fltraining.states import (
     TRANSITIONS,
     AggregationMethod,
@@ -62,6 +62,12 @@ def aggregation_rule(training: Training) -> AggregationRule:
     """How a round's updates are combined (`options.aggregation`, validated at creation; the mean by default)."""
     stored = option(training, "aggregation")
     return MeanRule(rule="mean") if stored is None else _RULE.validate_python(stored)
+
+
+def server_optimizer(training: Training) -> ServerOptimizer | None:
+    """`options.server_optimizer` (validated at creation), or None: the combined update replaces the model."""
+    stored = option(training, "server_optimizer")
+    return None if stored is None else ServerOptimizer.model_validate(stored)
 
 
 def _deadline(training: Training, at: datetime) -> datetime | None:

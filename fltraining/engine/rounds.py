@@ -38,13 +38,14 @@ from fltraining.engine.effects import (
     pending,
 )
 from fltraining.errors import FLTrainingError
-from fltraining.options import AggregationRule
+from fltraining.options import AggregationRule, ServerOptimizer
 from fltraining.schemas.common import iso_z
 from fltraining.states import RUNNING, Phase, TrainingState, Transition
 from fltraining.storage.blobs import StoredFile, staged_from_path
 from fltraining.storage.model_store import ModelStore
 from fltraining.weights.aggregate import derangement
 from fltraining.weights.formats import Format
+from fltraining.weights.optimizers import OptimizerStep, optimizer_files
 from fltraining.weights.robust import KrumChoice, rule_of_files
 from fltraining.weights.signature import from_documents
 
@@ -372,6 +373,34 @@ class RoundEngine:
         keeper.advanced()
         return await self._files.commit(staged), choice
 
+    async def _optimize(
+        self, model: Model, combined: StoredFile, optimizer: ServerOptimizer, keeper: LeaseKeeper,
+    ) -> tuple[StoredFile, StoredFile, StoredFile, OptimizerStep]:
+        """One server-optimizer step from the current global model towards the combined update: the new global
+        file, m, v (from the model's stored state, zero before the first step) and the step it took."""
+        lr, beta1, beta2, tau = optimizer.resolved()
+        step = OptimizerStep(optimizer.name, lr, beta1, beta2, tau, model.optimizer_steps + 1)
+        signature = from_documents([t.model_dump() for t in model.tensors])
+        fmt: Format = model.format or "safetensors"  # type: ignore[assignment]
+        outs = [self._files.staging.new_path() for _ in range(3)]
+        async with contextlib.AsyncExitStack() as stack:
+            current = await stack.enter_async_context(self._files.local_copy(model.file_id))
+            update = await stack.enter_async_context(self._files.local_copy(combined.file_id))
+            m, v = [None if file_id is None else await stack.enter_async_context(self._files.local_copy(file_id))
+                    for file_id in (model.optimizer_m_file_id, model.optimizer_v_file_id)]
+            template = current if fmt == "onnx" else None
+            try:
+                await asyncio.to_thread(optimizer_files, current, update, m, v, signature, fmt, step, outs[0],
+                                        outs[1], outs[2], keeper.advanced, template)
+                staged = [await asyncio.to_thread(staged_from_path, out) for out in outs]
+            except BaseException:
+                for out in outs:
+                    out.unlink(missing_ok=True)
+                raise
+        keeper.advanced()
+        new, new_m, new_v = [await self._files.commit(one) for one in staged]
+        return new, new_m, new_v, step
+
     async def _drop(self, created: list[StoredFile]) -> None:
         for stored in created:
             await self._files.delete(stored.file_id)
@@ -398,14 +427,23 @@ class RoundEngine:
                                                    [update.sample_size for update in updates], model, keeper,
                                                    "model_file", rule)
             created.append(stored)
-            effects.sync_model(model.id, new_round, stored)
+            moved = None
+            if (optimizer := plans.server_optimizer(training)) is not None:
+                combined = stored
+                stored, m_file, v_file, step = await self._optimize(model, combined, optimizer, keeper)
+                created.extend([stored, m_file, v_file])
+                moved = (m_file, v_file, step.step)
+                await self._files.delete(combined.file_id)  # an intermediate: nothing names it
+                created.remove(combined)
+            effects.sync_model(model.id, new_round, stored, moved)
             if evaluation := plans.option(training, "evaluation"):
                 effects.evaluate(model.id, new_round, stored, UUID(evaluation["dataset"]))
             effects.event("aggregated", round_, updates=len(updates),
                           samples=sum(update.sample_size for update in updates),
                           users=[str(update.user) for update in updates], arrivals=arrivals(updates),
                           size=stored.size, sha256=stored.sha256, seconds=round(time.perf_counter() - began, 3),
-                          rule=rule.rule, **krum_record(choice, updates))
+                          rule=rule.rule, **krum_record(choice, updates),
+                          **({} if moved is None else {"optimizer": optimizer.name, "optimizer_step": moved[2]}))
         else:
             chain = daisy_chain(updates, list(training.participants), self._rng)
             effects.sync_model(model.id, new_round, None)
@@ -415,6 +453,10 @@ class RoundEngine:
         # Clean-up last, so the notifications above are delivered without waiting for it.
         if aggregate:
             effects.drop_file(model.file_id)
+            if plans.server_optimizer(training) is not None:
+                for replaced in (model.optimizer_m_file_id, model.optimizer_v_file_id):
+                    if replaced is not None:
+                        effects.drop_file(replaced)
         if not keep:
             effects.drop_local_files(new_round if aggregate else round_)
 

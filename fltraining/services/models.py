@@ -60,7 +60,9 @@ class ModelService(ModelStore):
         update per batch of clones), so a creation makes no third write on its path.
         """
         clone = model.model_copy(
-            update={"id": uuid4(), "cloned_from": model.id, "pending_training": training_id, "created_at": utcnow()}
+            update={"id": uuid4(), "cloned_from": model.id, "pending_training": training_id, "created_at": utcnow(),
+                    # A new training's server optimizer starts from zero, not from the original's state.
+                    "optimizer_m_file_id": None, "optimizer_v_file_id": None, "optimizer_steps": 0}
         )
         # A plain insert of the validated model's fields: Beanie's per-document encoder cost more than the
         # rest of the clone (no hook applies to models).

@@ -1,0 +1,108 @@
+"""Server optimizers (FedAdam, FedYogi, FedAdagrad) against the equations of Reddi et al. as Flower 1.42
+writes them, step by step, and in trainings."""
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from aiohttp.test_utils import TestClient
+
+from fltraining.options import OPTIMIZER_DEFAULTS, ServerOptimizer
+from fltraining.weights.formats import load_tensors, write_tensors
+from fltraining.weights.optimizers import OptimizerStep, moments_signature, optimizer_files, optimizer_into
+from fltraining.weights.signature import signature_of
+from tests.fl_clients import GLOBAL_TENSORS, SimulatedClient, wait_for_state
+from tests.helpers import register
+from tests.test_rounds import events_of, run_training
+
+
+def reference(current: np.ndarray, combined: list[np.ndarray], name: str) -> np.ndarray:
+    """The optimizer's steps written out directly (float64), one per combined update, Flower's way."""
+    lr, beta1, beta2, tau = OPTIMIZER_DEFAULTS[name]
+    m = np.zeros_like(current)
+    v = np.zeros_like(current)
+    for t, target in enumerate(combined, start=1):
+        delta = target - current
+        m = beta1 * m + (1 - beta1) * delta
+        if name == "adam":
+            v = beta2 * v + (1 - beta2) * delta**2
+            rate = lr * np.sqrt(1 - beta2 ** (t + 1)) / (1 - beta1 ** (t + 1))
+        elif name == "yogi":
+            v = v - (1 - beta2) * delta**2 * np.sign(v - delta**2)
+            rate = lr
+        else:
+            v = v + delta**2
+            rate = lr
+        current = current + rate * m / (np.sqrt(v) + tau)
+    return current
+
+
+@pytest.mark.parametrize("name", ["adam", "yogi", "adagrad"])
+def test_steps_follow_the_equations_over_several_rounds(name: str) -> None:
+    rng = np.random.default_rng(11)
+    start = {"w": rng.normal(size=(3, 4)).astype(np.float32), "b": np.float32(0.5).reshape(())}
+    combined = [{key: value + rng.normal(size=value.shape).astype(np.float32) for key, value in start.items()}
+                for _ in range(4)]
+    signature = signature_of(start)
+    lr, beta1, beta2, tau = OPTIMIZER_DEFAULTS[name]
+    current, m, v = start, None, None
+    for t, target in enumerate(combined, start=1):
+        out = {key: np.empty_like(value) for key, value in start.items()}
+        out_m = {key: np.empty(value.shape, np.float64) for key, value in start.items()}
+        out_v = {key: np.empty(value.shape, np.float64) for key, value in start.items()}
+        optimizer_into(current, target, m, v, signature, OptimizerStep(name, lr, beta1, beta2, tau, t), out, out_m, out_v)
+        current, m, v = out, out_m, out_v
+    for key, first in start.items():
+        expected = reference(first.astype(np.float64), [c[key].astype(np.float64) for c in combined], name)
+        np.testing.assert_allclose(current[key], expected.astype(np.float32), rtol=2e-6, atol=1e-7)
+
+
+def test_files_carry_the_state_from_step_to_step(tmp_path: Path) -> None:
+    start = {"w": np.linspace(-1, 1, 70_001).astype(np.float32)}  # more than one block
+    combined = [{"w": start["w"] + np.float32(step)} for step in (1, 2, 3)]
+    signature = signature_of(start)
+    write_tensors(tmp_path / "g0", start)
+    m = v = None
+    for t, target in enumerate(combined, start=1):
+        write_tensors(tmp_path / f"c{t}", target)
+        optimizer_files(tmp_path / f"g{t - 1}", tmp_path / f"c{t}", m, v, signature, "safetensors",
+                        OptimizerStep("adam", *OPTIMIZER_DEFAULTS["adam"], t), tmp_path / f"g{t}", tmp_path / f"m{t}",
+                        tmp_path / f"v{t}")
+        m, v = tmp_path / f"m{t}", tmp_path / f"v{t}"
+        assert signature_of(load_tensors(m)) == moments_signature(signature)
+    expected = reference(start["w"].astype(np.float64), [c["w"].astype(np.float64) for c in combined], "adam")
+    np.testing.assert_allclose(load_tensors(tmp_path / "g3")["w"], expected.astype(np.float32), rtol=2e-6, atol=1e-6)
+
+
+def test_options_take_flowers_defaults_and_refuse_bad_values() -> None:
+    assert ServerOptimizer(name="yogi").resolved() == (0.01, 0.9, 0.99, 1e-3)
+    assert ServerOptimizer(name="adam", lr=1.0).resolved() == (1.0, 0.9, 0.99, 1e-9)
+    for bad in ({"name": "sgd"}, {"name": "adam", "beta1": 1.0}, {"name": "adam", "lr": 0}, {"name": "adam", "x": 1}):
+        with pytest.raises(ValueError):
+            ServerOptimizer.model_validate(bad)
+
+
+async def test_fedadam_training_moves_the_model_as_the_equations_say(api: TestClient,
+                                                                     clients: list[SimulatedClient]) -> None:
+    actor = await register(api, actor=True)
+    training_id = await run_training(api, actor, clients, target_num_updates=3,
+                                     options={"server_optimizer": {"name": "adam"}, "skip_model_tests": True})
+    final = await wait_for_state(api, actor, training_id, {"C", "E"})
+    assert final["state"] == "C", final
+    # Each round the clients send w + 1, w + 2, w + 3 (sample sizes 1, 2, 3): the mean is w + 14/6, so the
+    # combined update is always 14/6 above the current model.
+    expected, value = [], np.zeros(1)
+    lr, beta1, beta2, tau = OPTIMIZER_DEFAULTS["adam"]
+    m = v = np.zeros(1)
+    for t in (1, 2, 3):
+        delta = np.full(1, 14 / 6)
+        m = beta1 * m + (1 - beta1) * delta
+        v = beta2 * v + (1 - beta2) * delta**2
+        value = value + lr * np.sqrt(1 - beta2 ** (t + 1)) / (1 - beta1 ** (t + 1)) * m / (np.sqrt(v) + tau)
+        expected.append(float(value[0]))
+    model = await clients[0].download(final["model"])
+    for name, tensor in model.items():
+        np.testing.assert_allclose(tensor, np.full(GLOBAL_TENSORS[name].shape, expected[-1]), rtol=1e-5)
+    aggregated: list[dict[str, Any]] = [e for e in await events_of(api, actor, training_id) if e["type"] == "aggregated"]
+    assert [(e["data"]["optimizer"], e["data"]["optimizer_step"]) for e in aggregated] == [("adam", t) for t in (1, 2, 3)]
