@@ -25,7 +25,8 @@ measured is reading update bytes from memory, not the disk. Three measurements, 
 
 GB/s counts the float32 payload of the updates (N·P·4 bytes, 10⁹ bytes per GB). Targets: ours
 ≥ 50 % of the baseline's GB/s, ≥ 2× Flower's speed, and our peak memory independent of N.
-Usage: `python bench/aggregation_bench.py [--quick] [--sizes 1M,25M] [--clients 10,100]`.
+Then the robust rules and server optimizers against Flower on the same inputs (`bench/flower_equality.py`).
+Usage: `python bench/aggregation_bench.py [--quick] [--sizes 1M,25M] [--clients 10,100] [--equality-only]`.
 """
 
 import argparse
@@ -464,6 +465,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--baseline-budget", type=parse_count, default=GIB, help="bytes the baseline holds")
     parser.add_argument("--workdir", type=Path, default=None, help="where the update files go (a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--equality-only", action="store_true",
+                        help="only the table of robust rules and server optimizers against Flower")
     args = parser.parse_args(argv)
     if args.repeat < 1 or args.tensors < 1:
         parser.error("--repeat and --tensors must be at least 1")
@@ -480,9 +483,24 @@ def check_disk(directory: Path, sizes: Sequence[int], clients: int) -> None:
         raise SystemExit(f"the update files need {need / GB:.1f} GB; {free / GB:.1f} GB free in {directory}")
 
 
+def print_equality() -> None:
+    """The robust rules and server optimizers against Flower 1.42 on the same inputs (bench/flower_equality.py)."""
+    if importlib.util.find_spec("flwr") is None:
+        print("equality with Flower: flwr not installed (make bench-aggregation installs it in .venv-bench)")
+        return
+    from flower_equality import equality_table  # beside this file; it needs flwr
+
+    print(f"Robust rules and server optimizers against Flower 1.42 on the same inputs ({time.strftime('%Y-%m-%d')})")
+    print()
+    print(equality_table())
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run every case and print the table and the verdicts."""
     args = parse_args(argv)
+    if args.equality_only:
+        print_equality()
+        return
     load_before = os.getloadavg()[0]
     results = []
     with tempfile.TemporaryDirectory(prefix="aggregation-bench-", dir=args.workdir) as temporary:
@@ -512,6 +530,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(verdict_baseline(results))
     print(verdict_flower(results))
     print(verdict_memory(results))
+    print()
+    print_equality()
 
 
 if __name__ == "__main__":
