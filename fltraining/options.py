@@ -125,6 +125,19 @@ class ServerOptimizer(BaseModel):
         return lr, beta1, beta2, tau
 
 
+class DifferentialPrivacy(BaseModel):
+    """`options.differential_privacy`: server-side fixed clipping with Gaussian noise (DP-FedAvg)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    clip_norm: Positive
+    noise_multiplier: Annotated[float, Field(ge=0, le=1e6, strict=True, allow_inf_nan=False)]
+    delta: Annotated[float, Field(gt=0, lt=1, strict=True, allow_inf_nan=False)] = 1e-5
+    target_epsilon: Positive | None = None
+    # Reproducible noise, for tests only: refused unless FLTRAINING_DP_ALLOW_SEED is set.
+    seed: StrictInt | None = Field(default=None, ge=0, le=2**31 - 1)
+
+
 class TrainingOptions(BaseModel):
     """Training options: known keys are typed, any other JSON key is kept as sent."""
 
@@ -140,6 +153,7 @@ class TrainingOptions(BaseModel):
     evaluation: EvaluationOptions | None = None
     aggregation: AggregationRule | None = None
     server_optimizer: ServerOptimizer | None = None
+    differential_privacy: DifferentialPrivacy | None = None
 
     def as_stored(self) -> dict[str, Any]:
         """Return the object exactly as the client sent it (unset known keys stay absent)."""

@@ -158,6 +158,11 @@ class Settings(BaseSettings):
     max_dataset_bytes: int = Field(
         default=256 * MIB, ge=1, description="Largest held-out data set file (POST /api/datasets/)."
     )
+    dp_allow_seed: bool = Field(
+        default=False,
+        description="Tests only: accept `options.differential_privacy.seed`, which makes the privacy noise "
+        "reproducible (and so no protection at all).",
+    )
     docs_dir: Path = Field(
         default=Path("site"),
         description="The built docs site (`make docs` writes it to `site/`), served at /docs/ when it is there "

@@ -5,7 +5,7 @@ from typing import Any
 from aiohttp import web
 
 from fltraining.engine.arrivals import arrived_count, counted_outside
-from fltraining.engine.plans import expected_count
+from fltraining.engine.plans import expected_count, privacy_report
 from fltraining.schemas.common import Message
 from fltraining.schemas.trainings import (
     ClientsBody,
@@ -36,6 +36,8 @@ def training_detail(raw: dict[str, Any], arrived: int) -> dict[str, Any]:
     else:
         detail["local_models_arrived"] = 0
         detail["local_models_expected"] = len(raw["participants"])
+    if (privacy := privacy_report(raw.get("options") or {}, raw.get("round", 0))) is not None:
+        detail["privacy"] = privacy
     return detail
 
 

@@ -15,7 +15,14 @@ from pymongo import ReturnDocument
 from fltraining.clock import utcnow
 from fltraining.documents import ChainLink, Training
 from fltraining.engine.effects import Effects
-from fltraining.options import DEFAULT_FEDPROX_MU, AggregationRule, MeanRule, ServerOptimizer
+from fltraining.options import (
+    DEFAULT_FEDPROX_MU,
+    AggregationRule,
+    DifferentialPrivacy,
+    MeanRule,
+    ServerOptimizer,
+)
+from fltraining.privacy import epsilon, shown
 from fltraining.states import (
     TRANSITIONS,
     AggregationMethod,
@@ -68,6 +75,29 @@ def server_optimizer(training: Training) -> ServerOptimizer | None:
     """`options.server_optimizer` (validated at creation), or None: the combined update replaces the model."""
     stored = option(training, "server_optimizer")
     return None if stored is None else ServerOptimizer.model_validate(stored)
+
+
+def differential_privacy(training: Training) -> DifferentialPrivacy | None:
+    """`options.differential_privacy` (validated at creation), or None."""
+    stored = option(training, "differential_privacy")
+    return None if stored is None else DifferentialPrivacy.model_validate(stored)
+
+
+def aggregations_by(options: dict[str, Any], round_: int) -> int:
+    """How many rounds have aggregated once `round_` rounds are done (FedDC aggregates every period-th)."""
+    period = options.get("daisy_chain_period") or 0
+    return -(-round_ // period) if period > 0 else round_
+
+
+def privacy_report(options: dict[str, Any], round_: int) -> dict[str, Any] | None:
+    """What the training's detail shows of its privacy: ε spent so far (None: no noise, no privacy)."""
+    stored = options.get("differential_privacy")
+    if stored is None:
+        return None
+    privacy = DifferentialPrivacy.model_validate(stored)
+    rounds = aggregations_by(options, round_)
+    return {"epsilon": shown(epsilon(privacy.noise_multiplier, rounds, privacy.delta)), "delta": privacy.delta,
+            "rounds": rounds, "clip_norm": privacy.clip_norm, "noise_multiplier": privacy.noise_multiplier}
 
 
 def _deadline(training: Training, at: datetime) -> datetime | None:

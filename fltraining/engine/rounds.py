@@ -20,6 +20,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+import numpy as np
 from pymongo.errors import PyMongoError
 
 from fltraining.clock import utcnow
@@ -38,12 +39,14 @@ from fltraining.engine.effects import (
     pending,
 )
 from fltraining.errors import FLTrainingError
-from fltraining.options import AggregationRule, ServerOptimizer
+from fltraining.options import AggregationRule, DifferentialPrivacy, ServerOptimizer
+from fltraining.privacy import epsilon, shown
 from fltraining.schemas.common import iso_z
 from fltraining.states import RUNNING, Phase, TrainingState, Transition
 from fltraining.storage.blobs import StoredFile, staged_from_path
 from fltraining.storage.model_store import ModelStore
 from fltraining.weights.aggregate import derangement
+from fltraining.weights.dp import PrivateRound, private_of_files
 from fltraining.weights.formats import Format
 from fltraining.weights.optimizers import OptimizerStep, optimizer_files
 from fltraining.weights.robust import KrumChoice, rule_of_files
@@ -77,6 +80,17 @@ def krum_record(choice: KrumChoice | None, updates: list[Update]) -> dict[str, A
         return {}
     return {"selected": [str(updates[index].user) for index in choice.selected],
             "scores": {str(update.user): score for update, score in zip(updates, choice.scores, strict=True)}}
+
+
+def private_record(private: PrivateRound, updates: list[Update], privacy: DifferentialPrivacy,
+                   rounds: int) -> dict[str, Any]:
+    """What an aggregation event records of a private round: ε so far, how many updates were clipped."""
+    record: dict[str, Any] = {"privacy": {
+        "epsilon": shown(epsilon(privacy.noise_multiplier, rounds, privacy.delta)), "delta": privacy.delta,
+        "rounds": rounds, "clipped": private.clipped, "averaged": private.averaged}}
+    if private.selected is not None and private.scores is not None:
+        record |= krum_record(KrumChoice(private.scores, private.selected), updates)
+    return record
 
 
 def arrivals(updates: list[Update]) -> list[dict[str, Any]]:
@@ -373,6 +387,30 @@ class RoundEngine:
         keeper.advanced()
         return await self._files.commit(staged), choice
 
+    async def _private_file(
+        self, files: list[UUID], model: Model, keeper: LeaseKeeper, privacy: DifferentialPrivacy,
+        rule: AggregationRule, new_round: int,
+    ) -> tuple[StoredFile, PrivateRound]:
+        """The round's updates clipped, combined and noised into a new global file (see weights.dp)."""
+        signature = from_documents([t.model_dump() for t in model.tensors])
+        fmt: Format = model.format or "safetensors"  # type: ignore[assignment]
+        # A seed (tests only) gives every round its own reproducible noise; otherwise the operating system's.
+        rng = np.random.default_rng(secrets.randbits(128) if privacy.seed is None else [privacy.seed, new_round])
+        async with contextlib.AsyncExitStack() as stack:
+            paths = [await stack.enter_async_context(self._files.local_copy(file_id)) for file_id in files]
+            current = await stack.enter_async_context(self._files.local_copy(model.file_id))
+            out = self._files.staging.new_path()
+            try:
+                private = await asyncio.to_thread(private_of_files, current, paths, signature, fmt, out, privacy, rule,
+                                                  rng, keeper.advanced, "model_file",
+                                                  current if fmt == "onnx" else None)
+                staged = await asyncio.to_thread(staged_from_path, out)
+            except BaseException:
+                out.unlink(missing_ok=True)
+                raise
+        keeper.advanced()
+        return await self._files.commit(staged), private
+
     async def _optimize(
         self, model: Model, combined: StoredFile, optimizer: ServerOptimizer, keeper: LeaseKeeper,
     ) -> tuple[StoredFile, StoredFile, StoredFile, OptimizerStep]:
@@ -423,9 +461,17 @@ class RoundEngine:
         chain: list[ChainLink] = []
         if aggregate:
             rule = plans.aggregation_rule(training)
-            stored, choice = await self._mean_file([update.file_id for update in updates],
-                                                   [update.sample_size for update in updates], model, keeper,
-                                                   "model_file", rule)
+            privacy = plans.differential_privacy(training)
+            record: dict[str, Any] = {}
+            if privacy is None:
+                stored, choice = await self._mean_file([update.file_id for update in updates],
+                                                       [update.sample_size for update in updates], model, keeper,
+                                                       "model_file", rule)
+                record = krum_record(choice, updates)
+            else:
+                stored, private = await self._private_file([update.file_id for update in updates], model, keeper,
+                                                           privacy, rule, new_round)
+                record = private_record(private, updates, privacy, plans.aggregations_by(training.options, new_round))
             created.append(stored)
             moved = None
             if (optimizer := plans.server_optimizer(training)) is not None:
@@ -442,7 +488,7 @@ class RoundEngine:
                           samples=sum(update.sample_size for update in updates),
                           users=[str(update.user) for update in updates], arrivals=arrivals(updates),
                           size=stored.size, sha256=stored.sha256, seconds=round(time.perf_counter() - began, 3),
-                          rule=rule.rule, **krum_record(choice, updates),
+                          rule=rule.rule, **record,
                           **({} if moved is None else {"optimizer": optimizer.name, "optimizer_step": moved[2]}))
         else:
             chain = daisy_chain(updates, list(training.participants), self._rng)

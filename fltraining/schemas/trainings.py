@@ -94,11 +94,22 @@ def public_training(raw: dict[str, Any]) -> dict[str, Any]:
     return public
 
 
+class PrivacyReport(PublicModel):
+    """A differentially private training's budget so far: ε after the rounds aggregated (null: no noise)."""
+
+    epsilon: float | None
+    delta: float
+    rounds: int
+    clip_norm: float
+    noise_multiplier: float
+
+
 class TrainingDetail(TrainingPublic):
     """GET /api/trainings/{id}/: the training plus what the current round and phase wait for."""
 
     local_models_arrived: int
     local_models_expected: int
+    privacy: PrivacyReport | None = None  # only for trainings with options.differential_privacy
 
 
 class TrainingCreated(PublicModel):

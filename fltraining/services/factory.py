@@ -65,7 +65,7 @@ def build_services(database: AsyncDatabase[dict[str, Any]], settings: Settings) 
         settings.notification_allow_loopback,
         timedelta(hours=settings.session_hours),
     )
-    trainings = TrainingService(users, models, settings.max_options_depth)
+    trainings = TrainingService(users, models, settings.max_options_depth, settings.dp_allow_seed)
     engine = RoundEngine(models, settings.lock_lease_seconds, settings.fault_hold_after_claim)
     delivery = NotificationDelivery(
         engine,

@@ -1,5 +1,6 @@
 """Trainings: creation with the daisy-chain rule, access, participants and state changes."""
 
+import math
 from collections.abc import Callable
 from typing import Any
 from uuid import UUID
@@ -12,7 +13,9 @@ from fltraining.documents import Dataset, Model, Training, User
 from fltraining.engine.plans import (
     Fields,
     aggregation_rule,
+    aggregations_by,
     begin_round,
+    differential_privacy,
     fail,
     move_state,
     new_effects,
@@ -27,6 +30,7 @@ from fltraining.options import (
     daisy_chained_target,
     find_value_problems,
 )
+from fltraining.privacy import epsilon
 from fltraining.schemas.common import iso_z, public_errors
 from fltraining.schemas.trainings import TrainingCreate, TrainingListQuery, TrainingPatch
 from fltraining.services.models import ModelService
@@ -35,6 +39,20 @@ from fltraining.states import PARTICIPANTS_EDITABLE, PATCHABLE, TRANSITIONS, Tra
 from fltraining.storage.queries import count_matching, find_document, reading_raw_uuids
 
 PATCH_RETRIES = 8
+
+
+def check_privacy_budget(training: Training) -> None:
+    """409 when the planned rounds would spend more ε than `target_epsilon` allows, naming the ε they reach."""
+    privacy = differential_privacy(training)
+    if privacy is None or privacy.target_epsilon is None:
+        return
+    rounds = aggregations_by(training.options, training.target_num_updates)
+    reached = epsilon(privacy.noise_multiplier, rounds, privacy.delta)
+    if reached > privacy.target_epsilon:
+        shown_value = "infinite (no noise)" if math.isinf(reached) else f"{reached:.4g}"
+        raise Conflict(f"options.differential_privacy: {rounds} rounds with noise_multiplier "
+                       f"{privacy.noise_multiplier} reach ε = {shown_value} at δ = {privacy.delta}, above "
+                       f"target_epsilon {privacy.target_epsilon}: add noise or plan fewer rounds.")
 
 
 def check_rule_satisfiable(training: Training) -> None:
@@ -56,7 +74,9 @@ def check_rule_satisfiable(training: Training) -> None:
 class TrainingService:
     """Every training rule; each change is one conditional update on the stored document."""
 
-    def __init__(self, users: UserService, models: ModelService, max_options_depth: int) -> None:
+    def __init__(self, users: UserService, models: ModelService, max_options_depth: int,
+                 dp_allow_seed: bool = False) -> None:
+        self._dp_allow_seed = dp_allow_seed
         self._users = users
         self._models = models
         self._max_depth = max_options_depth
@@ -74,12 +94,18 @@ class TrainingService:
                 problem["loc"] = [loc, *problem["loc"]]
             raise InvalidInput("Invalid options.", problems)
         try:
-            return TrainingOptions.model_validate(options)
+            typed = TrainingOptions.model_validate(options)
         except ValidationError as error:
             errors = public_errors(error.errors())
             for item in errors:
                 item["loc"] = [loc, *item["loc"]]
             raise InvalidInput("Invalid options.", errors) from error
+        privacy = typed.differential_privacy
+        if privacy is not None and privacy.seed is not None and not self._dp_allow_seed:
+            raise InvalidInput("Invalid options.", [{
+                "loc": [loc, "differential_privacy", "seed"], "type": "seed_not_allowed",
+                "msg": "a fixed noise seed is for tests only: set FLTRAINING_DP_ALLOW_SEED=true to allow it"}])
+        return typed
 
     async def create(self, actor: User, data: TrainingCreate) -> Training:
         """Create a training in state I; a model already in use is cloned for it."""
@@ -275,6 +301,7 @@ class TrainingService:
             if not training.participants:
                 raise Conflict("At least one participant must be registered!")
             check_rule_satisfiable(training)
+            check_privacy_budget(training)
             model = await self._models.described(await self._models.get(training.model))
             if model.format is None:
                 raise Conflict(f"The training's model cannot be trained federatedly: {model.format_problem}")

@@ -21,7 +21,11 @@ from fltraining.weights.signature import TensorSpec, check_matches, signature_of
 # Values (float64) held per block for all n updates together: 4 MiB, whatever n is.
 STACK_ELEMENTS = 1 << 19
 
-type Coordinatewise = Literal["median", "trimmed_mean"]
+type Coordinatewise = Literal["mean", "median", "trimmed_mean"]
+# Hooks for differential privacy: `transform(name, start, stack)` rewrites a block's stacked slices in place
+# (clipped differences), `finish(name, start, block)` turns a combined block into the result's values.
+type Transform = Callable[[str, int, np.ndarray], None]
+type Finish = Callable[[str, int, np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,7 @@ class KrumChoice:
     selected: list[int]
 
 
-def _spans(signature: Mapping[str, TensorSpec], length: int) -> list[tuple[str, int, int]]:
+def coordinate_runs(signature: Mapping[str, TensorSpec], length: int) -> list[tuple[str, int, int]]:
     """Every tensor cut into runs of at most `length` coordinates."""
     return [
         (name, start, min(start + length, size))
@@ -60,10 +64,11 @@ def _check(updates: Sequence[Mapping[str, np.ndarray]], signature: Mapping[str, 
 def coordinatewise_into(
     updates: Sequence[Mapping[str, np.ndarray]], signature: Mapping[str, TensorSpec], out: Target,
     rule: Coordinatewise, trim_fraction: float = 0.0, progress: Callable[[], None] = lambda: None,
-    field: str = "model_file",
+    field: str = "model_file", transform: Transform | None = None, finish: Finish | None = None,
 ) -> None:
-    """Write the coordinate-wise median (`numpy.median`: the mean of the two middle values when n is even)
-    or trimmed mean (drop the ⌊β·n⌋ smallest and largest values, average the rest) of `updates`, unweighted."""
+    """Write the coordinate-wise unweighted mean, median (`numpy.median`: the mean of the two middle values
+    when n is even) or trimmed mean (drop the ⌊β·n⌋ smallest and largest values, average the rest) of
+    `updates`."""
     _check(updates, signature, field)
     n = len(updates)
     cut = int(trim_fraction * n)
@@ -73,22 +78,27 @@ def coordinatewise_into(
     buffer = np.empty(n * length, dtype=np.float64)
     narrow = np.empty(length, dtype=np.float32)
     flat: dict[str, list[np.ndarray]] = {}
-    for name, start, stop in _spans(signature, length):
+    for name, start, stop in coordinate_runs(signature, length):
         if name not in flat:
             flat = {name: [np.asarray(update[name]).reshape(-1) for update in updates]}
         stack = _stack(flat[name], start, stop, buffer)
+        if transform is not None:
+            transform(name, start, stack)
         if rule == "median":
             block = np.median(stack, axis=0)
+        elif rule == "mean":
+            block = stack.mean(axis=0)
         else:
             stack.sort(axis=0)
             block = stack[cut : n - cut].mean(axis=0)
-        emit_block(out, name, start, np.asarray(block, dtype=np.float64), narrow)
+        block = np.asarray(block, dtype=np.float64)
+        emit_block(out, name, start, block if finish is None else finish(name, start, block), narrow)
         progress()
 
 
 def krum_scores(
     updates: Sequence[Mapping[str, np.ndarray]], signature: Mapping[str, TensorSpec], byzantine: int,
-    progress: Callable[[], None] = lambda: None, field: str = "model_file",
+    progress: Callable[[], None] = lambda: None, field: str = "model_file", transform: Transform | None = None,
 ) -> list[float]:
     """Each update's Krum score: the sum of its squared L2 distances (all tensors flattened together) to
     its n − f − 2 nearest other updates. The pairwise distances come from one block-major pass."""
@@ -101,10 +111,12 @@ def krum_scores(
     length = max(1, STACK_ELEMENTS // n)
     buffer = np.empty(n * length, dtype=np.float64)
     flat: dict[str, list[np.ndarray]] = {}
-    for name, start, stop in _spans(signature, length):
+    for name, start, stop in coordinate_runs(signature, length):
         if name not in flat:
             flat = {name: [np.asarray(update[name]).reshape(-1) for update in updates]}
         stack = _stack(flat[name], start, stop, buffer)
+        if transform is not None:
+            transform(name, start, stack)
         squares = np.einsum("ij,ij->i", stack, stack)
         # ‖a − b‖² = ‖a‖² + ‖b‖² − 2a·b, summed over blocks (float64; the Gram product runs on BLAS).
         distances += squares[:, None] + squares[None, :] - 2.0 * (stack @ stack.T)
