@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 BENCH_VENV := .venv-bench
 
-.PHONY: run test docs bench bench-aggregation bench-rounds bench-scale bench-transfer bench-inference bench-dashboard demo clean
+.PHONY: run test docs bench bench-aggregation bench-rounds bench-scale bench-transfer bench-inference bench-dashboard demo demo-attack clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 13) and "fltraining needs Python 3.13 (see .python-version)")'
@@ -72,6 +72,10 @@ bench-inference: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/federated_digits.py --method all $(ARGS)
+
+# One of five clients sends −10× its update: accuracy per round under mean, median, trimmed mean, Krum; then DP.
+demo-attack: $(STAMP)
+	$(PY) examples/attack_demo.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) build site *.egg-info

@@ -42,6 +42,7 @@ CLASSES = 10
 FEATURES = 64
 PASSWORD = "federated digits demo"
 METHODS = ("fedavg", "feddc", "swag")
+ATTACK_SCALE = 10.0
 UNCERTAINTY = {"fedavg": "MC_DROPOUT", "feddc": "MC_DROPOUT", "swag": "SWAG"}
 DROPOUT = 0.2  # share of pixels dropped, in the clients' training and in the graph's MC passes
 PASSES = 20
@@ -58,8 +59,9 @@ class Split:
     y: np.ndarray
 
 
-def load_splits(clients: int, seed: int) -> tuple[list[Split], Split]:
-    """Non-IID client shares (label proportions from a Dirichlet(0.5) per client) and a held-out test set."""
+def load_splits(clients: int, seed: int, alpha: float = 0.5) -> tuple[list[Split], Split]:
+    """Non-IID client shares (label proportions from a Dirichlet(α) per label: 0.5 is far from IID, 100 close
+    to it) and a held-out test set."""
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)
     rng = np.random.default_rng(seed)
@@ -70,7 +72,7 @@ def load_splits(clients: int, seed: int) -> tuple[list[Split], Split]:
     shares: list[list[int]] = [[] for _ in range(clients)]
     for label in range(CLASSES):
         members = train_idx[y[train_idx] == label]
-        proportions = rng.dirichlet(np.full(clients, 0.5))
+        proportions = rng.dirichlet(np.full(clients, alpha))
         cuts = (np.cumsum(proportions)[:-1] * len(members)).astype(int)
         for client, part in enumerate(np.split(members, cuts)):
             shares[client].extend(part.tolist())
@@ -177,6 +179,7 @@ class DemoClient:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     failures: list[str] = field(default_factory=list)
     pace: float = 0.0  # seconds of pretend training before each upload, so a person can watch the rounds
+    attacker: bool = False  # uploads its update sign-flipped and scaled ×10 (the attack demo)
 
     async def download(self, model_id: str) -> Weights:
         """The named model's weights."""
@@ -206,6 +209,8 @@ class DemoClient:
         """Train locally and upload the update."""
         weights = await self.download(body["global_model_uuid"])
         trained = await asyncio.to_thread(train, weights, self.data, self.rng, body.get("fedprox_mu", 0.0))
+        if self.attacker:
+            trained = {name: weights[name] - ATTACK_SCALE * (trained[name] - weights[name]) for name in trained}
         if self.pace:  # jittered, and never from `rng`, so the demo's training is the same with or without it
             await asyncio.sleep(self.pace * random.uniform(0.5, 1.5))
         form = FormData()
@@ -342,6 +347,7 @@ class DemoResult:
     rounds: list[tuple[int, float]]
     uncertainty: UncertaintyReport
     server: dict[int, tuple[float, float]]
+    privacy: dict[str, Any] | None = None  # the training's ε and δ, when it was differentially private
 
 
 async def upload_test_set(session: aiohttp.ClientSession, headers: dict[str, str], test: Split) -> str:
@@ -405,9 +411,10 @@ def watch_hint(port: int, training_id: str) -> str:
             f"(sign in as actor / {PASSWORD}; --pace 2 slows the clients down)")
 
 
-async def run_demo(method: str, rounds: int, seed: int, pace: float = 0.0) -> DemoResult:
+async def run_demo(method: str, rounds: int, seed: int, pace: float = 0.0, options: dict[str, Any] | None = None,
+                   attacker: int | None = None, alpha: float = 0.5) -> DemoResult:
     """Start the service and five clients, run the training, then ask for inference with uncertainty."""
-    shares, test = load_splits(5, seed)
+    shares, test = load_splits(5, seed, alpha)
     with tempfile.TemporaryDirectory(prefix="fltraining-demo-") as data_dir:
         port = free_port()
         settings = Settings(data_dir=Path(data_dir), embedded_port=0, port=port, notification_allow_loopback=True,
@@ -418,7 +425,7 @@ async def run_demo(method: str, rounds: int, seed: int, pace: float = 0.0) -> De
             async with contextlib.AsyncExitStack() as servers:
                 for index, share in enumerate(shares):
                     client = DemoClient(f"client{index}", share, session, np.random.default_rng(seed + index),
-                                        pace=pace)
+                                        pace=pace, attacker=index == attacker)
                     app = web.Application()
                     app.router.add_post("/", client.on_notification)
                     client_port = free_port()
@@ -439,6 +446,7 @@ async def run_demo(method: str, rounds: int, seed: int, pace: float = 0.0) -> De
                     model_id = (await response.json())["model_id"]
                 dataset_id = await upload_test_set(session, actor_headers, test)
                 body = training_request(method, rounds, client_ids, model_id, dataset_id)
+                body["options"].update(options or {})
                 async with session.post("/api/trainings/", json=body, headers=actor_headers) as response:
                     response.raise_for_status()
                     training_id = (await response.json())["training_id"]
@@ -454,7 +462,9 @@ async def run_demo(method: str, rounds: int, seed: int, pace: float = 0.0) -> De
                         raise RuntimeError(f"{client.name} failed: {client.failures}")
                 server = await server_scores(session, actor_headers, model_id, len(results))
                 report = await infer(session, actor_headers, model_id, body["uncertainty_method"], test)
-    return DemoResult(results, report, server)
+                async with session.get(f"/api/trainings/{training_id}/", headers=actor_headers) as response:
+                    privacy = (await response.json()).get("privacy")
+    return DemoResult(results, report, server, privacy)
 
 
 def print_rounds(method: str, outcome: DemoResult) -> None:
