@@ -27,14 +27,15 @@ docs: $(STAMP)
 # First the layers (import-linter, pyproject.toml) and the docs site as committed (strict); then
 # the whole suite twice: on the `files` blob store (the embedded default) and on `gridfs`, side by
 # side (each tier starts its own embedded store); the gridfs tier's output follows the files tier's.
-# The dashboard's browser tests run in the files tier only: the blob store is nothing a page sees.
+# The dashboard's browser tests and the tests of pure functions (no service, no store) run in the files tier
+# only: the blob store is nothing a page sees, and pure functions do not know it.
 test: $(STAMP)
 	$(VENV)/bin/lint-imports --no-cache
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 	@rm -f .test-gridfs.log; \
-	FLTRAINING_BLOB_STORE=gridfs $(PY) -m pytest -p no:cacheprovider -m "not browser" $(PYTEST_ARGS) > .test-gridfs.log 2>&1 & gridfs=$$!; \
+	FLTRAINING_BLOB_STORE=gridfs $(PY) -m pytest -p no:cacheprovider -m "not browser and not store_independent" --durations=15 $(PYTEST_ARGS) > .test-gridfs.log 2>&1 & gridfs=$$!; \
 	echo "== blob store tier: files (the gridfs tier runs beside it; its output follows) =="; \
-	FLTRAINING_BLOB_STORE=files $(PY) -m pytest $(PYTEST_ARGS); files=$$?; \
+	FLTRAINING_BLOB_STORE=files $(PY) -m pytest --durations=15 $(PYTEST_ARGS); files=$$?; \
 	wait $$gridfs; gridfs_status=$$?; \
 	echo "== files tier exit $$files, gridfs tier exit $$gridfs_status; the gridfs tier's output: =="; \
 	cat .test-gridfs.log; \

@@ -37,7 +37,7 @@ def training_detail(raw: dict[str, Any], arrived: int) -> dict[str, Any]:
         detail["local_models_arrived"] = 0
         detail["local_models_expected"] = len(raw["participants"])
     if (privacy := privacy_report(raw.get("options") or {}, raw.get("round", 0))) is not None:
-        detail["privacy"] = privacy
+        detail["privacy"] = privacy  # only differentially private trainings carry it
     return detail
 
 

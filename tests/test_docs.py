@@ -7,7 +7,12 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 from fltraining.settings import Settings
+
+# Pure functions: no service and no store, so the blob store tier cannot change them (run once).
+pytestmark = pytest.mark.store_independent
 
 ROOT = Path(__file__).resolve().parent.parent
 README_LIMIT = 12_000

@@ -17,6 +17,9 @@ from fltraining.inference.statistics import interpret, softmax
 from fltraining.weights import load_tensors
 from tests.onnx_graphs import graph
 
+# Pure functions: no service and no store, so the blob store tier cannot change them (run once).
+pytestmark = pytest.mark.store_independent
+
 
 def test_statistics_match_hand_computed_values() -> None:
     """Two passes over one row: [0.5, 0.5] and [1, 0]."""

@@ -13,6 +13,9 @@ SCRIPT = """
 import logging, sys
 from fltraining.logs import configure_logging
 from fltraining.settings import Settings
+
+# Pure functions: no service and no store, so the blob store tier cannot change them (run once).
+pytestmark = pytest.mark.store_independent
 settings = Settings()
 configure_logging(settings.log_level, settings.log_format, sys.stderr)
 logging.getLogger("fltraining.access").info("request", extra={"method": "GET", "status": 200, "route": "/health"})

@@ -16,6 +16,9 @@ from fltraining.weights import FedAvgAccumulator, dump_tensors, load_tensors, si
 from fltraining.weights.aggregate import MEAN_BLOCK, mean_of_files, weighted_mean_into
 from fltraining.weights.formats import UnsupportedModelFormat, read_signature, write_tensors
 
+# Pure functions: no service and no store, so the blob store tier cannot change them (run once).
+pytestmark = pytest.mark.store_independent
+
 DTYPES = ["float32", "float64", "float16", "int8", "int32", "int64", "uint8", "bool"]
 
 

@@ -5,6 +5,9 @@ import pytest
 from fltraining.errors import InvalidInput
 from fltraining.notifications.endpoints import check_endpoint_url, resolve_endpoint
 
+# Pure functions: no service and no store, so the blob store tier cannot change them (run once).
+pytestmark = pytest.mark.store_independent
+
 REFUSED = [
     "ftp://example.org/x",
     "file:///etc/passwd",

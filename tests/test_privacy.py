@@ -11,6 +11,9 @@ from fltraining.privacy import epsilon
 from fltraining.weights.dp import private_into
 from fltraining.weights.signature import signature_of
 
+# Pure functions: no service and no store, so the blob store tier cannot change them (run once).
+pytestmark = pytest.mark.store_independent
+
 
 def accountant_epsilon(z: float, rounds: int, delta: float) -> float:
     """ε straight from dp-accounting's RDP accountant."""

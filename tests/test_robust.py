@@ -14,6 +14,9 @@ from fltraining.weights.formats import load_tensors, write_tensors
 from fltraining.weights.robust import coordinatewise_into, krum_into, krum_scores, rule_of_files
 from fltraining.weights.signature import signature_of
 
+# Pure functions: no service and no store, so the blob store tier cannot change them (run once).
+pytestmark = pytest.mark.store_independent
+
 SHAPES = {"scalar": (), "vector": (7,), "matrix": (3, 5)}
 
 

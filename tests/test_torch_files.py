@@ -30,6 +30,9 @@ from fltraining.weights import (
 from fltraining.weights.formats import read_signature
 from fltraining.weights.torch_files import BFLOAT16, DTYPES, read_state_dict, write_state_dict
 
+# Pure functions: no service and no store, so the blob store tier cannot change them (run once).
+pytestmark = pytest.mark.store_independent
+
 try:
     import torch
 except ImportError:

@@ -40,6 +40,9 @@ from fltraining.weights.aggregate import BLOCK
 from fltraining.weights.formats import read_signature
 from fltraining.weights.signature import from_documents, to_documents
 
+# Pure functions: no service and no store, so the blob store tier cannot change them (run once).
+pytestmark = pytest.mark.store_independent
+
 # --- helpers ---------------------------------------------------------------------------------
 
 SPRUNG: list[str] = []

@@ -109,7 +109,8 @@ class TrainingDetail(TrainingPublic):
 
     local_models_arrived: int
     local_models_expected: int
-    privacy: PrivacyReport | None = None  # only for trainings with options.differential_privacy
+    # Only a differentially private training's detail has it (absent, not null, for the others).
+    privacy: PrivacyReport | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class TrainingCreated(PublicModel):
