@@ -8,14 +8,15 @@ import sys
 
 import pytest
 
+# Logs know no blob store: run once, in the files tier.
+pytestmark = pytest.mark.store_independent
+
 # What `fltraining serve` does with its settings, then one access-log record as the service writes it.
 SCRIPT = """
 import logging, sys
 from fltraining.logs import configure_logging
 from fltraining.settings import Settings
 
-# Pure functions: no service and no store, so the blob store tier cannot change them (run once).
-pytestmark = pytest.mark.store_independent
 settings = Settings()
 configure_logging(settings.log_level, settings.log_format, sys.stderr)
 logging.getLogger("fltraining.access").info("request", extra={"method": "GET", "status": 200, "route": "/health"})
