@@ -19,25 +19,37 @@ MAX_HEADER = 4096
 PublicCheck = Callable[[web.Request], bool]
 
 
+def parse_credentials(header: str) -> tuple[str, str, str] | None:
+    """An Authorization header as ("token", token, "") or ("password", name, password); None when malformed.
+    Token, Bearer and Basic with an empty password present a token."""
+    if len(header) > MAX_HEADER:
+        return None
+    scheme, _, credentials = header.strip().partition(" ")
+    scheme, credentials = scheme.lower(), credentials.strip()
+    if not credentials:
+        return None
+    if scheme in {"token", "bearer"}:
+        return "token", credentials, ""
+    if scheme != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    name, colon, password = decoded.partition(":")
+    if not colon or not name:
+        return None
+    return ("token", name, "") if password == "" else ("password", name, password)
+
+
 async def authenticate(users: UserService, header: str, address: str) -> User:
     """Resolve an Authorization header to a user, or raise 401."""
-    if len(header) > MAX_HEADER:
-        raise NotAuthenticated(INVALID)
-    scheme, _, credentials = header.strip().partition(" ")
-    scheme = scheme.lower()
-    credentials = credentials.strip()
+    parsed = parse_credentials(header)
     user: User | None = None
-    if scheme in {"token", "bearer"} and credentials:
-        user = await users.by_token(credentials, address)
-    elif scheme == "basic" and credentials:
-        try:
-            decoded = base64.b64decode(credentials, validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError) as error:
-            raise NotAuthenticated(INVALID) from error
-        name, colon, password = decoded.partition(":")
-        if not colon or not name:
-            raise NotAuthenticated(INVALID)
-        user = await users.by_token(name, address) if password == "" else await users.by_password(name, password, address)
+    if parsed is not None:
+        kind, name, password = parsed
+        user = await users.by_token(name, address) if kind == "token" else await users.by_password(
+            name, password, address)
     if user is None:
         raise NotAuthenticated(INVALID)
     return user
@@ -45,17 +57,8 @@ async def authenticate(users: UserService, header: str, address: str) -> User:
 
 def presented_token(header: str) -> str | None:
     """The token an Authorization header presents (Token, Bearer, or Basic with an empty password), if any."""
-    scheme, _, credentials = header.strip().partition(" ")
-    credentials = credentials.strip()
-    if scheme.lower() in {"token", "bearer"}:
-        return credentials or None
-    if scheme.lower() == "basic":
-        try:
-            name, colon, password = base64.b64decode(credentials, validate=True).decode("utf-8").partition(":")
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-        return name if colon and name and password == "" else None
-    return None
+    parsed = parse_credentials(header)
+    return parsed[1] if parsed is not None and parsed[0] == "token" else None
 
 
 def current_user(request: web.Request) -> User:
