@@ -128,6 +128,11 @@ class Settings(BaseSettings):
         default=False,
         description="Fault tests only: claim aggregations and never finish them, like a hung process.",
     )
+    fault_hold_before_commit: int | None = Field(
+        default=None, ge=0,
+        description="Fault tests only: compute this round's aggregation (its files written), then never commit "
+        "it, like a process that hangs just before its commit.",
+    )
     inference_threads: int = Field(
         default=2, ge=1, le=256, description="Threads running inference passes (off the event loop)."
     )

@@ -5,9 +5,12 @@ import math
 import numpy as np
 import pytest
 from dp_accounting import dp_event, rdp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fltraining.options import DifferentialPrivacy, KrumRule, MedianRule
 from fltraining.privacy import epsilon
+from fltraining.weights import robust
 from fltraining.weights.dp import private_into
 from fltraining.weights.signature import signature_of
 
@@ -37,6 +40,42 @@ def test_without_noise_the_result_is_exactly_the_clipped_mean() -> None:
     np.testing.assert_array_equal(out["w"], (sum(clipped) / 3).astype(np.float32))
     assert out["steps"].tolist() == [7]  # integer tensors keep the global model's values
     assert (done.clipped, done.averaged) == (1, 3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_any_updates_give_the_mean_of_their_clipped_differences(data: st.DataObject) -> None:
+    n = data.draw(st.integers(1, 7))
+    bound = data.draw(st.floats(0.01, 100.0))
+    numbers = st.floats(-50, 50, allow_nan=False, width=32)
+    shapes = {"scalar": ((), "float32"), "w": ((2, 3), "float32"), "h": ((4,), "float64"), "n": ((3,), "int32")}
+
+    def tensors() -> dict[str, np.ndarray]:
+        return {key: np.array(data.draw(st.lists(numbers, min_size=int(np.prod(shape)), max_size=int(np.prod(shape)))),
+                              np.float64).reshape(shape).astype(dtype)
+                for key, (shape, dtype) in shapes.items()}
+
+    current, updates = tensors(), [tensors() for _ in range(n)]
+    floats = [key for key, (_, dtype) in shapes.items() if dtype != "int32"]
+    expected = {key: np.zeros(shapes[key][0]) for key in floats}
+    for update in updates:  # each difference's L2 norm over every float tensor together, scaled to at most C
+        differences = {key: update[key].astype(np.float64) - current[key].astype(np.float64) for key in floats}
+        norm = float(np.sqrt(sum(float(np.sum(d * d)) for d in differences.values())))
+        scale = min(1.0, bound / norm) if norm > 0 else 1.0
+        for key in floats:
+            expected[key] += differences[key] * scale / n
+    block = data.draw(st.sampled_from([robust.STACK_ELEMENTS, 3]))  # 3: many blocks per tensor
+    robust.STACK_ELEMENTS, saved = block, robust.STACK_ELEMENTS
+    try:
+        out = {key: np.empty_like(value) for key, value in current.items()}
+        private_into(current, updates, signature_of(current), out,
+                     DifferentialPrivacy(clip_norm=bound, noise_multiplier=0.0), None, np.random.default_rng(0))
+    finally:
+        robust.STACK_ELEMENTS = saved
+    for key in floats:
+        result = current[key].astype(np.float64) + expected[key]
+        np.testing.assert_allclose(out[key].astype(np.float64), result.astype(shapes[key][1]), rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(out["n"], current["n"])  # integer tensors keep the global model's values
 
 
 def test_clipping_is_relative_to_the_current_model_and_goes_through_the_rule() -> None:

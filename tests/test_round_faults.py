@@ -30,6 +30,7 @@ from tests.fl_clients import (
 )
 from tests.helpers import Account, create_training, register, upload_model
 from tests.processes import ServiceProcess
+from tests.test_server_optimizers import steady_path
 
 TARGET = 3
 SECONDS = 45.0
@@ -172,6 +173,66 @@ async def test_sigkilled_lease_holder_is_replaced(tmp_path: Path, store: str, mo
         for client in clients:
             assert client.types().count("UPDATE_ROUND_START") >= TARGET, client.types()
             assert sorted({round_ for round_, _ in client.uploads}) == list(range(TARGET))
+    finally:
+        await stop_clients(clients)
+        for api in (api_a, api_b):
+            if api is not None:
+                await api.close()
+        holder.stop()
+        rescuer.stop()
+
+
+async def test_a_server_optimizers_state_survives_a_holder_killed_before_its_commit(
+    tmp_path: Path, store: str, mongo: Any,
+) -> None:
+    # The holder commits round 0 (m, v and step 1 beside the global model), computes round 1 (new global, m
+    # and v files written) and hangs before committing it; killed, its lease expires and another process
+    # redoes round 1 from the state round 0 committed.
+    holder = service(tmp_path, store, fault_hold_before_commit="1", lock_lease_seconds="2")
+    rescuer = service(tmp_path, store)
+    clients: list[SimulatedClient] = []
+    api_a = api_b = None
+    try:
+        holder.start()
+        assert holder.process is not None
+        api_a = HttpApi(holder.base_url)
+        actor = await register(cast(Any, api_a), actor=True)
+        clients = await start_clients(cast(Any, api_a), 3)
+        for client in clients:
+            client.sample_size = client.index + 1
+        http = cast(Any, api_a)
+        model_id = await upload_model(http, actor, model_bytes())
+        training_id = await create_training(http, actor, model_id, clients=[c.account.id for c in clients],
+                                            target_num_updates=TARGET,
+                                            options={"server_optimizer": {"name": "adam"}, "skip_model_tests": True})
+        response = await api_a.post(f"/api/trainings/{training_id}/start/", headers=actor.headers)
+        assert response.status == 202, await response.text()
+
+        async def holding() -> bool:
+            return "holding round 1 before its commit" in holder.log()
+
+        await wait_until(holding, "the holder computed round 1", SECONDS)
+        stored = await mongo.models.find_one({"_id": UUID(model_id)})
+        assert stored["optimizer_steps"] == 1  # round 0's step is committed, round 1's is not
+        rescuer.start()
+        holder.process.kill()
+        holder.process.wait()
+        api_b = HttpApi(rescuer.base_url)
+        talk_to(clients, api_b)
+
+        final = await wait_for_state(cast(Any, api_b), actor, training_id, {"C", "E"}, SECONDS)
+        assert final["state"] == "C", final
+        events = await events_of(api_b, actor, training_id)
+        aggregated = [event["data"] for event in events if event["type"] == "aggregated"]
+        assert [(data["optimizer"], data["optimizer_step"]) for data in aggregated] == [("adam", t) for t in (1, 2, 3)]
+        assert [event["round"] for event in events if event["type"] == "lease_expired"] == [1]
+        model = await clients[0].download(final["model"])
+        step = sum(c.sample_size * (c.index + 1) for c in clients) / sum(c.sample_size for c in clients)
+        for name, value in model.items():  # a step redone from a lost or doubled state would land elsewhere
+            np.testing.assert_allclose(value, np.full(GLOBAL_TENSORS[name].shape, steady_path("adam", step, TARGET)),
+                                       rtol=1e-5)
+        stored = await mongo.models.find_one({"_id": UUID(model_id)})
+        assert stored["optimizer_steps"] == TARGET
     finally:
         await stop_clients(clients)
         for api in (api_a, api_b):

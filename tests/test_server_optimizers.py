@@ -7,9 +7,12 @@ from typing import Any
 import numpy as np
 import pytest
 from aiohttp.test_utils import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fltraining.options import OPTIMIZER_DEFAULTS, ServerOptimizer
 from fltraining.weights.formats import load_tensors, write_tensors
+from fltraining.weights import optimizers
 from fltraining.weights.optimizers import OptimizerStep, moments_signature, optimizer_files, optimizer_into
 from fltraining.weights.signature import signature_of
 from tests.fl_clients import GLOBAL_TENSORS, SimulatedClient, wait_for_state
@@ -38,6 +41,25 @@ def reference(current: np.ndarray, combined: list[np.ndarray], name: str) -> np.
     return current
 
 
+def steady_path(name: str, delta: float, steps: int) -> float:
+    """Where the optimizer takes a model starting at 0 when every combined update is `delta` above it."""
+    lr, beta1, beta2, tau = OPTIMIZER_DEFAULTS[name]
+    value = m = v = 0.0
+    for t in range(1, steps + 1):
+        m = beta1 * m + (1 - beta1) * delta
+        if name == "adam":
+            v = beta2 * v + (1 - beta2) * delta**2
+            rate = lr * np.sqrt(1 - beta2 ** (t + 1)) / (1 - beta1 ** (t + 1))
+        elif name == "yogi":
+            v = v - (1 - beta2) * delta**2 * np.sign(v - delta**2)
+            rate = lr
+        else:
+            v = v + delta**2
+            rate = lr
+        value += rate * m / (np.sqrt(v) + tau)
+    return float(value)
+
+
 @pytest.mark.parametrize("name", ["adam", "yogi", "adagrad"])
 def test_steps_follow_the_equations_over_several_rounds(name: str) -> None:
     rng = np.random.default_rng(11)
@@ -56,6 +78,75 @@ def test_steps_follow_the_equations_over_several_rounds(name: str) -> None:
     for key, first in start.items():
         expected = reference(first.astype(np.float64), [c[key].astype(np.float64) for c in combined], name)
         np.testing.assert_allclose(current[key], expected.astype(np.float32), rtol=2e-6, atol=1e-7)
+
+
+MIXED = {"scalar": ((), "float32"), "half": ((5,), "float16"), "matrix": ((2, 3), "float64"), "count": ((4,), "int64")}
+
+
+def stored(value: np.ndarray, dtype: str) -> np.ndarray:
+    """A float64 result as the global model stores it: floats cast, integers rounded half to even."""
+    return np.rint(value).astype(dtype) if np.dtype(dtype).kind == "i" else value.astype(dtype)
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_any_steps_over_mixed_tensors_equal_the_equations(data: st.DataObject) -> None:
+    name = data.draw(st.sampled_from(["adam", "yogi", "adagrad"]))
+    lr = data.draw(st.floats(1e-3, 1.0))
+    beta1, beta2 = data.draw(st.floats(0.0, 0.99)), data.draw(st.floats(0.0, 0.999))
+    tau = data.draw(st.floats(1e-9, 0.1))
+    rounds = data.draw(st.integers(1, 4))
+    block = data.draw(st.sampled_from([optimizers.MEAN_BLOCK, 2]))  # 2: several blocks per tensor
+
+    def tensors() -> dict[str, np.ndarray]:
+        numbers = st.floats(-100, 100, allow_nan=False, width=16)
+        return {key: stored(np.array(data.draw(st.lists(numbers, min_size=int(np.prod(shape)),
+                                                          max_size=int(np.prod(shape)))), np.float64).reshape(shape),
+                            dtype)
+                for key, (shape, dtype) in MIXED.items()}
+
+    start = tensors()
+    signature = signature_of(start)
+    current, m, v = start, None, None
+    expected = {key: (value.astype(np.float64), np.zeros(value.shape), np.zeros(value.shape))
+                for key, value in start.items()}
+    optimizers.MEAN_BLOCK, saved = block, optimizers.MEAN_BLOCK
+    try:
+        for t in range(1, rounds + 1):
+            combined = tensors()
+            out = {key: np.empty_like(value) for key, value in start.items()}
+            out_m, out_v = ({key: np.empty(value.shape, np.float64) for key, value in start.items()} for _ in "mv")
+            optimizer_into(current, combined, m, v, signature, OptimizerStep(name, lr, beta1, beta2, tau, t), out,
+                           out_m, out_v)
+            current, m, v = out, out_m, out_v
+            for key, (shape, dtype) in MIXED.items():
+                # Flower's equations, written out once more, the model stored in its dtype between rounds.
+                weights, first, second = expected[key]
+                delta = combined[key].astype(np.float64) - weights
+                first = beta1 * first + (1 - beta1) * delta
+                if name == "adam":
+                    second = beta2 * second + (1 - beta2) * delta**2
+                    rate = lr * np.sqrt(1 - beta2 ** (t + 1)) / (1 - beta1 ** (t + 1))
+                elif name == "yogi":
+                    second = second - (1 - beta2) * delta**2 * np.sign(second - delta**2)
+                    rate = lr
+                else:
+                    second = second + delta**2
+                    rate = lr
+                weights = stored(weights + rate * first / (np.sqrt(second) + tau), dtype).astype(np.float64)
+                expected[key] = (weights, first, second)
+                assert current[key].dtype == np.dtype(dtype) and current[key].shape == shape
+                np.testing.assert_allclose(m[key], first, rtol=1e-9, atol=1e-12)
+                np.testing.assert_allclose(v[key], second, rtol=1e-9, atol=1e-12)
+                if np.dtype(dtype).kind == "i":  # a float64 rounding may land a half on the other side
+                    assert np.abs(current[key].astype(np.int64) - weights.astype(np.int64)).max() <= 1
+                    expected[key] = (current[key].astype(np.float64), first, second)
+                else:
+                    np.testing.assert_allclose(current[key].astype(np.float64), weights,
+                                               rtol=1e-3 if dtype == "float16" else 1e-6, atol=1e-6)
+                    expected[key] = (current[key].astype(np.float64), first, second)
+    finally:
+        optimizers.MEAN_BLOCK = saved
 
 
 def test_files_carry_the_state_from_step_to_step(tmp_path: Path) -> None:
@@ -92,17 +183,9 @@ async def test_fedadam_training_moves_the_model_as_the_equations_say(api: TestCl
     assert final["state"] == "C", final
     # Each round the clients send w + 1, w + 2, w + 3 (sample sizes 1, 2, 3): the mean is w + 14/6, so the
     # combined update is always 14/6 above the current model.
-    expected, value = [], np.zeros(1)
-    lr, beta1, beta2, tau = OPTIMIZER_DEFAULTS["adam"]
-    m = v = np.zeros(1)
-    for t in (1, 2, 3):
-        delta = np.full(1, 14 / 6)
-        m = beta1 * m + (1 - beta1) * delta
-        v = beta2 * v + (1 - beta2) * delta**2
-        value = value + lr * np.sqrt(1 - beta2 ** (t + 1)) / (1 - beta1 ** (t + 1)) * m / (np.sqrt(v) + tau)
-        expected.append(float(value[0]))
     model = await clients[0].download(final["model"])
     for name, tensor in model.items():
-        np.testing.assert_allclose(tensor, np.full(GLOBAL_TENSORS[name].shape, expected[-1]), rtol=1e-5)
+        np.testing.assert_allclose(tensor, np.full(GLOBAL_TENSORS[name].shape, steady_path("adam", 14 / 6, 3)),
+                                   rtol=1e-5)
     aggregated: list[dict[str, Any]] = [e for e in await events_of(api, actor, training_id) if e["type"] == "aggregated"]
     assert [(e["data"]["optimizer"], e["data"]["optimizer_step"]) for e in aggregated] == [("adam", t) for t in (1, 2, 3)]

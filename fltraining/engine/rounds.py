@@ -131,13 +131,16 @@ class LeaseKeeper:
 class RoundEngine:
     """Advances running trainings; one instance per service process."""
 
-    def __init__(self, models: ModelStore, lease_seconds: float, hold_after_claim: bool = False) -> None:
+    def __init__(self, models: ModelStore, lease_seconds: float, hold_after_claim: bool = False,
+                 hold_before_commit: int | None = None) -> None:
         self._models = models
         self._files = models.files
         self._lease = timedelta(seconds=lease_seconds)
         self._owner = f"{socket.gethostname()}:{os.getpid()}"
-        # Fault tests only: claim aggregations, then never finish them (a hung process).
+        # Fault tests only: claim aggregations and never finish them, or compute one round's and never commit it
+        # (a process that hangs there).
         self._hold_after_claim = hold_after_claim
+        self._hold_before_commit = hold_before_commit
         self._running: dict[UUID, asyncio.Task[None]] = {}
         self._cleaning: dict[UUID, asyncio.Task[None]] = {}
         self._again: set[UUID] = set()
@@ -355,6 +358,9 @@ class RoundEngine:
             raise
         finally:
             keeping.cancel()
+        if self._hold_before_commit == training.round:
+            log.warning("fault test: holding round %d before its commit", training.round)
+            await asyncio.Event().wait()
         condition = {**self._pinned(training), "lease_owner": token}
         committed = await plans.write_step(training, condition, fields, effects)
         if committed is None:

@@ -66,7 +66,8 @@ def build_services(database: AsyncDatabase[dict[str, Any]], settings: Settings) 
         timedelta(hours=settings.session_hours),
     )
     trainings = TrainingService(users, models, settings.max_options_depth, settings.dp_allow_seed)
-    engine = RoundEngine(models, settings.lock_lease_seconds, settings.fault_hold_after_claim)
+    engine = RoundEngine(models, settings.lock_lease_seconds, settings.fault_hold_after_claim,
+                         settings.fault_hold_before_commit)
     delivery = NotificationDelivery(
         engine,
         settings.notification_allow_loopback,

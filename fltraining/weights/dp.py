@@ -25,12 +25,11 @@ from fltraining.weights.aggregate import Target, into_file
 from fltraining.weights.codecs import Format
 from fltraining.weights.formats import load_tensors
 from fltraining.weights.robust import (
-    STACK_ELEMENTS,
     Coordinatewise,
-    coordinate_runs,
     coordinatewise_into,
     krum_scores,
     krum_select,
+    stacked_blocks,
 )
 from fltraining.weights.signature import TensorSpec, check_matches, signature_of
 
@@ -55,17 +54,10 @@ def difference_norms(
     current: Mapping[str, np.ndarray], updates: Sequence[Mapping[str, np.ndarray]], signature: Mapping[str, TensorSpec],
 ) -> np.ndarray:
     """Each update's L2 distance from the current model over all float tensors, block-major."""
-    n = len(updates)
-    sums = np.zeros(n, dtype=np.float64)
-    length = max(1, STACK_ELEMENTS // n)
-    buffer = np.empty(n * length, dtype=np.float64)
+    sums = np.zeros(len(updates), dtype=np.float64)
     floats = {name: spec for name, spec in signature.items() if is_float(spec)}
-    for name, start, stop in coordinate_runs(floats, length):
-        base = np.asarray(current[name]).reshape(-1)[start:stop].astype(np.float64)
-        stack = buffer[: n * (stop - start)].reshape(n, stop - start)
-        for row, update in enumerate(updates):
-            stack[row] = np.asarray(update[name]).reshape(-1)[start:stop]
-        stack -= base
+    for name, start, stack in stacked_blocks(updates, floats):
+        stack -= np.asarray(current[name]).reshape(-1)[start : start + stack.shape[1]].astype(np.float64)
         sums += np.einsum("ij,ij->i", stack, stack)
     return np.sqrt(sums)
 
@@ -81,7 +73,7 @@ def private_into(
         check_matches(signature, signature_of(update), field)
     norms = difference_norms(current, updates, signature)
     bound = privacy.clip_norm
-    scales = np.where(norms > bound, bound / np.maximum(norms, np.finfo(np.float64).tiny), 1.0)
+    scales = bound / np.maximum(norms, bound)  # 1 within the bound; never a division by (near) zero
     clipped = int(np.count_nonzero(norms > bound))
     chosen = list(range(len(updates)))
     scores: list[float] | None = None

@@ -6,7 +6,7 @@ before the next block starts. The block holds at most `STACK_ELEMENTS` values in
 `STACK_ELEMENTS // n` coordinates long: the memory a rule uses does not grow with the number of updates n.
 """
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -46,12 +46,22 @@ def coordinate_runs(signature: Mapping[str, TensorSpec], length: int) -> list[tu
     ]
 
 
-def _stack(flat: Sequence[np.ndarray], start: int, stop: int, out: np.ndarray) -> np.ndarray:
-    """The n updates' slices of one block, as rows of float64."""
-    stack = out[: len(flat) * (stop - start)].reshape(len(flat), stop - start)
-    for row, values in enumerate(flat):
-        stack[row] = values[start:stop]
-    return stack
+def stacked_blocks(
+    updates: Sequence[Mapping[str, np.ndarray]], signature: Mapping[str, TensorSpec],
+) -> Iterator[tuple[str, int, np.ndarray]]:
+    """Block-major over `signature`'s tensors: (tensor, first coordinate, the n updates' slices of the block as
+    rows of float64). The rows live in one reused buffer of `STACK_ELEMENTS` values: use each before the next."""
+    n = len(updates)
+    length = max(1, STACK_ELEMENTS // n)
+    buffer = np.empty(n * length, dtype=np.float64)
+    flat: dict[str, list[np.ndarray]] = {}
+    for name, start, stop in coordinate_runs(signature, length):
+        if name not in flat:
+            flat = {name: [np.asarray(update[name]).reshape(-1) for update in updates]}
+        stack = buffer[: n * (stop - start)].reshape(n, stop - start)
+        for row, values in enumerate(flat[name]):
+            stack[row] = values[start:stop]
+        yield name, start, stack
 
 
 def _check(updates: Sequence[Mapping[str, np.ndarray]], signature: Mapping[str, TensorSpec], field: str) -> None:
@@ -74,14 +84,8 @@ def coordinatewise_into(
     cut = int(trim_fraction * n)
     if rule == "trimmed_mean" and not (0 <= trim_fraction < 0.5 and n - 2 * cut >= 1):
         raise ValueError(f"trim_fraction must be in [0, 0.5), not {trim_fraction}")
-    length = max(1, STACK_ELEMENTS // n)
-    buffer = np.empty(n * length, dtype=np.float64)
-    narrow = np.empty(length, dtype=np.float32)
-    flat: dict[str, list[np.ndarray]] = {}
-    for name, start, stop in coordinate_runs(signature, length):
-        if name not in flat:
-            flat = {name: [np.asarray(update[name]).reshape(-1) for update in updates]}
-        stack = _stack(flat[name], start, stop, buffer)
+    narrow = np.empty(max(1, STACK_ELEMENTS // n), dtype=np.float32)
+    for name, start, stack in stacked_blocks(updates, signature):
         if transform is not None:
             transform(name, start, stack)
         if rule == "median":
@@ -108,13 +112,7 @@ def krum_scores(
     if neighbours < 1:
         raise ValueError(f"Krum with f = {byzantine} needs at least {byzantine + 3} updates, not {n}")
     distances = np.zeros((n, n), dtype=np.float64)
-    length = max(1, STACK_ELEMENTS // n)
-    buffer = np.empty(n * length, dtype=np.float64)
-    flat: dict[str, list[np.ndarray]] = {}
-    for name, start, stop in coordinate_runs(signature, length):
-        if name not in flat:
-            flat = {name: [np.asarray(update[name]).reshape(-1) for update in updates]}
-        stack = _stack(flat[name], start, stop, buffer)
+    for name, start, stack in stacked_blocks(updates, signature):
         if transform is not None:
             transform(name, start, stack)
         squares = np.einsum("ij,ij->i", stack, stack)
