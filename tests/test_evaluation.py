@@ -127,13 +127,18 @@ async def test_evaluation_options_must_name_an_own_data_set_and_a_model_with_a_g
     assert response.status == 200, await response.text()
 
 
+# The rule, the server optimizer and the privacy of a round change the model evaluated, never the evaluation.
+@pytest.mark.parametrize("extra", [
+    {}, {"aggregation": {"rule": "krum", "byzantine": 0}, "server_optimizer": {"name": "adagrad"}},
+    {"differential_privacy": {"clip_norm": 1.0, "noise_multiplier": 0.5}},
+], ids=["mean", "krum-adagrad", "private"])
 async def test_every_aggregation_is_evaluated_on_the_held_out_data(
-    api: TestClient, clients: list[SimulatedClient]
+    api: TestClient, clients: list[SimulatedClient], extra: dict[str, Any]
 ) -> None:
     actor = await register(api, actor=True)
     dataset = await new_dataset(api, actor)
     training_id = await run_training(api, actor, clients, graph(softmax=True), target_num_updates=2,
-                                     options={"evaluation": {"dataset": dataset}})
+                                     options={"evaluation": {"dataset": dataset}, **extra})
     final = await wait_for_state(api, actor, training_id, {"C", "E"})
     assert final["state"] == "C", final
     trail = await events_of_type(api, actor, training_id, "evaluated", 2)
@@ -148,6 +153,10 @@ async def test_every_aggregation_is_evaluated_on_the_held_out_data(
     assert server[("server_accuracy", 2)]["value_float"] == pytest.approx(expected["server_accuracy"])
     assert server[("server_loss", 2)]["value_float"] == pytest.approx(expected["server_loss"], rel=1e-5)
     assert trail[-1]["data"]["server_loss"] == pytest.approx(expected["server_loss"], rel=1e-5)
+    aggregated = [event["data"] for event in await events_of(api, actor, training_id) if event["type"] == "aggregated"]
+    assert [data["rule"] for data in aggregated] == [extra.get("aggregation", {}).get("rule", "mean")] * 2
+    assert [data.get("optimizer") for data in aggregated] == [extra.get("server_optimizer", {}).get("name")] * 2
+    assert [("epsilon" in data.get("privacy", {})) for data in aggregated] == ["differential_privacy" in extra] * 2
 
 
 async def test_a_failed_evaluation_is_recorded_and_the_training_goes_on(

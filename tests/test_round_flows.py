@@ -171,11 +171,15 @@ async def test_feddc_daisy_chains_between_aggregations(api: TestClient, clients:
 # 3 ------------------------------------------------------------------------------------------------
 
 
-async def test_swag_rounds_store_the_mean_moments(api: TestClient, clients: list[SimulatedClient]) -> None:
+# A robust rule changes how the updates combine (the median step is 2), never the SWAG moments' weighted mean.
+@pytest.mark.parametrize(("options", "step"), [({}, FEDAVG_STEP), ({"aggregation": {"rule": "median"}}, 2.0)],
+                         ids=["mean", "median"])
+async def test_swag_rounds_store_the_mean_moments(api: TestClient, clients: list[SimulatedClient],
+                                                  options: dict[str, Any], step: float) -> None:
     actor = await register(api, actor=True)
     model_id = await upload_model(api, actor, model_bytes())
     training_id = await create_training(api, actor, model_id, clients=[c.account.id for c in clients],
-                                        target_num_updates=2, uncertainty_method="SWAG")
+                                        target_num_updates=2, uncertainty_method="SWAG", options=options)
     global_id = (await get_training(api, actor, training_id))["model"]
 
     async def moment_statuses() -> list[int]:
@@ -213,7 +217,7 @@ async def test_swag_rounds_store_the_mean_moments(api: TestClient, clients: list
     assert swag_states == [1, 2]
 
     weights = await clients[0].download(global_id)
-    assert_uniform(weights, 2 * FEDAVG_STEP)
+    assert_uniform(weights, 2 * step)
     total = sum(client.sample_size for client in clients)
     for which in ("first", "second"):
         response = await api.get(f"/api/models/{global_id}/swag/{which}/", headers=actor.headers)

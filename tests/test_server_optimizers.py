@@ -10,13 +10,15 @@ from aiohttp.test_utils import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fltraining.options import OPTIMIZER_DEFAULTS, ServerOptimizer
-from fltraining.weights.formats import load_tensors, write_tensors
+from fltraining.options import OPTIMIZER_DEFAULTS, DifferentialPrivacy, ServerOptimizer
 from fltraining.weights import optimizers
+from fltraining.weights.dp import private_into, private_of_files
+from fltraining.weights.formats import detect_format, load_tensors, write_tensors
 from fltraining.weights.optimizers import OptimizerStep, moments_signature, optimizer_files, optimizer_into
 from fltraining.weights.signature import signature_of
 from tests.fl_clients import GLOBAL_TENSORS, SimulatedClient, wait_for_state
 from tests.helpers import register
+from tests.onnx_graphs import graph
 from tests.test_rounds import events_of, run_training
 
 
@@ -189,3 +191,39 @@ async def test_fedadam_training_moves_the_model_as_the_equations_say(api: TestCl
                                    rtol=1e-5)
     aggregated: list[dict[str, Any]] = [e for e in await events_of(api, actor, training_id) if e["type"] == "aggregated"]
     assert [(e["data"]["optimizer"], e["data"]["optimizer_step"]) for e in aggregated] == [("adam", t) for t in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "npz", "torch", "onnx"])
+def test_optimizer_and_privacy_over_files_keep_the_models_format(tmp_path: Path, fmt: str) -> None:
+    """Both write the new global model in the global model's format (ONNX: into its graph), with the values
+    the in-memory computation gives."""
+    rng = np.random.default_rng(3)
+    start = {"layer.weight": rng.normal(size=(3, 2)).astype(np.float32), "layer.bias": np.zeros(3, np.float32)}
+    updates = [{name: value + rng.normal(size=value.shape).astype(np.float32) for name, value in start.items()}
+               for _ in range(3)]
+    current = tmp_path / "global"
+    if fmt == "onnx":
+        current.write_bytes(graph(start))
+    else:
+        write_tensors(current, start, fmt)  # type: ignore[arg-type]
+    paths = []
+    for index, update in enumerate(updates):
+        paths.append(tmp_path / f"u{index}")
+        write_tensors(paths[-1], update)  # updates come in any format; safetensors here
+    signature = signature_of(start)
+    template = current if fmt == "onnx" else None
+    step = OptimizerStep("yogi", *OPTIMIZER_DEFAULTS["yogi"], 1)
+    optimizer_files(current, paths[0], None, None, signature, fmt, step, tmp_path / "g1",  # type: ignore[arg-type]
+                    tmp_path / "m1", tmp_path / "v1", template=template)
+    privacy = DifferentialPrivacy(clip_norm=0.5, noise_multiplier=0.0)
+    private_of_files(current, paths, signature, fmt, tmp_path / "p1", privacy, None,  # type: ignore[arg-type]
+                     np.random.default_rng(0), template=template)
+    direct, private = ({name: np.empty_like(value) for name, value in start.items()} for _ in "gp")
+    moments = [{name: np.empty(value.shape) for name, value in start.items()} for _ in "mv"]
+    optimizer_into(start, updates[0], None, None, signature, step, direct, *moments)
+    private_into(start, updates, signature, private, privacy, None, np.random.default_rng(0))
+    for path, expected in ((tmp_path / "g1", direct), (tmp_path / "p1", private)):
+        assert detect_format(path.read_bytes()) == fmt
+        written = load_tensors(path)
+        for name in start:
+            np.testing.assert_array_equal(written[name], expected[name])
