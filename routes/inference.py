@@ -16,6 +16,7 @@ from fltraining.schemas.models import (
     EnsembleCreate,
     GraphForm,
     InferenceAnswer,
+    InferenceForm,
     InferenceRequest,
     ModelMetadata,
     ModelUploadAccepted,
@@ -150,9 +151,13 @@ async def create_ensemble(request: web.Request) -> web.Response:
 
 ENDPOINTS = [
     Endpoint("POST", "/api/inference", infer, "Predict with a model, with its training's uncertainty", "inference",
-             body=InferenceRequest, responses={200: InferenceAnswer}, errors=(400, 403, 404, 409, 413, 415, 503),
+             body=InferenceRequest, multipart=InferenceForm, files=("model_input",),
+             responses={200: (InferenceAnswer, "application/octet-stream")},
+             errors=(400, 403, 404, 409, 413, 415, 503),
              description="JSON, or multipart with model_id, return_format and a model_input file (.npy, .npz, "
-                         "safetensors). return_format=binary answers a safetensors file of the same arrays."),
+                         "safetensors). The answer's media type follows return_format: `json` (JSON's default) "
+                         "answers application/json, `binary` (multipart's default, as DLR's) answers "
+                         "application/octet-stream, a safetensors file of the same arrays."),
     Endpoint("POST", "/api/models/ensembles", create_ensemble, "Create an ensemble model of owned models",
              "models", body=EnsembleCreate, responses={201: ModelUploadAccepted}, errors=(400, 403, 404, 415),
              headers={201: ("Location",)}),

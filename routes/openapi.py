@@ -8,7 +8,7 @@ from pydantic.json_schema import models_json_schema
 
 import fltraining
 from fltraining.schemas.common import ErrorBody
-from routes.table import Endpoint, documented_path
+from routes.table import Answer, Endpoint, documented_path
 
 REF = "#/components/schemas/{model}"
 _PARAM = re.compile(r"{(\w+)}")
@@ -42,11 +42,12 @@ def _models(endpoints: list[Endpoint]) -> list[tuple[type[BaseModel], str]]:
         for model in (endpoint.body, endpoint.multipart):
             if model is not None:
                 found.append((model, "validation"))
-        for answer in endpoint.responses.values():
-            if isinstance(answer, list):
-                found.extend((model, "serialization") for model in answer)
-            elif isinstance(answer, type):
-                found.append((answer, "serialization"))
+        for answers in endpoint.responses.values():
+            for answer in answers if isinstance(answers, tuple) else (answers,):
+                if isinstance(answer, list):
+                    found.extend((model, "serialization") for model in answer)
+                elif isinstance(answer, type):
+                    found.append((answer, "serialization"))
     return list(dict.fromkeys(found))
 
 
@@ -77,6 +78,17 @@ def _multipart(form: dict[str, Any], files: tuple[str, ...]) -> dict[str, Any]:
             "encoding": encoding}
 
 
+def _content(answer: Answer, refs: dict[tuple[type[BaseModel], str], Any]) -> dict[str, Any]:
+    """The media type (and its schema) one answer is sent as; none for an answer without a body."""
+    if isinstance(answer, list):
+        return {"application/json": {"schema": {"type": "array", "items": refs[(answer[0], "serialization")]}}}
+    if isinstance(answer, type):
+        return {"application/json": {"schema": refs[(answer, "serialization")]}}
+    if isinstance(answer, str):
+        return {answer: {"schema": {"type": "string", "contentMediaType": answer}}}
+    return {}
+
+
 def build_openapi(endpoints: list[Endpoint]) -> dict[str, Any]:
     """Build the whole document."""
     keys, schema = models_json_schema(_models(endpoints), ref_template=REF)
@@ -86,7 +98,7 @@ def build_openapi(endpoints: list[Endpoint]) -> dict[str, Any]:
         path = documented_path(endpoint.path)
         operation: dict[str, Any] = {
             "summary": endpoint.summary,
-            "operationId": endpoint.handler.__name__,
+            "operationId": endpoint.operation_id or endpoint.handler.__name__,
             "tags": [endpoint.tag],
             "responses": {},
         }
@@ -104,22 +116,21 @@ def build_openapi(endpoints: list[Endpoint]) -> dict[str, Any]:
         )
         if parameters:
             operation["parameters"] = parameters
+        body: dict[str, Any] = {}
         if endpoint.body is not None:
-            operation["requestBody"] = {"required": True, "content": {
-                "application/json": {"schema": refs[(endpoint.body, "validation")]}}}
+            body["application/json"] = {"schema": refs[(endpoint.body, "validation")]}
         if endpoint.multipart is not None:
             form = _definition(schema, refs[(endpoint.multipart, "validation")])
-            operation["requestBody"] = {"required": True,
-                                        "content": {"multipart/form-data": _multipart(form, endpoint.files)}}
-        for status, answer in endpoint.responses.items():
+            body["multipart/form-data"] = _multipart(form, endpoint.files)
+        if body:
+            operation["requestBody"] = {"required": True, "content": body}
+        for status, answers in endpoint.responses.items():
             response: dict[str, Any] = {"description": _STATUS_TEXT.get(status, "OK")}
-            if isinstance(answer, list):
-                response["content"] = {"application/json": {"schema": {
-                    "type": "array", "items": refs[(answer[0], "serialization")]}}}
-            elif isinstance(answer, type):
-                response["content"] = {"application/json": {"schema": refs[(answer, "serialization")]}}
-            elif isinstance(answer, str):
-                response["content"] = {answer: {"schema": {"type": "string", "contentMediaType": answer}}}
+            content: dict[str, Any] = {}
+            for answer in answers if isinstance(answers, tuple) else (answers,):
+                content |= _content(answer, refs)
+            if content:
+                response["content"] = content
             if status in endpoint.headers:
                 response["headers"] = {name: _header(name) for name in endpoint.headers[status]}
             operation["responses"][str(status)] = response

@@ -115,7 +115,10 @@ def read_query[M: BaseModel](request: web.Request, schema: type[M], repeatable: 
             raise InvalidInput(f"Unknown query parameter '{key[:64]}'.")
         values = request.query.getall(key)
         if key in repeatable:
-            data[key] = [part for value in values for part in value.split(",") if part]
+            data[key] = [part for value in values for part in value.split(",")]
+            if "" in data[key]:  # `?state=`, `?state=I,`: an empty item is no value the schema allows
+                raise InvalidInput(f"Query parameter '{key}' has an empty item: name values, repeated or "
+                                   f"comma-separated ('{key}=A&{key}=B' or '{key}=A,B').")
         elif len(values) > 1:
             raise InvalidInput(f"Query parameter '{key}' may be given once.")
         else:

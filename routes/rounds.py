@@ -307,7 +307,7 @@ ENDPOINTS = [
     Endpoint("GET", _MODEL + "/swag/second", swag_second, "Aggregated SWAG second moment", "rounds",
              responses={200: "application/octet-stream"}, errors=(403, 404), headers={200: ("Content-Disposition",)}),
     Endpoint("GET", _TRAINING + "/models/latest", list_training_models, "Global model and newest updates", "rounds",
-             responses={200: [TrainingModelEntry]}, errors=(403, 404)),
+             responses={200: [TrainingModelEntry]}, errors=(403, 404), operation_id="list_latest_training_models"),
     Endpoint("GET", _TRAINING + "/models", list_training_models, "Global model and stored updates", "rounds",
              responses={200: [TrainingModelEntry]}, errors=(403, 404)),
     Endpoint("GET", _TRAINING + "/progress", get_progress, "The current round: arrivals and who is expected",

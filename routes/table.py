@@ -7,6 +7,8 @@ from aiohttp import web
 from pydantic import BaseModel
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# What one status answers: a schema, a list of it, a media type (a file) or None (no body).
+type Answer = type[BaseModel] | list[type[BaseModel]] | str | None
 
 
 @dataclass(frozen=True)
@@ -23,11 +25,13 @@ class Endpoint:
     multipart: type[BaseModel] | None = None
     files: tuple[str, ...] = ("model_file",)  # the file parts of a multipart body
     query: type[BaseModel] | None = None
-    responses: dict[int, type[BaseModel] | list[type[BaseModel]] | str | None] = field(default_factory=dict)
+    # Per status: one answer, or a tuple of the alternatives a request chooses between (one media type each).
+    responses: dict[int, Answer | tuple[Answer, ...]] = field(default_factory=dict)
     errors: tuple[int, ...] = ()
     headers: dict[int, tuple[str, ...]] = field(default_factory=dict)
     request_headers: tuple[str, ...] = ()
     description: str = ""
+    operation_id: str = ""  # the OpenAPI operationId, unique; by default the handler's name
 
 
 def documented_path(path: str) -> str:

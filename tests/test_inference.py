@@ -62,6 +62,27 @@ async def test_binary_answers_are_safetensors_holding_the_same_arrays(client: Te
     np.testing.assert_allclose(arrays["outputs"], linear(X), rtol=1e-6)
 
 
+async def test_the_openapi_document_names_both_answers_and_both_request_forms(client: TestClient) -> None:
+    """Generated clients learn that return_format=binary (multipart's default) answers a file, not JSON."""
+    owner = await register(client)
+    model_id = await upload_model(client, owner, graph(WEIGHTS))
+    operation = (await (await client.get("/api/openapi.json")).json())["paths"]["/api/inference/"]["post"]
+    answers = operation["responses"]["200"]["content"]
+    assert set(answers) == {"application/json", "application/octet-stream"}
+    forms = operation["requestBody"]["content"]
+    assert set(forms) == {"application/json", "multipart/form-data"}
+    multipart = forms["multipart/form-data"]["schema"]
+    assert multipart["properties"]["return_format"]["default"] == "binary"
+    assert set(multipart["required"]) == {"model_id", "model_input"}
+    assert forms["application/json"]["schema"]["$ref"].endswith("/InferenceRequest")
+    for return_format in ("json", "binary"):
+        response = await client.post("/api/inference/", headers=owner.headers, json={
+            "model_id": model_id, "model_input": X, "return_format": return_format})
+        assert response.status == 200, await response.text()
+        assert response.content_type in answers
+        assert response.content_type == ("application/json" if return_format == "json" else "application/octet-stream")
+
+
 def _npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)

@@ -182,6 +182,12 @@ async def test_lists_order_and_page(client: TestClient, database_url: str) -> No
         "?state=X",
         "?state=i",
         "?state=I,X",
+        # An empty item is none of the codes the schema allows (it was silently dropped before).
+        "?state=",
+        "?state=I,",
+        "?state=,O",
+        "?state=I,,O",
+        "?state=I&state=",
         "?aggregation_method=fedavg",
         "?uncertainty_method=none",
     ],

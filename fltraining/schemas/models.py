@@ -98,7 +98,17 @@ class InferenceRequest(RequestModel):
 
     model_id: UUID
     model_input: list[Any] = Field(min_length=1, description="Nested lists of numbers, batch first.")
-    return_format: Literal["json", "binary"] = "json"
+    return_format: Literal["json", "binary"] = Field(
+        default="json", description="json: a JSON answer; binary: a safetensors file of the same arrays.")
+
+
+class InferenceForm(RequestModel):
+    """`POST /api/inference/` as multipart: these text fields and the `model_input` file (.npy, .npz, safetensors)."""
+
+    model_id: UUID
+    return_format: Literal["json", "binary"] = Field(
+        default="binary", description="binary (the multipart default, as DLR's): a safetensors file of the "
+        "arrays; json: a JSON answer.")
 
 
 class InferenceAnswer(PublicModel):

@@ -4,7 +4,7 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from pydantic import AliasChoices, ConfigDict, Field, StrictInt, StrictStr
-from pydantic.json_schema import SkipJsonSchema
+from pydantic.json_schema import SkipJsonSchema, WithJsonSchema
 
 from fltraining.schemas.common import PublicModel, RequestModel, UtcDatetime
 from fltraining.states import AggregationMethod, Phase, TrainingState, UncertaintyMethod
@@ -123,10 +123,21 @@ class TrainingCreated(PublicModel):
 Ordering = Literal["last_update", "-last_update", "created_at", "-created_at"]
 
 
+_CODES = "|".join(state.value for state in TrainingState)
+# A state item is a code or codes joined by commas (DLR's clients send `state=I,O`); nothing else, no empty item.
+STATE_LIST_SCHEMA: dict[str, Any] = {
+    "type": "array",
+    "items": {"anyOf": [{"type": "string", "enum": [state.value for state in TrainingState]},
+                        {"type": "string", "pattern": f"^(?:{_CODES})(?:,(?:{_CODES}))+$"}]},
+    "description": "State codes, the parameter repeated (state=I&state=O) or comma-separated (state=I,O); an "
+                   "empty item (state=, state=I,) is 400.",
+}
+
+
 class TrainingListQuery(RequestModel):
     """Query of the training lists."""
 
-    state: list[TrainingState] | None = None
+    state: Annotated[list[TrainingState] | None, WithJsonSchema(STATE_LIST_SCHEMA)] = None
     aggregation_method: AggregationMethod | None = None
     uncertainty_method: UncertaintyMethod | None = None
     limit: int = Field(default=100, ge=1, le=1000)
