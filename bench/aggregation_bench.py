@@ -25,7 +25,9 @@ measured is reading update bytes from memory, not the disk. Three measurements, 
 
 GB/s counts the float32 payload of the updates (N·P·4 bytes, 10⁹ bytes per GB). Targets: ours
 ≥ 50 % of the baseline's GB/s, ≥ 2× Flower's speed, and our peak memory independent of N.
-Then the robust rules and server optimizers against Flower on the same inputs (`bench/flower_equality.py`).
+Then the robust rules' time, heap and speed against Flower (`bench/robust_bench.py`, skipped with
+`--no-rules`), and the robust rules and server optimizers against Flower on the same inputs
+(`bench/flower_equality.py`).
 Usage: `python bench/aggregation_bench.py [--quick] [--sizes 1M,25M] [--clients 10,100] [--equality-only]`.
 """
 
@@ -465,6 +467,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--baseline-budget", type=parse_count, default=GIB, help="bytes the baseline holds")
     parser.add_argument("--workdir", type=Path, default=None, help="where the update files go (a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-rules", action="store_true",
+                        help="skip the robust rules' table (bench/robust_bench.py: 10×1M, 100×1M, 10×25M)")
     parser.add_argument("--equality-only", action="store_true",
                         help="only the table of robust rules and server optimizers against Flower")
     args = parser.parse_args(argv)
@@ -531,6 +535,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(verdict_flower(results))
     print(verdict_memory(results))
     print()
+    if not args.no_rules:
+        from robust_bench import main as robust_main  # beside this file
+
+        cases = ["--cases", "10x1M,100x1M"] if args.quick else []
+        robust_main(["--repeat", str(min(args.repeat, 3)), *cases])
+        print()
     print_equality()
 
 

@@ -155,6 +155,18 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="aggregate")
 
 
+def on_cores[P](work: Callable[[P], None], parts: Sequence[P]) -> None:
+    """`work(part)` for every part, the parts side by side on the machine's cores; waits for all of them and
+    raises the first error."""
+    if len(parts) <= 1:
+        for part in parts:
+            work(part)
+        return
+    futures = [_pool().submit(work, part) for part in parts]
+    for future in futures:
+        future.result()
+
+
 def _check_weights(weights: Sequence[int]) -> int:
     for weight in weights:
         if isinstance(weight, bool) or not isinstance(weight, int | np.integer) or weight < 1:
@@ -252,14 +264,8 @@ def weighted_mean_into(
         check_matches(signature, signature_of(update), field)
     if isinstance(out, Mapping):
         check_matches(signature, signature_of(out), "result")
-    parts = _spans(signature, os.cpu_count() or 1)
-    if len(parts) <= 1:
-        for spans in parts:
-            _mean_spans(spans, updates, weights, total, out, progress)
-        return
-    futures = [_pool().submit(_mean_spans, spans, updates, weights, total, out, progress) for spans in parts]
-    for future in futures:
-        future.result()
+    on_cores(lambda spans: _mean_spans(spans, updates, weights, total, out, progress),
+             _spans(signature, os.cpu_count() or 1))
 
 
 def into_file[T](

@@ -6,6 +6,7 @@ before the next block starts. The block holds at most `STACK_ELEMENTS` values in
 `STACK_ELEMENTS // n` coordinates long: the memory a rule uses does not grow with the number of updates n.
 """
 
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,14 @@ from typing import Literal
 import numpy as np
 
 from fltraining.options import AggregationRule, KrumRule, MeanRule, MedianRule, MultiKrumRule, TrimmedMeanRule
-from fltraining.weights.aggregate import Target, emit_block, into_file, mean_of_files, weighted_mean_into
+from fltraining.weights.aggregate import (
+    Target,
+    emit_block,
+    into_file,
+    mean_of_files,
+    on_cores,
+    weighted_mean_into,
+)
 from fltraining.weights.codecs import Format
 from fltraining.weights.signature import TensorSpec, check_matches, signature_of
 
@@ -46,16 +54,22 @@ def coordinate_runs(signature: Mapping[str, TensorSpec], length: int) -> list[tu
     ]
 
 
+def block_runs(signature: Mapping[str, TensorSpec], n: int) -> list[tuple[str, int, int]]:
+    """The blocks of n updates: runs of `STACK_ELEMENTS // n` coordinates."""
+    return coordinate_runs(signature, max(1, STACK_ELEMENTS // n))
+
+
 def stacked_blocks(
     updates: Sequence[Mapping[str, np.ndarray]], signature: Mapping[str, TensorSpec],
+    runs: Sequence[tuple[str, int, int]] | None = None,
 ) -> Iterator[tuple[str, int, np.ndarray]]:
-    """Block-major over `signature`'s tensors: (tensor, first coordinate, the n updates' slices of the block as
-    rows of float64). The rows live in one reused buffer of `STACK_ELEMENTS` values: use each before the next."""
+    """Block-major over `signature`'s tensors (or the `runs` given): (tensor, first coordinate, the n updates'
+    slices of the block as rows of float64). The rows live in one reused buffer of `STACK_ELEMENTS` values: use
+    each before the next."""
     n = len(updates)
-    length = max(1, STACK_ELEMENTS // n)
-    buffer = np.empty(n * length, dtype=np.float64)
+    buffer = np.empty(n * max(1, STACK_ELEMENTS // n), dtype=np.float64)
     flat: dict[str, list[np.ndarray]] = {}
-    for name, start, stop in coordinate_runs(signature, length):
+    for name, start, stop in block_runs(signature, n) if runs is None else runs:
         if name not in flat:
             flat = {name: [np.asarray(update[name]).reshape(-1) for update in updates]}
         stack = buffer[: n * (stop - start)].reshape(n, stop - start)
@@ -96,20 +110,28 @@ def coordinatewise_into(
     cut = int(trim_fraction * n)
     if rule == "trimmed_mean" and not (0 <= trim_fraction < 0.5 and n - 2 * cut >= 1):
         raise ValueError(f"trim_fraction must be in [0, 0.5), not {trim_fraction}")
-    narrow = np.empty(max(1, STACK_ELEMENTS // n), dtype=np.float32)
-    for name, start, stack in stacked_blocks(updates, signature):
-        if transform is not None:
-            transform(name, start, stack)
-        if rule == "median":
-            block = _median_of_sorted(stack)
-        elif rule == "mean":
-            block = stack.mean(axis=0)
-        else:
-            stack.sort(axis=0)
-            block = stack[cut : n - cut].mean(axis=0)
-        block = np.asarray(block, dtype=np.float64)
-        emit_block(out, name, start, block if finish is None else finish(name, start, block), narrow)
-        progress()
+
+    def combine(runs: Sequence[tuple[str, int, int]]) -> None:
+        narrow = np.empty(max(1, STACK_ELEMENTS // n), dtype=np.float32)
+        for name, start, stack in stacked_blocks(updates, signature, runs):
+            if transform is not None:
+                transform(name, start, stack)
+            if rule == "median":
+                block = _median_of_sorted(stack)
+            elif rule == "mean":
+                block = stack.mean(axis=0)
+            else:
+                stack.sort(axis=0)
+                block = stack[cut : n - cut].mean(axis=0)
+            block = np.asarray(block, dtype=np.float64)
+            emit_block(out, name, start, block if finish is None else finish(name, start, block), narrow)
+            progress()
+
+    runs = block_runs(signature, n)
+    # Each core takes every k-th block (a buffer of its own); `finish` draws noise in block order, so that a
+    # seeded private round repeats itself: then one thread does all.
+    cores = 1 if finish is not None else os.cpu_count() or 1
+    on_cores(combine, [runs[core::cores] for core in range(cores) if runs[core::cores]])
 
 
 def krum_scores(
