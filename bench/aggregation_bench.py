@@ -52,7 +52,7 @@ import numpy as np
 
 from fltraining.weights.aggregate import mean_of_files
 from fltraining.weights.formats import dump_tensors, load_tensors
-from fltraining.weights.signature import signature_of
+from fltraining.weights.signature import Signature, signature_of
 
 FLOAT32_BYTES = 4
 MIB = 1 << 20
@@ -133,9 +133,10 @@ class ResidentPeaks:
         self._read()
 
 
-def measure_ours(paths: list[str], sample_sizes: list[int], repeat: int, out: str) -> dict[str, float]:
-    """The engine's path: the updates' blob files mapped, block-major mean on every core straight into a
-    mapped safetensors result file (`out`)."""
+def time_ours(combine: Callable[[list[Path], Signature, Path], object], paths: list[str], repeat: int,
+              out: str) -> dict[str, float]:
+    """`combine(update files, signature, result file)` timed, best of `repeat`, with this process's peak heap
+    (RssAnon) and mapped file pages (RssFile)."""
     import_mib = _peak_mib()
     signature = signature_of(load_tensors(paths[0]))
     best = float("inf")
@@ -143,9 +144,16 @@ def measure_ours(paths: list[str], sample_sizes: list[int], repeat: int, out: st
         for _ in range(repeat):
             Path(out).unlink(missing_ok=True)
             started = time.perf_counter()
-            mean_of_files([Path(path) for path in paths], sample_sizes, signature, "safetensors", Path(out))
+            combine([Path(path) for path in paths], signature, Path(out))
             best = min(best, time.perf_counter() - started)
     return {"seconds": best, "peak_mib": peaks.anon_mib, "import_mib": import_mib, "mapped_mib": peaks.file_mib}
+
+
+def measure_ours(paths: list[str], sample_sizes: list[int], repeat: int, out: str) -> dict[str, float]:
+    """The engine's path: the updates' blob files mapped, block-major mean on every core straight into a
+    mapped safetensors result file (`out`)."""
+    return time_ours(lambda files, signature, result: mean_of_files(files, sample_sizes, signature, "safetensors",
+                                                                    result), paths, repeat, out)
 
 
 def _sum_all(held: Sequence[list[np.ndarray]], updates: int) -> float:
@@ -171,25 +179,31 @@ def measure_baseline(paths: list[str], repeat: int, budget_bytes: int) -> dict[s
     return {"seconds": best, "peak_mib": _peak_mib(), "import_mib": import_mib}
 
 
-def measure_flower(paths: list[str], sample_sizes: list[int], repeat: int, out: str) -> dict[str, float]:
-    """Flower's aggregate on all updates held in memory (only the call is timed); save the mean to `out`."""
-    from flwr.server.strategy.aggregate import aggregate
-
+def time_flower(function: Callable[[list[tuple[list[np.ndarray], int]]], list[np.ndarray]], paths: list[str],
+                sample_sizes: list[int], repeat: int, out: str) -> dict[str, float]:
+    """A Flower function on all updates held in memory, as its API takes them (only the call is timed); its
+    result saved to `out`."""
     import_mib = _peak_mib()
-    buffers = [Path(path).read_bytes() for path in paths]
-    loaded = [load_tensors(data) for data in buffers]
+    loaded = [load_tensors(Path(path).read_bytes()) for path in paths]
     names = list(loaded[0])
     results = [
         ([tensors[name] for name in names], size) for tensors, size in zip(loaded, sample_sizes, strict=True)
     ]
     best = float("inf")
-    mean: list[np.ndarray] = []
+    combined: list[np.ndarray] = []
     for _ in range(repeat):
         started = time.perf_counter()
-        mean = aggregate(results)
+        combined = function(results)
         best = min(best, time.perf_counter() - started)
-    Path(out).write_bytes(dump_tensors(dict(zip(names, mean, strict=True)), "safetensors"))
+    Path(out).write_bytes(dump_tensors(dict(zip(names, combined, strict=True)), "safetensors"))
     return {"seconds": best, "peak_mib": _peak_mib(), "import_mib": import_mib}
+
+
+def measure_flower(paths: list[str], sample_sizes: list[int], repeat: int, out: str) -> dict[str, float]:
+    """Flower's FedAvg `aggregate` (see `time_flower`)."""
+    from flwr.server.strategy.aggregate import aggregate
+
+    return time_flower(aggregate, paths, sample_sizes, repeat, out)
 
 
 # -- orchestration -----------------------------------------------------------------------------

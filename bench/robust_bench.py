@@ -32,11 +32,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from aggregation_bench import (  # noqa: E402 - beside this file
+from aggregation_bench import (
     GB,
     Outcome,
-    ResidentPeaks,
-    _peak_mib,
     available_bytes,
     compare,
     in_fresh_process,
@@ -44,13 +42,13 @@ from aggregation_bench import (  # noqa: E402 - beside this file
     prewarm,
     sample_size,
     show_count,
+    time_flower,
+    time_ours,
     write_updates,
 )
 
-from fltraining.options import AggregationRule, KrumRule, MedianRule, MultiKrumRule, TrimmedMeanRule  # noqa: E402
-from fltraining.weights.formats import dump_tensors, load_tensors  # noqa: E402
-from fltraining.weights.robust import rule_of_files  # noqa: E402
-from fltraining.weights.signature import signature_of  # noqa: E402
+from fltraining.options import AggregationRule, KrumRule, MedianRule, MultiKrumRule, TrimmedMeanRule
+from fltraining.weights.robust import rule_of_files
 
 FLOAT32_BYTES = 4
 FLOWER_MARGIN_BYTES = 2 << 30
@@ -65,17 +63,8 @@ COORDINATEWISE = {"median", "trimmed_mean"}
 
 def measure_ours(rule_name: str, paths: list[str], sizes: list[int], repeat: int, out: str) -> dict[str, float]:
     """The engine's path: `rule_of_files` over the mapped update files into a safetensors result file."""
-    import_mib = _peak_mib()
-    signature = signature_of(load_tensors(paths[0]))
-    best = float("inf")
-    with ResidentPeaks() as peaks:
-        for _ in range(repeat):
-            Path(out).unlink(missing_ok=True)
-            started = time.perf_counter()
-            rule_of_files([Path(path) for path in paths], sizes, signature, "safetensors", Path(out),
-                          RULES[rule_name])
-            best = min(best, time.perf_counter() - started)
-    return {"seconds": best, "peak_mib": peaks.anon_mib, "import_mib": import_mib, "mapped_mib": peaks.file_mib}
+    return time_ours(lambda files, signature, result: rule_of_files(files, sizes, signature, "safetensors", result,
+                                                                    RULES[rule_name]), paths, repeat, out)
 
 
 def flower_function(rule_name: str) -> Callable[[list[tuple[list[np.ndarray], int]]], list[np.ndarray]]:
@@ -92,20 +81,8 @@ def flower_function(rule_name: str) -> Callable[[list[tuple[list[np.ndarray], in
 
 
 def measure_flower(rule_name: str, paths: list[str], sizes: list[int], repeat: int, out: str) -> dict[str, float]:
-    """Flower's function on every update held in memory (only the call is timed); its result saved to `out`."""
-    function = flower_function(rule_name)
-    import_mib = _peak_mib()
-    loaded = [load_tensors(Path(path).read_bytes()) for path in paths]
-    names = list(loaded[0])
-    results = [([tensors[name] for name in names], size) for tensors, size in zip(loaded, sizes, strict=True)]
-    best = float("inf")
-    combined: list[np.ndarray] = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        combined = function(results)
-        best = min(best, time.perf_counter() - started)
-    Path(out).write_bytes(dump_tensors(dict(zip(names, combined, strict=True)), "safetensors"))
-    return {"seconds": best, "peak_mib": _peak_mib(), "import_mib": import_mib}
+    """Flower's function for the rule on every update held in memory (only the call is timed)."""
+    return time_flower(flower_function(rule_name), paths, sizes, repeat, out)
 
 
 def flower_refusal(clients: int, parameters: int) -> str | None:

@@ -70,12 +70,12 @@ def talk_to(clients: list[SimulatedClient], api: HttpApi) -> None:
         client.api = cast(Any, api)
 
 
-async def start_training(api: HttpApi, actor: Account, clients: list[SimulatedClient]) -> str:
+async def start_training(api: HttpApi, actor: Account, clients: list[SimulatedClient], **body: Any) -> str:
     """A FedAvg training of the clients on the simulated clients' model, started; returns its id."""
     http = cast(Any, api)
     model_id = await upload_model(http, actor, model_bytes())
     training_id = await create_training(http, actor, model_id, clients=[c.account.id for c in clients],
-                                        target_num_updates=TARGET)
+                                        target_num_updates=TARGET, **body)
     response = await api.post(f"/api/trainings/{training_id}/start/", headers=actor.headers)
     assert response.status == 202, await response.text()
     return training_id
@@ -200,13 +200,9 @@ async def test_a_server_optimizers_state_survives_a_holder_killed_before_its_com
         clients = await start_clients(cast(Any, api_a), 3)
         for client in clients:
             client.sample_size = client.index + 1
-        http = cast(Any, api_a)
-        model_id = await upload_model(http, actor, model_bytes())
-        training_id = await create_training(http, actor, model_id, clients=[c.account.id for c in clients],
-                                            target_num_updates=TARGET,
-                                            options={"server_optimizer": {"name": "adam"}, "skip_model_tests": True})
-        response = await api_a.post(f"/api/trainings/{training_id}/start/", headers=actor.headers)
-        assert response.status == 202, await response.text()
+        training_id = await start_training(api_a, actor, clients,
+                                           options={"server_optimizer": {"name": "adam"}, "skip_model_tests": True})
+        model_id = (await (await api_a.get(f"/api/trainings/{training_id}/", headers=actor.headers)).json())["model"]
 
         async def holding() -> bool:
             return "holding round 1 before its commit" in holder.log()

@@ -22,43 +22,39 @@ from tests.onnx_graphs import graph
 from tests.test_rounds import events_of, run_training
 
 
+def flower_step(name: str, t: int, delta: Any, m: Any, v: Any,
+                hyper: tuple[float, float, float, float] | None = None) -> tuple[Any, Any, Any]:
+    """One step of Flower's equations written out directly (float64): (the move, m, v) for the t-th combined
+    update `delta` above the current model."""
+    lr, beta1, beta2, tau = hyper or OPTIMIZER_DEFAULTS[name]
+    m = beta1 * m + (1 - beta1) * delta
+    if name == "adam":
+        v = beta2 * v + (1 - beta2) * delta**2
+        rate = lr * np.sqrt(1 - beta2 ** (t + 1)) / (1 - beta1 ** (t + 1))
+    elif name == "yogi":
+        v = v - (1 - beta2) * delta**2 * np.sign(v - delta**2)
+        rate = lr
+    else:
+        v = v + delta**2
+        rate = lr
+    return rate * m / (np.sqrt(v) + tau), m, v
+
+
 def reference(current: np.ndarray, combined: list[np.ndarray], name: str) -> np.ndarray:
-    """The optimizer's steps written out directly (float64), one per combined update, Flower's way."""
-    lr, beta1, beta2, tau = OPTIMIZER_DEFAULTS[name]
-    m = np.zeros_like(current)
-    v = np.zeros_like(current)
+    """The optimizer's steps from `current`, one per combined update, Flower's way."""
+    m = v = np.zeros_like(current)
     for t, target in enumerate(combined, start=1):
-        delta = target - current
-        m = beta1 * m + (1 - beta1) * delta
-        if name == "adam":
-            v = beta2 * v + (1 - beta2) * delta**2
-            rate = lr * np.sqrt(1 - beta2 ** (t + 1)) / (1 - beta1 ** (t + 1))
-        elif name == "yogi":
-            v = v - (1 - beta2) * delta**2 * np.sign(v - delta**2)
-            rate = lr
-        else:
-            v = v + delta**2
-            rate = lr
-        current = current + rate * m / (np.sqrt(v) + tau)
+        move, m, v = flower_step(name, t, target - current, m, v)
+        current = current + move
     return current
 
 
 def steady_path(name: str, delta: float, steps: int) -> float:
     """Where the optimizer takes a model starting at 0 when every combined update is `delta` above it."""
-    lr, beta1, beta2, tau = OPTIMIZER_DEFAULTS[name]
     value = m = v = 0.0
     for t in range(1, steps + 1):
-        m = beta1 * m + (1 - beta1) * delta
-        if name == "adam":
-            v = beta2 * v + (1 - beta2) * delta**2
-            rate = lr * np.sqrt(1 - beta2 ** (t + 1)) / (1 - beta1 ** (t + 1))
-        elif name == "yogi":
-            v = v - (1 - beta2) * delta**2 * np.sign(v - delta**2)
-            rate = lr
-        else:
-            v = v + delta**2
-            rate = lr
-        value += rate * m / (np.sqrt(v) + tau)
+        move, m, v = flower_step(name, t, delta, m, v)
+        value += move
     return float(value)
 
 
@@ -122,20 +118,11 @@ def test_any_steps_over_mixed_tensors_equal_the_equations(data: st.DataObject) -
                            out_m, out_v)
             current, m, v = out, out_m, out_v
             for key, (shape, dtype) in MIXED.items():
-                # Flower's equations, written out once more, the model stored in its dtype between rounds.
+                # Flower's equations, the model stored in its dtype between rounds.
                 weights, first, second = expected[key]
-                delta = combined[key].astype(np.float64) - weights
-                first = beta1 * first + (1 - beta1) * delta
-                if name == "adam":
-                    second = beta2 * second + (1 - beta2) * delta**2
-                    rate = lr * np.sqrt(1 - beta2 ** (t + 1)) / (1 - beta1 ** (t + 1))
-                elif name == "yogi":
-                    second = second - (1 - beta2) * delta**2 * np.sign(second - delta**2)
-                    rate = lr
-                else:
-                    second = second + delta**2
-                    rate = lr
-                weights = stored(weights + rate * first / (np.sqrt(second) + tau), dtype).astype(np.float64)
+                move, first, second = flower_step(name, t, combined[key].astype(np.float64) - weights, first, second,
+                                                  (lr, beta1, beta2, tau))
+                weights = stored(weights + move, dtype).astype(np.float64)
                 expected[key] = (weights, first, second)
                 assert current[key].dtype == np.dtype(dtype) and current[key].shape == shape
                 np.testing.assert_allclose(m[key], first, rtol=1e-9, atol=1e-12)
