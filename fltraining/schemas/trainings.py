@@ -124,7 +124,8 @@ Ordering = Literal["last_update", "-last_update", "created_at", "-created_at"]
 
 
 _CODES = "|".join(state.value for state in TrainingState)
-# A state item is a code or codes joined by commas (DLR's clients send `state=I,O`); nothing else, no empty item.
+# A state item is a code or codes joined by commas (the contract allows `state=I,O`); nothing else, no empty
+# item.
 STATE_LIST_SCHEMA: dict[str, Any] = {
     "type": "array",
     "items": {"anyOf": [{"type": "string", "enum": [state.value for state in TrainingState]},
