@@ -197,6 +197,7 @@ async def _follow_events(
     quiet = 0.0
     reported: tuple[int, str | None, int, int] | None = None
     reported_at = -PROGRESS_SECONDS
+    ending = False
     loop = asyncio.get_running_loop()
     with request.app[engine_key].bell.listen(training_id) as woken:
         while True:
@@ -228,7 +229,11 @@ async def _follow_events(
             if progress is None:
                 return  # deleted while followed
             if progress.state in ENDED and progress.settled:
-                return
+                if ending:
+                    return
+                # The last events may have been stored between the read above and this one: read once more.
+                ending = True
+                continue
             wait = EVENT_POLL_SECONDS
             shown = (progress.round, progress.phase, progress.arrived, progress.expected)
             if progress.phase is not None and shown != reported:

@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestClient
 
 from fltraining.storage.database import database_name, make_client
 from fltraining.weights import dump_tensors, load_tensors
+from routes import rounds as rounds_routes
 from tests.fl_clients import (
     GLOBAL_TENSORS,
     SimulatedClient,
@@ -690,6 +691,47 @@ async def test_events_stream_ends_when_completed(api: TestClient, started: Round
     assert "testing_completed" in types, types
     assert {"type": "state_changed", "state": "C"} in [{"type": f["type"], **f["data"]} for f in frames], frames
     assert (await get_training(api, started.actor, started.training_id))["state"] == "C"
+
+
+async def test_events_stored_while_the_stream_checks_the_end_are_still_sent(
+    api: TestClient, started: Round, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stream ends once the training ended and its effects (its events among them) are applied. An
+    event read that came just before the last events were stored must not end it without them: the
+    stream's first read is made to see nothing, as that read would, and the events still arrive."""
+    for account, delta in ((started.first, 1), (started.second, 2)):
+        status, _ = await post_update(api, account, started.model_id, update_form(content=trained(delta)))
+        assert status == 201
+    await wait_for_phase(api, started.actor, started.training_id, 1, "testing")
+    for account in (started.first, started.second):
+        status, _ = await post_metrics(api, account, started.model_id, "json", ["accuracy"], [0.5])
+        assert status == 201
+    stored: list[dict[str, Any]] = []
+
+    async def ended() -> bool:  # the last step's events are stored once its effects are applied
+        stored[:] = await events_of(api, started.actor, started.training_id)
+        return any(event["type"] == "state_changed" and event["data"].get("state") == "C" for event in stored)
+
+    await wait_until(ended, "the training's end in its events")
+    reads = 0
+    real_list_events = rounds_routes.list_events
+
+    async def first_read_too_early(*args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        nonlocal reads
+        reads += 1
+        return [] if reads == 1 else await real_list_events(*args, **kwargs)
+
+    monkeypatch.setattr(rounds_routes, "list_events", first_read_too_early)
+    headers = {**started.actor.headers, "Accept": "text/event-stream"}
+    async with asyncio.timeout(SSE_SECONDS):
+        response = await api.get(f"/api/trainings/{started.training_id}/events/?after={stored[-3]['id']}",
+                                 headers=headers)
+        assert response.status == 200
+        frames = []
+        while (frame := await next_frame(response)) is not None:
+            frames.append(json.loads(frame["data"]))
+    # Any event stored after the list above follows them.
+    assert [frame["id"] for frame in frames][:2] == [event["id"] for event in stored[-2:]], frames
 
 
 # 7. The DLR reference client's requests, with Basic authentication
