@@ -56,6 +56,8 @@ def _query_parameters(model: type[BaseModel]) -> list[dict[str, Any]]:
     schema = model.model_json_schema(ref_template=REF)
     params = []
     for name, prop in schema["properties"].items():
+        if "default" in prop and prop["default"] is None:
+            prop = {key: value for key, value in prop.items() if key != "default"}  # absent, not null
         params.append({"name": name, "in": "query", "required": False, "schema": prop,
                        "style": "form", "explode": True})
     return params
