@@ -11,7 +11,7 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fltraining.options import INT64_MAX, INT64_MIN, is_forbidden_key
+from fltraining.options import INT64_MAX, INT64_MIN, TrainingOptions, is_forbidden_key
 from tests.helpers import (
     create_training,
     get_training,
@@ -22,7 +22,8 @@ from tests.helpers import (
 )
 
 MAX_DEPTH = 8  # FLTRAINING_MAX_OPTIONS_DEPTH's default: `options` itself is level 1
-KNOWN_KEYS = frozenset({"daisy_chain_period", "uncertainty", "skip_model_tests"})
+# Every key the service validates: a free key must be none of them (Hypothesis draws strings from the code too).
+KNOWN_KEYS = frozenset(TrainingOptions.model_fields)
 
 PROPERTY = settings(
     max_examples=int(os.environ.get("FLTRAINING_PROPERTY_EXAMPLES", "30")),
