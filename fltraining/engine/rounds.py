@@ -17,6 +17,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -91,6 +92,13 @@ def private_record(private: PrivateRound, updates: list[Update], privacy: Differ
     if private.selected is not None and private.scores is not None:
         record |= krum_record(KrumChoice(private.scores, private.selected), updates)
     return record
+
+
+def present(paths: list[Path | None]) -> list[Path]:
+    """Local copies of inputs that cannot be absent."""
+    if any(path is None for path in paths):
+        raise ValueError("a required file is missing")
+    return [path for path in paths if path is not None]
 
 
 def arrivals(updates: list[Update]) -> list[dict[str, Any]]:
@@ -369,6 +377,27 @@ class RoundEngine:
             return
         await self.apply_effects(committed)
 
+    async def _computed_files[T](
+        self, inputs: list[UUID | None], outputs: int, keeper: LeaseKeeper,
+        compute: Callable[[list[Path | None], list[Path]], T],
+    ) -> tuple[T, list[StoredFile]]:
+        """`compute(local copies of the inputs, staged output paths)` in a worker thread (an absent input is
+        None), its outputs committed to the blob store; what it returned and the stored outputs."""
+        outs = [self._files.staging.new_path() for _ in range(outputs)]
+        async with contextlib.AsyncExitStack() as stack:
+            paths = [None if file_id is None else await stack.enter_async_context(self._files.local_copy(file_id))
+                     for file_id in inputs]
+            try:
+                # A full disk is not the round's fault: the error ends this attempt and the lease lets another redo it.
+                result = await asyncio.to_thread(compute, paths, outs)
+                staged = [await asyncio.to_thread(staged_from_path, out) for out in outs]
+            except BaseException:
+                for out in outs:
+                    out.unlink(missing_ok=True)
+                raise
+        keeper.advanced()
+        return result, [await self._files.commit(one) for one in staged]
+
     async def _mean_file(
         self, files: list[UUID], weights: list[int], model: Model, keeper: LeaseKeeper, field: str,
         rule: AggregationRule | None = None,
@@ -378,20 +407,15 @@ class RoundEngine:
         model's file is the template); with Krum's choice, when the rule made one."""
         signature = from_documents([t.model_dump() for t in model.tensors])
         fmt: Format = model.format or "safetensors"  # type: ignore[assignment]
-        async with contextlib.AsyncExitStack() as stack:
-            paths = [await stack.enter_async_context(self._files.local_copy(file_id)) for file_id in files]
-            template = await stack.enter_async_context(self._files.local_copy(model.file_id)) if fmt == "onnx" else None
-            out = self._files.staging.new_path()
-            try:
-                # A full disk is not the round's fault: the error ends this attempt and the lease lets another redo it.
-                choice = await asyncio.to_thread(rule_of_files, paths, weights, signature, fmt, out, rule,
-                                                 keeper.advanced, field, template)
-                staged = await asyncio.to_thread(staged_from_path, out)
-            except BaseException:
-                out.unlink(missing_ok=True)
-                raise
-        keeper.advanced()
-        return await self._files.commit(staged), choice
+        n = len(files)
+        template = [model.file_id] if fmt == "onnx" else []
+
+        def combine(paths: list[Path | None], outs: list[Path]) -> KrumChoice | None:
+            return rule_of_files(present(paths[:n]), weights, signature, fmt, outs[0], rule, keeper.advanced, field,
+                                 paths[n] if template else None)
+
+        choice, stored = await self._computed_files([*files, *template], 1, keeper, combine)
+        return stored[0], choice
 
     async def _private_file(
         self, files: list[UUID], model: Model, keeper: LeaseKeeper, privacy: DifferentialPrivacy,
@@ -402,20 +426,14 @@ class RoundEngine:
         fmt: Format = model.format or "safetensors"  # type: ignore[assignment]
         # A seed (tests only) gives every round its own reproducible noise; otherwise the operating system's.
         rng = np.random.default_rng(secrets.randbits(128) if privacy.seed is None else [privacy.seed, new_round])
-        async with contextlib.AsyncExitStack() as stack:
-            paths = [await stack.enter_async_context(self._files.local_copy(file_id)) for file_id in files]
-            current = await stack.enter_async_context(self._files.local_copy(model.file_id))
-            out = self._files.staging.new_path()
-            try:
-                private = await asyncio.to_thread(private_of_files, current, paths, signature, fmt, out, privacy, rule,
-                                                  rng, keeper.advanced, "model_file",
-                                                  current if fmt == "onnx" else None)
-                staged = await asyncio.to_thread(staged_from_path, out)
-            except BaseException:
-                out.unlink(missing_ok=True)
-                raise
-        keeper.advanced()
-        return await self._files.commit(staged), private
+
+        def combine(paths: list[Path | None], outs: list[Path]) -> PrivateRound:
+            current, *updates = present(paths)
+            return private_of_files(current, updates, signature, fmt, outs[0], privacy, rule, rng, keeper.advanced,
+                                    "model_file", current if fmt == "onnx" else None)
+
+        private, stored = await self._computed_files([model.file_id, *files], 1, keeper, combine)
+        return stored[0], private
 
     async def _optimize(
         self, model: Model, combined: StoredFile, optimizer: ServerOptimizer, keeper: LeaseKeeper,
@@ -426,23 +444,15 @@ class RoundEngine:
         step = OptimizerStep(optimizer.name, lr, beta1, beta2, tau, model.optimizer_steps + 1)
         signature = from_documents([t.model_dump() for t in model.tensors])
         fmt: Format = model.format or "safetensors"  # type: ignore[assignment]
-        outs = [self._files.staging.new_path() for _ in range(3)]
-        async with contextlib.AsyncExitStack() as stack:
-            current = await stack.enter_async_context(self._files.local_copy(model.file_id))
-            update = await stack.enter_async_context(self._files.local_copy(combined.file_id))
-            m, v = [None if file_id is None else await stack.enter_async_context(self._files.local_copy(file_id))
-                    for file_id in (model.optimizer_m_file_id, model.optimizer_v_file_id)]
-            template = current if fmt == "onnx" else None
-            try:
-                await asyncio.to_thread(optimizer_files, current, update, m, v, signature, fmt, step, outs[0],
-                                        outs[1], outs[2], keeper.advanced, template)
-                staged = [await asyncio.to_thread(staged_from_path, out) for out in outs]
-            except BaseException:
-                for out in outs:
-                    out.unlink(missing_ok=True)
-                raise
-        keeper.advanced()
-        new, new_m, new_v = [await self._files.commit(one) for one in staged]
+
+        def move(paths: list[Path | None], outs: list[Path]) -> None:
+            current, update = present(paths[:2])
+            m, v = paths[2:]
+            optimizer_files(current, update, m, v, signature, fmt, step, outs[0], outs[1], outs[2], keeper.advanced,
+                            current if fmt == "onnx" else None)
+
+        inputs = [model.file_id, combined.file_id, model.optimizer_m_file_id, model.optimizer_v_file_id]
+        _, (new, new_m, new_v) = await self._computed_files(inputs, 3, keeper, move)
         return new, new_m, new_v, step
 
     async def _drop(self, created: list[StoredFile]) -> None:
