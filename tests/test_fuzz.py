@@ -140,11 +140,11 @@ class World:
         assert response.status_code == 200, response.text
         return response.json()
 
-    def register(self) -> tuple[str, str]:
-        """A new user's id and token."""
-        self.username = username = f"fuzz-{uuid.uuid4().hex[:12]}"
+    def register(self) -> tuple[str, str, str]:
+        """A new user's id, token and user name."""
+        username = f"fuzz-{uuid.uuid4().hex[:12]}"
         body = self.post("/api/users/", json={"username": username, "password": PASSWORD})
-        return str(body["id"]), str(body["token"])
+        return str(body["id"]), str(body["token"]), username
 
     def new_model(self, token: str, content: bytes | None = None) -> str:
         """Upload a small model owned by the token's user."""
@@ -187,10 +187,8 @@ class World:
     def seed(self, document: dict[str, Any]) -> None:
         """Two users, each with a model and a training the other takes part in; ONNX models, a data set, a
         model with SWAG moments and a running round the fuzzer takes part in."""
-        fuzzer_id, self.token = self.register()
-        fuzzer_name = self.username
-        other_id, self.other_token = self.register()
-        self.username = fuzzer_name
+        fuzzer_id, self.token, self.username = self.register()
+        other_id, self.other_token, _ = self.register()
         self.user_ids = [fuzzer_id, other_id]
         theirs = self.new_training(self.other_token, [fuzzer_id])  # visible to the fuzzer, not its to change
         their_model = str(self.get(f"/api/trainings/{theirs}/", self.token)["model"])
@@ -310,7 +308,7 @@ class World:
         operation = case.operation.definition.raw["operationId"]
         if operation == "delete_myself":
             # Deleting the fuzzing user would end every later case at 401: delete a user made for it.
-            _, token = self.register()
+            _, token, _ = self.register()
             self.new_training(token, self.user_ids)
             return {"Authorization": f"Token {token}"}, refused, helped
         if operation == "sign_out" and helped:
