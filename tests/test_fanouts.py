@@ -169,8 +169,9 @@ async def own_store(tmp_path: Path, store_url: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def heavy_api(aiohttp_client: Any, engine_settings: Settings, own_store: str) -> TestClient:
-    """The round-engine test service on its own database."""
+async def heavy_api(own_store: str, aiohttp_client: Any, engine_settings: Settings) -> TestClient:
+    """The round-engine test service on its own database (the store named first: set up before the service and
+    torn down after it, or the service's closing client waits 30 s for a server to end its sessions on)."""
     return await aiohttp_client(create_app(engine_settings.model_copy(update={"mongodb_url": own_store})))
 
 
