@@ -89,15 +89,20 @@ def aggregations_by(options: dict[str, Any], round_: int) -> int:
     return -(-round_ // period) if period > 0 else round_
 
 
+def privacy_spent(privacy: DifferentialPrivacy, rounds: int) -> dict[str, Any]:
+    """ε spent after `rounds` private aggregations (None: no noise, no privacy), at δ."""
+    return {"epsilon": shown(epsilon(privacy.noise_multiplier, rounds, privacy.delta)), "delta": privacy.delta,
+            "rounds": rounds}
+
+
 def privacy_report(options: dict[str, Any], round_: int) -> dict[str, Any] | None:
-    """What the training's detail shows of its privacy: ε spent so far (None: no noise, no privacy)."""
+    """What the training's detail shows of its privacy: ε spent so far and the mechanism's parameters."""
     stored = options.get("differential_privacy")
     if stored is None:
         return None
     privacy = DifferentialPrivacy.model_validate(stored)
-    rounds = aggregations_by(options, round_)
-    return {"epsilon": shown(epsilon(privacy.noise_multiplier, rounds, privacy.delta)), "delta": privacy.delta,
-            "rounds": rounds, "clip_norm": privacy.clip_norm, "noise_multiplier": privacy.noise_multiplier}
+    return {**privacy_spent(privacy, aggregations_by(options, round_)), "clip_norm": privacy.clip_norm,
+            "noise_multiplier": privacy.noise_multiplier}
 
 
 def _deadline(training: Training, at: datetime) -> datetime | None:

@@ -41,7 +41,6 @@ from fltraining.engine.effects import (
 )
 from fltraining.errors import FLTrainingError
 from fltraining.options import AggregationRule, DifferentialPrivacy, ServerOptimizer
-from fltraining.privacy import epsilon, shown
 from fltraining.schemas.common import iso_z
 from fltraining.states import RUNNING, Phase, TrainingState, Transition
 from fltraining.storage.blobs import StoredFile, staged_from_path
@@ -51,7 +50,7 @@ from fltraining.weights.dp import PrivateRound, private_of_files
 from fltraining.weights.formats import Format
 from fltraining.weights.optimizers import OptimizerStep, optimizer_files
 from fltraining.weights.robust import KrumChoice, rule_of_files
-from fltraining.weights.signature import from_documents
+from fltraining.weights.signature import Signature, from_documents
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +86,16 @@ def private_record(private: PrivateRound, updates: list[Update], privacy: Differ
                    rounds: int) -> dict[str, Any]:
     """What an aggregation event records of a private round: ε so far, how many updates were clipped."""
     record: dict[str, Any] = {"privacy": {
-        "epsilon": shown(epsilon(privacy.noise_multiplier, rounds, privacy.delta)), "delta": privacy.delta,
-        "rounds": rounds, "clipped": private.clipped, "averaged": private.averaged}}
+        **plans.privacy_spent(privacy, rounds), "clipped": private.clipped, "averaged": private.averaged}}
     if private.selected is not None and private.scores is not None:
         record |= krum_record(KrumChoice(private.scores, private.selected), updates)
     return record
+
+
+def layout(model: Model) -> tuple[Signature, Format]:
+    """A global model's tensor signature and file format (described at start: safetensors if not yet)."""
+    fmt: Format = model.format or "safetensors"  # type: ignore[assignment]
+    return from_documents([t.model_dump() for t in model.tensors]), fmt
 
 
 def present(paths: list[Path | None]) -> list[Path]:
@@ -405,8 +409,7 @@ class RoundEngine:
         """Stored files combined by `rule` (by default the weighted mean), computed from local (mapped) copies
         into a staged file, stored in the global model's format (an ONNX model keeps its graph: the global
         model's file is the template); with Krum's choice, when the rule made one."""
-        signature = from_documents([t.model_dump() for t in model.tensors])
-        fmt: Format = model.format or "safetensors"  # type: ignore[assignment]
+        signature, fmt = layout(model)
         n = len(files)
         template = [model.file_id] if fmt == "onnx" else []
 
@@ -422,8 +425,7 @@ class RoundEngine:
         rule: AggregationRule, new_round: int,
     ) -> tuple[StoredFile, PrivateRound]:
         """The round's updates clipped, combined and noised into a new global file (see weights.dp)."""
-        signature = from_documents([t.model_dump() for t in model.tensors])
-        fmt: Format = model.format or "safetensors"  # type: ignore[assignment]
+        signature, fmt = layout(model)
         # A seed (tests only) gives every round its own reproducible noise; otherwise the operating system's.
         rng = np.random.default_rng(secrets.randbits(128) if privacy.seed is None else [privacy.seed, new_round])
 
@@ -442,8 +444,7 @@ class RoundEngine:
         file, m, v (from the model's stored state, zero before the first step) and the step it took."""
         lr, beta1, beta2, tau = optimizer.resolved()
         step = OptimizerStep(optimizer.name, lr, beta1, beta2, tau, model.optimizer_steps + 1)
-        signature = from_documents([t.model_dump() for t in model.tensors])
-        fmt: Format = model.format or "safetensors"  # type: ignore[assignment]
+        signature, fmt = layout(model)
 
         def move(paths: list[Path | None], outs: list[Path]) -> None:
             current, update = present(paths[:2])
