@@ -181,6 +181,8 @@ class Training(Document):
             IndexModel("uncertainty_method", name="uncertainty_method"),
             IndexModel("effects.file_ids", name="effects_file_ids", sparse=True),
             IndexModel("effects_pending", name="effects_pending"),
+            IndexModel("participants", name="participants"),
+            IndexModel("round_participants", name="round_participants"),
         ]
 
     @before_event(Insert, Replace, Save, SaveChanges)

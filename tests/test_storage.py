@@ -1,6 +1,7 @@
 """Stored documents, the collection validator, the daisy-chain hook, indexes and the mongoeco fixes."""
 
 import copy
+import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -742,3 +743,59 @@ async def test_updates_do_not_rebuild_every_uuid_and_datetime(
     assert (stored["participants"], stored["version"]) == (users, 2)
     assert [moment.replace(tzinfo=UTC) for moment in stored["at"]] == moments
     assert copy.deepcopy(users[0]) is users[0]
+
+
+@pytest.mark.parametrize("engine_collection", ["sqlite"], indirect=True)
+async def test_reads_fixing_the_id_seek_its_row(engine_collection: Any) -> None:
+    """A filter fixing `_id` to a UUID or ObjectId reads that one row by its key (mongoeco matched `_id` with
+    json_extract on every document: each count of one training parsed every stored training); every answer is
+    as before, for other ids too."""
+    ids: list[Any] = [uuid.uuid4() for _ in range(20)] + [ObjectId() for _ in range(5)] + ["name", 7, 7.5, Int64(8)]
+    await engine_collection.insert_many([{"_id": value, "n": k, "tags": [k, k + 1]} for k, value in enumerate(ids)])
+    statements: list[str] = []
+    connection = engine_collection._engine._connection
+    connection.set_trace_callback(statements.append)
+    try:
+        for k, value in enumerate(ids):
+            statements.clear()
+            assert await engine_collection.count_documents({"_id": value, "n": k}) == 1
+            seeks = any("storage_key = " in sql for sql in statements if sql.startswith("SELECT COUNT(*)"))
+            assert seeks == isinstance(value, uuid.UUID | ObjectId), value
+            assert await engine_collection.count_documents({"_id": value}) == 1
+            assert await engine_collection.count_documents({"_id": value, "n": k + 1}) == 0
+            assert await engine_collection.count_documents({"_id": value, "tags": k + 1}) == 1
+            assert (await engine_collection.find_one({"_id": value, "tags": k}))["n"] == k
+    finally:
+        connection.set_trace_callback(None)
+    assert await engine_collection.count_documents({"$or": [{"_id": ids[0]}, {"n": 5}]}) == 2
+    assert await engine_collection.count_documents({"_id": {"$in": [ids[1], ids[2]]}}) == 2
+    assert await engine_collection.count_documents({"_id": uuid.uuid4(), "n": 0}) == 0
+    assert await engine_collection.count_documents({"_id": 7.0}) == 1  # numeric ids still compare by value
+
+
+@pytest.mark.parametrize("engine_collection", ["sqlite"], indirect=True)
+async def test_changes_wait_for_a_change_stream(engine_collection: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes nobody watches start no change delivery (mongoeco leased, started and joined a heartbeat thread per
+    written document); a stream opened later still gets every change from its start on, in order."""
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def recording(thread: threading.Thread) -> None:
+        started.append(thread.name)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", recording)
+    await engine_collection.insert_many([{"_id": 1}, {"_id": 2}])
+    await engine_collection.update_one({"_id": 1}, {"$set": {"x": 1}})
+    await engine_collection.delete_many({})
+    assert [name for name in started if name.startswith("mongoeco-outbox")] == []
+    stream = engine_collection.watch(max_await_time_ms=100)
+    try:
+        await engine_collection.insert_one({"_id": 3})
+        await engine_collection.update_one({"_id": 3}, {"$set": {"x": 3}})
+        await engine_collection.delete_one({"_id": 3})
+        seen = [await stream.try_next() for _ in range(4)]
+    finally:
+        stream.close()
+    assert [(event["operationType"], event["documentKey"]["_id"]) for event in seen if event] == [
+        ("insert", 3), ("update", 3), ("delete", 3)]

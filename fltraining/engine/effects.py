@@ -8,7 +8,7 @@ each one is idempotent (deterministic ids, conditional writes), so applying twic
 import logging
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID, uuid5
@@ -130,6 +130,29 @@ class LaterOutbox:
         """Nothing: the record is due and found by the next scan."""
 
 
+class AppliedEffects:
+    """The ids of the effects this process applied, the newest `limit` of them.
+
+    A training read after a step may still list effects whose `$pull` this process has not yet made
+    (the clean-up of one round runs beside the next round's commit); they are skipped rather than
+    applied again (eleven reads per file drop, a scan of the round's updates). Applying twice would
+    still be correct: every effect is safe to repeat, and another process that reads them applies them.
+    """
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._ids: dict[str, None] = {}
+        self._limit = limit
+
+    def __contains__(self, effect_id: object) -> bool:
+        return effect_id in self._ids
+
+    def add(self, effect_id: str) -> None:
+        """Remember one applied effect (forgetting the oldest beyond the limit)."""
+        self._ids[effect_id] = None
+        if len(self._ids) > self._limit:
+            del self._ids[next(iter(self._ids))]
+
+
 @dataclass(frozen=True)
 class Effectors:
     """What applying effects needs from the process: file deletion, the outbox and server-side evaluation."""
@@ -140,6 +163,7 @@ class Effectors:
     evaluate: Evaluate | None = None
     # Told the global model's file of a new round as it is written, so this process serves it from memory.
     synced: Callable[[UUID, int, StoredFile], None] = lambda model, round_, stored: None
+    applied: AppliedEffects = field(default_factory=AppliedEffects)
 
 
 async def apply_effect(effect: dict[str, Any], training: Training, effectors: Effectors) -> None:
@@ -260,10 +284,13 @@ async def apply_pending(training: Training, effectors: Effectors, cleanup: bool 
     if not effects:
         return
     for effect in effects:
+        if effect["id"] in effectors.applied:
+            continue  # applied here already; this snapshot predates its `$pull`
         try:
             await apply_effect(effect, training, effectors)
         except (WriteError, KeyError, TypeError, ValueError) as error:
             await set_aside(effect, training, error)
+        effectors.applied.add(effect["id"])
     ids = [effect["id"] for effect in effects]
     await Training.get_pymongo_collection().update_one(
         {"_id": training.id}, {"$pull": {"effects": {"id": {"$in": ids}}}}

@@ -31,6 +31,7 @@ from fltraining.engine.arrivals import RECORDED_BY, arrived_users, count_stored
 from fltraining.engine.bell import ChangeBell
 from fltraining.engine.completion import CompletionWatch
 from fltraining.engine.effects import (
+    AppliedEffects,
     Effectors,
     Effects,
     Evaluate,
@@ -155,6 +156,7 @@ class RoundEngine:
         self._hold_before_commit = hold_before_commit
         self._running: dict[UUID, asyncio.Task[None]] = {}
         self._cleaning: dict[UUID, asyncio.Task[None]] = {}
+        self._applied = AppliedEffects()
         self._again: set[UUID] = set()
         self._rng = random.SystemRandom()
         self.outbox: Outbox = LaterOutbox()  # the process's notification delivery, set where it is built
@@ -246,7 +248,7 @@ class RoundEngine:
 
     def _effectors(self) -> Effectors:
         return Effectors(self._models.drop_unshared_file, self._files.delete_many, self.outbox, self.evaluate,
-                         self._models.facts.remember_round_file)
+                         self._models.facts.remember_round_file, self._applied)
 
     async def _clean(self, training: Training) -> None:
         try:
@@ -467,9 +469,11 @@ class RoundEngine:
         round_ = training.round
         new_round = round_ + 1
         began = time.perf_counter()
-        arrived = await arrived_users(training, Phase.UPDATES)  # matched here: more than `$in` can carry
+        # Round participants only (an upload whose confirmation failed may be stored a moment before it is
+        # removed again), matched here: more than `$in` can carry.
+        taking_part = set(training.round_participants)
         updates = [Update.model_validate(raw) async for raw in Update.get_pymongo_collection().find(
-            {"training": training.id, "round": round_}).sort("user", 1) if raw["user"] in arrived]
+            {"training": training.id, "round": round_}).sort("user", 1) if raw["user"] in taking_part]
         if not updates:
             raise ValueError(f"no stored updates for round {round_}")
         period = plans.option(training, "daisy_chain_period", 0)
@@ -527,9 +531,9 @@ class RoundEngine:
         self, training: Training, model: Model, fields: plans.Fields, effects: Effects, created: list[StoredFile],
         keeper: LeaseKeeper,
     ) -> None:
-        arrived = await arrived_users(training, Phase.SWAG)  # matched here, as in `_aggregate_updates`
+        taking_part = set(training.round_participants)  # as in `_aggregate_updates`
         stats = [SwagStatistic.model_validate(raw) async for raw in SwagStatistic.get_pymongo_collection().find(
-            {"training": training.id, "round": training.round}).sort("user", 1) if raw["user"] in arrived]
+            {"training": training.id, "round": training.round}).sort("user", 1) if raw["user"] in taking_part]
         if not stats:
             raise ValueError(f"no stored SWAG statistics for round {training.round}")
         weights = [stat.sample_size for stat in stats]

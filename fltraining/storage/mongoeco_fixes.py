@@ -1,8 +1,9 @@
-"""Corrections to five faults of mongoeco 4.11.0, applied before the embedded store starts."""
+"""Corrections to seven faults of mongoeco 4.11.0, applied before the embedded store starts."""
 
 import functools
 import threading
 import uuid
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -230,6 +231,73 @@ def _immutable_values_copied_as_themselves() -> None:
         copy._deepcopy_dispatch[kind] = copy._deepcopy_atomic  # type: ignore[attr-defined]
 
 
+def _id_through_storage_key(translate: Callable[..., tuple[str, list[Any]]]) -> Callable[..., tuple[str, list[Any]]]:
+    """Wrap the read translation so a filter fixing `_id` to a UUID or ObjectId reads one row by its key."""
+    from mongoeco.core.query_plan import AndCondition, EqualsCondition
+    from mongoeco.types import is_object_id_like
+
+    def fixed_id(plan: Any) -> Any:
+        if isinstance(plan, EqualsCondition) and plan.field == "_id" and (
+                isinstance(plan.value, uuid.UUID) or is_object_id_like(plan.value)):
+            return plan.value
+        if isinstance(plan, AndCondition):
+            return next((value for clause in plan.clauses if (value := fixed_id(clause)) is not None), None)
+        return None
+
+    @functools.wraps(translate)
+    def translated(self: Any, db_name: str, coll_name: str, plan: Any) -> tuple[str, list[Any]]:
+        sql, params = translate(self, db_name, coll_name, plan)
+        value = fixed_id(plan)
+        if value is None:
+            return sql, params
+        # mongoeco matches `_id` with json_extract on every document of the collection: each read of
+        # one training by id parsed every stored training. The primary key holds the id's canonical
+        # form; for UUIDs and ObjectIds (no numeric or collation equivalents) it is equal exactly
+        # when `_id` is, so the added term only lets SQLite seek to the row.
+        return f"storage_key = ? AND ({sql})", [self._storage_key(value), *params]
+
+    return translated
+
+
+# Hubs whose committed changes are not yet delivered to them, with a runtime that can deliver them.
+_undelivered: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+
+def _deliver_when_watched(dispatch: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a collection's change delivery so it waits while no change stream watches its hub."""
+
+    @functools.wraps(dispatch)
+    def delivered(self: Any, operation_context: Any = None) -> None:
+        hub = self._collection._change_hub
+        if hub is not None and not hub.should_publish_events():
+            # mongoeco delivers every committed write to the client's change hub at once: a lease row
+            # written and committed, a heartbeat thread started and joined, the outbox read, the lease
+            # released (a third of an insert's CPU, per deleted document for a delete_many), on the
+            # event loop, for a hub nobody reads (the wire server refuses `$changeStream`). The outbox
+            # keeps the changes (bounded, in sequence) and the hub's tokens follow that sequence, so
+            # delivering them when a stream opens gives it the same history.
+            _undelivered[hub] = self
+            return
+        if hub is not None:
+            _undelivered.pop(hub, None)
+        dispatch(self, operation_context)
+
+    return delivered
+
+
+def _drain_before_watching(init: Callable[..., None], dispatch: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a change stream cursor's start so it first receives the changes delivery held back."""
+
+    @functools.wraps(init)
+    def started(self: Any, hub: Any, *args: Any, **kwargs: Any) -> None:
+        runtime = _undelivered.pop(hub, None)
+        if runtime is not None:
+            dispatch(runtime)
+        init(self, hub, *args, **kwargs)
+
+    return started
+
+
 def apply() -> None:
     """Apply the corrections once; refuse any mongoeco release but the one they fit."""
     global _applied
@@ -242,6 +310,8 @@ def apply() -> None:
             f"mongoeco {_version.__version__} is installed; fltraining's corrections are "
             f"written for {SUPPORTED_VERSION} only. Install mongoeco[wire]=={SUPPORTED_VERSION}."
         )
+    from mongoeco._change_streams import cursor as change_cursor
+    from mongoeco.api._async import _collection_runtime
     from mongoeco.engines import memory, sqlite
     from mongoeco.wire import bson_bridge, protocol
 
@@ -263,6 +333,15 @@ def apply() -> None:
     sqlite.SQLiteEngine._unique_index_conflict_via_scalar_entries = _unique_key_via_index(
         sqlite.SQLiteEngine._unique_index_conflict_via_scalar_entries
     )
+    sqlite.SQLiteEngine._translate_query_plan_with_multikey = _id_through_storage_key(
+        sqlite.SQLiteEngine._translate_query_plan_with_multikey
+    )
+    # Change delivery only to a hub somebody watches.
+    runtime = _collection_runtime.CollectionRuntimeCoordinator
+    deliver = runtime._dispatch_engine_changes
+    runtime._dispatch_engine_changes = _deliver_when_watched(deliver)
+    for cursor in (change_cursor.AsyncChangeStreamCursor, change_cursor.ChangeStreamCursor):
+        cursor.__init__ = _drain_before_watching(cursor.__init__, deliver)
     memory.MemoryEngine._ensure_unique_indexes = _numeric_id_only(
         memory.MemoryEngine._ensure_unique_indexes, lambda doc: doc.get("_id")
     )

@@ -10,11 +10,19 @@ from beanie import Document
 from fltraining.documents import FILE_REFERENCES
 
 
+def _fields_by_collection() -> list[tuple[type[Document], list[str]]]:
+    fields: dict[type[Document], list[str]] = {}
+    for document, field in FILE_REFERENCES:
+        fields.setdefault(document, []).append(field)
+    return list(fields.items())
+
+
 async def file_in_use(file_id: UUID) -> bool:
-    """True when a model, update, SWAG statistic or pending effect names the file."""
+    """True when a model, update, SWAG statistic, data set or pending effect names the file (a read per collection)."""
     found = await asyncio.gather(*(
-        document.get_pymongo_collection().find_one({field: file_id}, {"_id": 1})
-        for document, field in FILE_REFERENCES
+        document.get_pymongo_collection().find_one(
+            {fields[0]: file_id} if len(fields) == 1 else {"$or": [{field: file_id} for field in fields]}, {"_id": 1})
+        for document, fields in _fields_by_collection()
     ))
     return any(item is not None for item in found)
 

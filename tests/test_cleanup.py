@@ -1,0 +1,64 @@
+"""Clean-up: which files are still named, and effects applied once per process."""
+
+import uuid
+from typing import Any
+from uuid import UUID
+
+import pytest
+from pymongo.asynchronous.database import AsyncDatabase
+
+from fltraining.documents import FILE_REFERENCES, Training
+from fltraining.engine.effects import Effectors, LaterOutbox, apply_pending
+from fltraining.storage.database import init_database
+from fltraining.storage.references import file_in_use
+
+Raw = dict[str, Any]
+
+
+@pytest.fixture
+async def beanie_db(raw_db: AsyncDatabase[Raw]) -> AsyncDatabase[Raw]:
+    """The test database with validators, indexes and Beanie bound to it (no HTTP service)."""
+    await init_database(raw_db)
+    return raw_db
+
+
+@pytest.mark.parametrize(("document", "field"), FILE_REFERENCES,
+                         ids=[f"{document.__name__}.{field}" for document, field in FILE_REFERENCES])
+async def test_a_file_is_in_use_while_any_reference_names_it(beanie_db: AsyncDatabase[Raw], document: Any,
+                                                             field: str) -> None:
+    file_id, other = uuid.uuid4(), uuid.uuid4()
+    head, _, rest = field.partition(".")
+    value: Any = file_id if not rest else [{rest: [file_id]}]
+    collection = document.get_pymongo_collection()
+    await collection.insert_one({"_id": uuid.uuid4(), head: value}, bypass_document_validation=True)
+    assert await file_in_use(file_id)
+    assert not await file_in_use(other)
+    await collection.delete_many({})
+    assert not await file_in_use(file_id)
+
+
+async def test_an_effect_applied_here_is_not_applied_again(beanie_db: AsyncDatabase[Raw]) -> None:
+    """A training read before the `$pull` of effects this process applied still lists them: they are pulled, not
+    applied again (a file drop is eleven reads). Another process, which did not apply them, applies them."""
+    dropped: list[UUID] = []
+
+    async def drop_file(file_id: UUID) -> bool:
+        dropped.append(file_id)
+        return True
+
+    async def drop_files(file_ids: list[UUID]) -> None:
+        """Nothing: no local files here."""
+
+    file_id = uuid.uuid4()
+    effect = {"id": "0001-00-aaaaaaaa", "kind": "drop_file", "file_id": file_id, "at": None}
+    training = Training(model=uuid.uuid4(), actor=uuid.uuid4(), base_target_num_updates=1, target_num_updates=1,
+                        effects=[effect])
+    await training.insert()
+    here = Effectors(drop_file, drop_files, LaterOutbox())
+    await apply_pending(training, here, cleanup=True)
+    await apply_pending(training, here, cleanup=True)  # the same snapshot once more
+    assert dropped == [file_id]
+    stored = await Training.get_pymongo_collection().find_one({"_id": training.id})
+    assert stored is not None and stored["effects"] == []
+    await apply_pending(training, Effectors(drop_file, drop_files, LaterOutbox()), cleanup=True)
+    assert dropped == [file_id, file_id]
