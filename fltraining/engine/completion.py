@@ -1,8 +1,9 @@
 """Noticing that a round's contributions are complete, without a store operation per upload.
 
 Each process counts the contributions it confirmed per (training, round, phase). When its own count
-reaches the number of round participants (read once per round and process), it confirms with one
-index-served `count` of the stored documents and wakes the engine, which decides exactly. With several
+reaches the number of round participants (known from the step that opened the phase when this process
+took it, else read once per round and process), it confirms with one index-served `count` of the
+stored documents and wakes the engine, which decides exactly. With several
 processes no single count reaches the total, so a process also counts once its uploads pause for
 `SETTLE_SECONDS` (one count per burst, not per upload). The reconciler still looks at every running
 training, so a lost wake-up only delays a round.
@@ -59,6 +60,16 @@ class CompletionWatch:
         loop = asyncio.get_running_loop()
         self._later[key] = loop.call_later(self._settle, self._start_check, key)
 
+    def expect(self, training_id: UUID, round_: int, phase: Phase, expected: int) -> None:
+        """Note how many contributions a phase this process just opened waits for (spares the read per round)."""
+        self._remember((training_id, round_, phase), expected)
+
+    def _remember(self, key: Key, expected: int) -> None:
+        if key not in self._expected and len(self._expected) >= MAX_ROUNDS:  # rounds long over: only a cache
+            self._expected.clear()
+            self._confirmed.clear()
+        self._expected.setdefault(key, expected)
+
     async def _expected_in(self, key: Key) -> int | None:
         if (expected := self._expected.get(key)) is not None:
             return expected
@@ -69,11 +80,8 @@ class CompletionWatch:
             reading.add_done_callback(lambda _: self._reading.pop(key, None))
         expected = await asyncio.shield(reading)
         if expected is not None:
-            if len(self._expected) >= MAX_ROUNDS:  # rounds long over; their entries are only a cache
-                self._expected.clear()
-                self._confirmed.clear()
-            self._expected[key] = expected
-        return expected
+            self._remember(key, expected)
+        return self._expected.get(key, expected)
 
     @staticmethod
     async def _read_expected(training_id: UUID) -> int | None:

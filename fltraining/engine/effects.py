@@ -26,6 +26,7 @@ from fltraining.documents import (
     Training,
     Update,
 )
+from fltraining.states import UncertaintyMethod
 from fltraining.storage.blobs import StoredFile
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,8 @@ async def apply_effect(effect: dict[str, Any], training: Training, effectors: Ef
             if old is not None and old not in (effect["first"], effect["second"]):
                 await drop_file(old)
     elif kind == "drop_local":
-        await drop_local_files(training.id, {"$lt": effect["before_round"]}, effectors.drop_files)
+        await drop_local_files(training.id, {"$lt": effect["before_round"]}, effectors.drop_files,
+                               swag=training.uncertainty_method == UncertaintyMethod.SWAG)
     elif kind == "evaluate" and effectors.evaluate is not None:
         await _record_evaluation(effect, training, effectors.evaluate)
 
@@ -239,13 +241,19 @@ async def _record_evaluation(effect: dict[str, Any], training: Training, evaluat
     })
 
 
-async def drop_local_files(training_id: UUID, rounds: Any, drop_files: DropFiles) -> None:
+# The per-participant records of a round and the files each names.
+RECORDS: list[tuple[type[Update] | type[SwagStatistic], tuple[str, ...]]] = [
+    (Update, ("file_id",)), (SwagStatistic, ("first_file_id", "second_file_id"))]
+
+
+async def drop_local_files(training_id: UUID, rounds: Any, drop_files: DropFiles, swag: bool = True) -> None:
     """Delete a training's updates and SWAG statistics of the given rounds, then their files, in bulk.
 
     Their files are never shared (each upload stores its own), so no "is it still named" check per file;
-    a crash between the two leaves files no document names, which the sweeper removes.
+    a crash between the two leaves files no document names, which the sweeper removes. Only SWAG trainings
+    have SWAG statistics (`swag=False` spares the read of that collection for the others).
     """
-    for document, fields in ((Update, ("file_id",)), (SwagStatistic, ("first_file_id", "second_file_id"))):
+    for document, fields in RECORDS if swag else RECORDS[:1]:
         collection = document.get_pymongo_collection()
         query = {"training": training_id, "round": rounds}
         file_ids = [raw[name] async for raw in collection.find(query, dict.fromkeys(fields, 1)) for name in fields]

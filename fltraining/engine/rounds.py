@@ -242,6 +242,8 @@ class RoundEngine:
     async def apply_effects(self, training: Training) -> None:
         """Apply a training's pending effects (clean-up in the background) and wake the notification delivery."""
         await apply_pending(training, self._effectors())
+        if training.state in RUNNING and training.phase in RECORDED_BY and training.round_participants:
+            self.completion.expect(training.id, training.round, training.phase, len(plans.expected_users(training)))
         self.bell.ring(training.id)
         if pending(training, cleanup=True) and training.id not in self._cleaning:
             self._cleaning[training.id] = asyncio.create_task(self._clean(training), name=f"clean-{training.id}")
@@ -330,8 +332,9 @@ class RoundEngine:
         claimed = await plans.write_step(training, self._pinned(training), fields, plans.new_effects())
         if claimed is None:
             return False
-        await self._aggregate(claimed, token)
-        return True
+        # After a commit the new phase waits for its participants (the completion watch, an API call or the
+        # reconciler looks again); only an aggregation that did not commit makes the training worth a new look now.
+        return not await self._aggregate(claimed, token)
 
     async def _reclaim(self, training: Training, now: datetime) -> bool:
         token = self._new_token()
@@ -343,12 +346,12 @@ class RoundEngine:
         if claimed is None:
             return False
         log.info("aggregation lease of a training expired; redoing round %d", training.round)
-        await self._aggregate(claimed, token)
-        return True
+        return not await self._aggregate(claimed, token)
 
     # -- aggregation --------------------------------------------------------------------------
 
-    async def _aggregate(self, training: Training, token: str) -> None:
+    async def _aggregate(self, training: Training, token: str) -> bool:
+        """Aggregate a claimed round and commit it; True when it committed."""
         if self._hold_after_claim:
             await asyncio.Event().wait()
         created: list[StoredFile] = []
@@ -366,7 +369,7 @@ class RoundEngine:
             await self._drop(created)
             log.warning("aggregation of round %d failed: %s", training.round, error)
             await self._fail(training, {"reason": "aggregation_failed", "error": str(error)[:500]})
-            return
+            return False
         except BaseException:
             await self._drop(created)
             raise
@@ -380,8 +383,9 @@ class RoundEngine:
         if committed is None:
             await self._drop(created)
             log.info("aggregation of round %d not committed: the training moved on", training.round)
-            return
+            return False
         await self.apply_effects(committed)
+        return True
 
     async def _computed_files[T](
         self, inputs: list[UUID | None], outputs: int, keeper: LeaseKeeper,
