@@ -13,11 +13,11 @@ first / last client notified of the next round, service and store CPU per client
 after round 1 to the last (rounds 2-4 against the last three from seven rounds on; else round 2 and the last). Every upload must answer 201 and every round must aggregate every client: a run with any
 error says so and exits non-zero.
 
-Each N below 1,000 runs three trainings (`--repeat`), each with its own service, and prints the run
-with the median CPU and the range over the runs.
+Each N runs three trainings (`--repeat`, `--repeat-large`), each with its own service, and prints the
+run with the median CPU, with the ranges of CPU and of the time to the last notification over the runs.
 
 Usage: `python bench/scale_bench.py [--clients 10,100,300,1000] [--rounds 10] [--rounds-large 3]
-[--repeat 3] [--repeat-large 1] [--mongodb-url URL]` (`make bench-scale`).
+[--repeat 3] [--repeat-large 3] [--mongodb-url URL]` (`make bench-scale`).
 """
 
 import argparse
@@ -193,6 +193,7 @@ class Row:
     top_commands: str
     runs: int = 1
     cpu_range: tuple[float, float] = (0.0, 0.0)  # service + store per client, lowest and highest run
+    notified_range: tuple[float, float] = (0.0, 0.0)  # last upload → last client notified, over the runs
 
     @property
     def cpu_ms(self) -> float:
@@ -204,7 +205,9 @@ def median_run(rows: list[Row]) -> Row:
     """The run whose CPU per client is the median of the runs (all its figures from that run), with their range."""
     ranked = sorted(rows, key=lambda row: row.cpu_ms)
     middle = ranked[(len(ranked) - 1) // 2]
-    return replace(middle, runs=len(rows), cpu_range=(ranked[0].cpu_ms, ranked[-1].cpu_ms))
+    notified = [row.last_notified for row in rows]
+    return replace(middle, runs=len(rows), cpu_range=(ranked[0].cpu_ms, ranked[-1].cpu_ms),
+                   notified_range=(min(notified), max(notified)))
 
 
 async def measure(n: int, rounds: int, mongodb_url: str | None) -> Row:
@@ -300,13 +303,14 @@ def print_table(rows: list[Row], mongodb_url: str | None) -> None:
     print(f"\nRound engine at scale on {store} ({os.cpu_count()} cores); rounds 2 … last: medians of the times "
           "and of the commands, the mean of the CPU")
     print("Runs: the trainings run per N; the row is the run with the median CPU, the range that of all runs.")
-    print("| clients | rounds | runs | upload phase | last upload → first / last notified | service + store CPU "
+    print("| clients | rounds | runs | upload phase | last upload → first / last notified (range) | service + store CPU "
           "per client per round (range) | store commands per client per round | CPU growth, first rounds → last |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         spread = f" ({row.cpu_range[0]:.1f}–{row.cpu_range[1]:.1f})" if row.runs > 1 else ""
+        notified = f" ({row.notified_range[0]:.2f}–{row.notified_range[1]:.2f})" if row.runs > 1 else ""
         print(f"| {row.n:,} | {row.rounds} | {row.runs} | {row.upload_phase:.2f} s | {row.first_notified:.2f} / "
-              f"{row.last_notified:.2f} s | {row.service_ms:.1f} + {row.store_ms:.1f} ms{spread} | "
+              f"{row.last_notified:.2f} s{notified} | {row.service_ms:.1f} + {row.store_ms:.1f} ms{spread} | "
               f"{row.commands:.2f} | {row.growth:.2f}× |")
     print("\nStore commands per client per round, by kind (rounds 2 … last):")
     for row in rows:
@@ -320,7 +324,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10, help="rounds per training below 1,000 clients")
     parser.add_argument("--rounds-large", type=int, default=3, help="rounds per training from 1,000 clients on")
     parser.add_argument("--repeat", type=int, default=3, help="trainings per N below 1,000 clients")
-    parser.add_argument("--repeat-large", type=int, default=1, help="trainings per N from 1,000 clients on")
+    parser.add_argument("--repeat-large", type=int, default=3, help="trainings per N from 1,000 clients on")
     parser.add_argument("--mongodb-url", default=None, help="run on this MongoDB instead of the embedded store")
     args = parser.parse_args()
     rows = []
