@@ -3,10 +3,10 @@
 Each process counts the contributions it confirmed per (training, round, phase). When its own count
 reaches the number of round participants (known from the step that opened the phase when this process
 took it, else read once per round and process), it confirms with one index-served `count` of the
-stored documents and wakes the engine, which decides exactly. With several
-processes no single count reaches the total, so a process also counts once its uploads pause for
-`SETTLE_SECONDS` (one count per burst, not per upload). The reconciler still looks at every running
-training, so a lost wake-up only delays a round.
+stored documents and wakes the engine, which decides exactly. With several processes no single count
+reaches the total, so a process also counts once its uploads pause for `SETTLE_SECONDS` (one count
+per burst, not per upload). The reconciler still looks at every running training, so a lost wake-up
+only delays a round.
 """
 
 import asyncio
