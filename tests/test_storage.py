@@ -751,6 +751,7 @@ async def test_reads_fixing_the_id_seek_its_row(engine_collection: Any) -> None:
     json_extract on every document: each count of one training parsed every stored training); every answer is
     as before, for other ids too."""
     ids: list[Any] = [uuid.uuid4() for _ in range(20)] + [ObjectId() for _ in range(5)] + ["name", 7, 7.5, Int64(8)]
+    await engine_collection.create_index("n")
     await engine_collection.insert_many([{"_id": value, "n": k, "tags": [k, k + 1]} for k, value in enumerate(ids)])
     statements: list[str] = []
     connection = engine_collection._engine._connection
@@ -759,12 +760,15 @@ async def test_reads_fixing_the_id_seek_its_row(engine_collection: Any) -> None:
         for k, value in enumerate(ids):
             statements.clear()
             assert await engine_collection.count_documents({"_id": value, "n": k}) == 1
-            seeks = any("storage_key = " in sql for sql in statements if sql.startswith("SELECT COUNT(*)"))
+            seeks = any("documents.storage_key = '(" in sql for sql in statements if sql.startswith("SELECT COUNT(*)"))
             assert seeks == isinstance(value, uuid.UUID | ObjectId), value
             assert await engine_collection.count_documents({"_id": value}) == 1
             assert await engine_collection.count_documents({"_id": value, "n": k + 1}) == 0
             assert await engine_collection.count_documents({"_id": value, "tags": k + 1}) == 1
             assert (await engine_collection.find_one({"_id": value, "tags": k}))["n"] == k
+            # A sort on an indexed field reads through the index joined with the documents.
+            sorted_ = await engine_collection.find({"_id": value, "n": {"$gte": 0}}).sort("n", 1).to_list()
+            assert [found["n"] for found in sorted_] == [k]
     finally:
         connection.set_trace_callback(None)
     assert await engine_collection.count_documents({"$or": [{"_id": ids[0]}, {"n": 5}]}) == 2

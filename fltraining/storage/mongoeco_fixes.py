@@ -254,7 +254,7 @@ def _id_through_storage_key(translate: Callable[..., tuple[str, list[Any]]]) -> 
         # one training by id parsed every stored training. The primary key holds the id's canonical
         # form; for UUIDs and ObjectIds (no numeric or collation equivalents) it is equal exactly
         # when `_id` is, so the added term only lets SQLite seek to the row.
-        return f"storage_key = ? AND ({sql})", [self._storage_key(value), *params]
+        return f"documents.storage_key = ? AND ({sql})", [self._storage_key(value), *params]
 
     return translated
 
