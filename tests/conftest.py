@@ -13,7 +13,7 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from fltraining.settings import Settings
-from fltraining.storage.database import database_name, make_client
+from fltraining.storage.database import database_name, init_database, make_client
 from fltraining.storage.embedded import EmbeddedStore
 from routes.app import create_app
 from tests.fl_clients import SimulatedClient, start_clients, stop_clients
@@ -76,6 +76,13 @@ async def raw_db(database_url: str) -> AsyncIterator[AsyncDatabase[dict[str, Any
     mongo: AsyncMongoClient[dict[str, Any]] = make_client(database_url)
     yield mongo[database_name(database_url, "fltraining")]
     await mongo.close()
+
+
+@pytest.fixture
+async def beanie_db(raw_db: AsyncDatabase[dict[str, Any]]) -> AsyncDatabase[dict[str, Any]]:
+    """The test database with validators, indexes and Beanie bound to it (no HTTP service)."""
+    await init_database(raw_db)
+    return raw_db
 
 
 @pytest.fixture

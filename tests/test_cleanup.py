@@ -9,17 +9,9 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from fltraining.documents import FILE_REFERENCES, Training
 from fltraining.engine.effects import Effectors, LaterOutbox, apply_pending
-from fltraining.storage.database import init_database
 from fltraining.storage.references import file_in_use
 
 Raw = dict[str, Any]
-
-
-@pytest.fixture
-async def beanie_db(raw_db: AsyncDatabase[Raw]) -> AsyncDatabase[Raw]:
-    """The test database with validators, indexes and Beanie bound to it (no HTTP service)."""
-    await init_database(raw_db)
-    return raw_db
 
 
 @pytest.mark.parametrize(("document", "field"), FILE_REFERENCES,

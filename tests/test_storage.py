@@ -19,7 +19,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteError
 
 from fltraining.documents import Training
 from fltraining.storage import mongoeco_fixes
-from fltraining.storage.database import database_name, init_database, make_client
+from fltraining.storage.database import database_name
 from tests.helpers import create_training, register, upload_model
 
 Raw = dict[str, Any]
@@ -31,26 +31,11 @@ def db_name(url: str) -> str:
 
 
 @pytest.fixture
-async def raw_db(database_url: str) -> AsyncIterator[AsyncDatabase[Raw]]:
-    """The test database through PyMongo with fltraining's codec options."""
-    mongo: AsyncMongoClient[Raw] = make_client(database_url)
-    yield mongo[db_name(database_url)]
-    await mongo.close()
-
-
-@pytest.fixture
 async def plain_db(database_url: str) -> AsyncIterator[AsyncDatabase[Raw]]:
     """The test database through PyMongo with default codecs: UUIDs come back as raw Binary."""
     mongo: AsyncMongoClient[Raw] = AsyncMongoClient(database_url, tz_aware=True)
     yield mongo[db_name(database_url)]
     await mongo.close()
-
-
-@pytest.fixture
-async def beanie_db(raw_db: AsyncDatabase[Raw]) -> AsyncDatabase[Raw]:
-    """The test database with validators, indexes and Beanie bound to it (no HTTP service)."""
-    await init_database(raw_db)
-    return raw_db
 
 
 def new_training(base: int = 42, period: int | None = 5, **fields: Any) -> Training:

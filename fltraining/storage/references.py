@@ -17,12 +17,16 @@ def _fields_by_collection() -> list[tuple[type[Document], list[str]]]:
     return list(fields.items())
 
 
+# The reference fields grouped by the collection that holds them: one read per collection.
+FIELDS_BY_COLLECTION = _fields_by_collection()
+
+
 async def file_in_use(file_id: UUID) -> bool:
     """True when a model, update, SWAG statistic, data set or pending effect names the file (a read per collection)."""
     found = await asyncio.gather(*(
         document.get_pymongo_collection().find_one(
             {fields[0]: file_id} if len(fields) == 1 else {"$or": [{field: file_id} for field in fields]}, {"_id": 1})
-        for document, fields in _fields_by_collection()
+        for document, fields in FIELDS_BY_COLLECTION
     ))
     return any(item is not None for item in found)
 
