@@ -1,11 +1,16 @@
 """Authentication: the four accepted forms, the two 401 answers and the open endpoints."""
 
+import asyncio
 import base64
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
 
+from fltraining.security import PasswordHashing
+from fltraining.settings import Settings
+from fltraining.storage.database import database_name, make_client
+from routes.app import create_app
 from tests.helpers import PASSWORD, Account, register
 
 MISSING = "Authentication credentials were not provided."
@@ -168,3 +173,57 @@ async def test_token_is_shown_only_at_registration(client: TestClient) -> None:
         assert me.token not in body
         assert "token" not in body
         assert "password" not in body
+
+
+@pytest.fixture
+async def uncached(aiohttp_client: Any, settings: Settings) -> TestClient:
+    """A service that trusts no verified credentials without reading the user again."""
+    return await aiohttp_client(create_app(settings.model_copy(update={"auth_cache_seconds": 0})))
+
+
+async def test_a_password_changed_in_the_database_stops_the_old_one(
+        uncached: TestClient, settings: Settings, database_url: str) -> None:
+    me = await register(uncached)
+    old = {"Authorization": basic(me.username, PASSWORD)}
+    assert (await uncached.get("/api/users/myself/", headers=old)).status == 200
+    mongo = make_client(database_url)
+    new_hash = PasswordHashing(settings.password_hash_time_cost).hash("another password")
+    await mongo[database_name(database_url, "x")]["users"].update_one(
+        {"username": me.username}, {"$set": {"password_hash": new_hash}})
+    await mongo.close()
+    await assert_401(await uncached.get("/api/users/myself/", headers=old), INVALID)
+    new = {"Authorization": basic(me.username, "another password")}
+    assert (await uncached.get("/api/users/myself/", headers=new)).status == 200
+
+
+async def test_a_user_deleted_in_the_database_loses_access(uncached: TestClient, database_url: str) -> None:
+    me = await register(uncached)
+    for headers in (me.headers, {"Authorization": basic(me.username, PASSWORD)}):
+        assert (await uncached.get("/api/users/myself/", headers=headers)).status == 200
+    mongo = make_client(database_url)
+    await mongo[database_name(database_url, "x")]["users"].delete_one({"username": me.username})
+    await mongo.close()
+    for headers in (me.headers, {"Authorization": basic(me.username, PASSWORD)}):
+        await assert_401(await uncached.get("/api/users/myself/", headers=headers), INVALID)
+
+
+async def test_a_returning_password_is_not_hashed_again(uncached: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    me = await register(uncached)
+    verified: list[str] = []
+    original = PasswordHashing.verify
+    monkeypatch.setattr(PasswordHashing, "verify", lambda self, stored, password: verified.append(password) or
+                        original(self, stored, password))
+    headers = {"Authorization": basic(me.username, PASSWORD)}
+    for _ in range(3):
+        assert (await uncached.get("/api/users/myself/", headers=headers)).status == 200
+    # The first request proves the password; the later ones find the same stored hash and need no hashing.
+    assert verified == [PASSWORD]
+    await assert_401(await uncached.get("/api/users/myself/", headers={"Authorization": basic(me.username, "wrong one")}),
+                     INVALID)
+    assert verified == [PASSWORD, "wrong one"]
+
+
+async def test_many_clients_authenticating_at_once_are_each_recognised(uncached: TestClient) -> None:
+    accounts = [await register(uncached) for _ in range(12)]
+    answers = await asyncio.gather(*(uncached.get("/api/users/myself/", headers=account.headers) for account in accounts))
+    assert [(await answer.json())["username"] for answer in answers] == [account.username for account in accounts]

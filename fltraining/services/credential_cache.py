@@ -1,9 +1,11 @@
 """A short-lived, per-process memo of verified credentials.
 
-The database stays the source of truth: an entry lives at most `ttl` seconds, so a deleted
+The database stays the source of truth: an entry is trusted at most `ttl` seconds, so a deleted
 user's credentials stop working within that time on every process (at once on the process
 that deleted it). It spares a database round trip per request and, for Basic auth, a slow
 password verification per request (the DLR frontend sends Basic credentials every time).
+After `ttl` an entry still says which stored password hash these credentials matched: when the
+user read again still has that hash, the password needs no slow verification.
 """
 
 import hashlib
@@ -33,17 +35,18 @@ class CredentialCache:
     def get(self, key: str) -> User | None:
         """The user proven by these credentials within the last `ttl` seconds."""
         entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if time.monotonic() - entry[0] > self._ttl:
-            self._entries.pop(key, None)
+        if entry is None or time.monotonic() - entry[0] >= self._ttl:
             return None
         return entry[1]
 
+    def proven(self, key: str) -> User | None:
+        """The user as these credentials last proved it, however long ago (to be checked against a fresh read)."""
+        entry = self._entries.get(key)
+        return None if entry is None else entry[1]
+
     def put(self, key: str, user: User) -> None:
-        """Remember a successful verification."""
-        if self._ttl <= 0:
-            return
+        """Remember a successful verification (trusted for `ttl`; with ttl 0 only as `proven`)."""
+        self._entries.pop(key, None)  # a renewed entry goes to the back of the eviction order
         if len(self._entries) >= MAX_ENTRIES:
             self._entries.pop(next(iter(self._entries)))
         self._entries[key] = (time.monotonic(), user)

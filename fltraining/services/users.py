@@ -15,6 +15,7 @@ from fltraining.security import PasswordHashing, new_token, token_hash, tokens_m
 from fltraining.services.credential_cache import CredentialCache
 from fltraining.services.login_throttle import LoginThrottle
 from fltraining.services.models import ModelService
+from fltraining.storage.batched_lookup import BatchedLookup
 from fltraining.storage.queries import count_matching, find_document, in_chunks
 
 
@@ -38,6 +39,10 @@ class UserService:
         self._cache = cache
         self._throttle = throttle
         self._token_lifetime = token_lifetime
+        # Many clients authenticate at once when a round starts: their credential reads are batched.
+        users = User.get_pymongo_collection()
+        self._by_token_hash = BatchedLookup(users, "token_hash")
+        self._by_username = BatchedLookup(users, "username")
 
     async def register(self, data: UserCreate) -> tuple[User, str]:
         """Create a user and return it with its token (shown only this once)."""
@@ -72,7 +77,8 @@ class UserService:
         key = self._cache.key("token", token)
         user = self._cache.get(key)
         if user is None:
-            user = await find_document(User, {"token_hash": token_hash(token)})
+            raw = await self._by_token_hash.find(token_hash(token))
+            user = None if raw is None else User.model_validate(raw)
             if user is None and (signed_in := await self._session_owner(token)) is not None:
                 self._cache.put(session_key, signed_in)
                 return signed_in
@@ -109,13 +115,20 @@ class UserService:
         key = self._cache.key("password", username, password)
         if (cached := self._cache.get(key)) is not None:
             return cached
+        raw = await self._by_username.find(username)
+        user = None if raw is None else User.model_validate(raw)
+        proven = self._cache.proven(key)
+        if user is not None and proven is not None and (proven.id, proven.password_hash) == (user.id, user.password_hash):
+            # These credentials matched this very hash before: no slow verification, and no guess to count.
+            self._cache.put(key, user)
+            return user
         # Checked before verifying: past the limit even a right guess is refused.
         await self._throttle.check_password(username, address)
-        user = await find_document(User, {"username": username})
         valid = await asyncio.to_thread(
             self._passwords.verify, user.password_hash if user else None, password
         )
         if user is None or not valid:
+            self._cache.forget(key)
             await self._throttle.password_failed(username, address)
             return None
         self._cache.put(key, user)
