@@ -1,6 +1,7 @@
 """Stored documents, the collection validator, the daisy-chain hook, indexes and the mongoeco fixes."""
 
 import copy
+import sqlite3
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -815,3 +816,61 @@ async def test_updates_keep_multikey_entries_they_leave_as_they_are(engine_colle
     await engine_collection.update_one({"_id": "t"}, {"$set": {"members": [users[0]]}})
     assert await engine_collection.count_documents({"members": users[0]}) == 1
     assert await engine_collection.count_documents({"members": users[1]}) == 0
+
+
+def entry_indexes(path: Path) -> dict[str, list[str]]:
+    """The SQLite indexes over mongoeco's two index-entry tables, by table."""
+    connection = sqlite3.connect(path)
+    try:
+        rows = connection.execute("SELECT tbl_name, name FROM sqlite_master WHERE type = 'index' AND tbl_name IN "
+                                  "('scalar_index_entries', 'multikey_entries') ORDER BY name").fetchall()
+    finally:
+        connection.close()
+    found: dict[str, list[str]] = {}
+    for table, name in rows:
+        found.setdefault(table, []).append(name)
+    return found
+
+
+SHARED_ONLY = {"scalar_index_entries": ["idx_scalar_index_entries_storage", "scalar_index_entries_shared"],
+               "multikey_entries": ["multikey_entries_shared"]}
+
+
+@pytest.mark.parametrize("engine_collection", ["sqlite"], indirect=True)
+async def test_index_entries_are_written_once_whatever_the_number_of_indexes(
+        engine_collection: Any, tmp_path: Path) -> None:
+    """Each MongoDB index got an identical SQLite index over the shared entry tables, so an entry was written into
+    as many B-trees as there are indexes; one index per table answers every lookup through any of them."""
+    for field in ("a", "b", "c", "tags", "members"):
+        await engine_collection.create_index(field)
+    await engine_collection.create_index("code", unique=True)
+    await engine_collection.insert_many([{"_id": n, "a": n, "b": n % 3, "c": f"c{n}", "code": n, "tags": [n, n + 1],
+                                          "members": [f"m{n}"]} for n in range(30)])
+    assert entry_indexes(tmp_path / "engine.sqlite3") == SHARED_ONLY
+    assert [doc["_id"] async for doc in engine_collection.find({"a": 7})] == [7]
+    assert await engine_collection.count_documents({"b": 1}) == 10
+    assert [doc["_id"] async for doc in engine_collection.find({"tags": 8}).sort("_id", 1)] == [7, 8]
+    assert await engine_collection.count_documents({"members": "m3"}) == 1
+    with pytest.raises(DuplicateKeyError):
+        await engine_collection.insert_one({"_id": 99, "code": 5})
+    await engine_collection.drop_index("a_1")  # the shared index stays for the others
+    assert entry_indexes(tmp_path / "engine.sqlite3") == SHARED_ONLY
+    assert [doc["_id"] async for doc in engine_collection.find({"c": "c4"})] == [4]
+
+
+def test_a_stored_database_moves_to_the_shared_entry_indexes(tmp_path: Path) -> None:
+    """A database written before the correction loses its per-index entry indexes when the store opens it."""
+    path = tmp_path / "old.sqlite3"
+    connection = sqlite3.connect(path)
+    columns = "(collection_id, index_name, type_score, element_key, storage_key)"
+    connection.execute(f"CREATE TABLE scalar_index_entries {columns}")
+    connection.execute(f"CREATE TABLE multikey_entries {columns}")
+    for name, table in (("scidx_0a1b", "scalar_index_entries"), ("scidx_2c3d", "scalar_index_entries"),
+                        ("mkidx_4e5f", "multikey_entries")):
+        connection.execute(f'CREATE INDEX "{name}" ON {table} {columns}')
+    connection.execute("CREATE INDEX idx_scalar_index_entries_storage ON scalar_index_entries (collection_id, storage_key)")
+    connection.commit()
+    connection.close()
+    for _ in range(2):  # idempotent
+        mongoeco_fixes.share_entry_indexes(str(path))
+        assert entry_indexes(path) == SHARED_ONLY

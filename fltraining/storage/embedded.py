@@ -50,6 +50,8 @@ async def serve_store(data_path: str, host: str, port: int, managed: bool) -> No
     from fltraining.storage import mongoeco_fixes
 
     mongoeco_fixes.apply()
+    if data_path != ":memory:" and Path(data_path).exists():
+        mongoeco_fixes.share_entry_indexes(data_path)
     from mongoeco.engines.memory import MemoryEngine
     from mongoeco.engines.sqlite import SQLiteEngine
     from mongoeco.wire.proxy import AsyncMongoEcoProxyServer

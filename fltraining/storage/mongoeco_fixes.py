@@ -1,6 +1,8 @@
-"""Corrections to eight faults of mongoeco 4.11.0, applied before the embedded store starts."""
+"""Corrections to nine faults of mongoeco 4.11.0, applied before the embedded store starts."""
 
 import functools
+import re
+import sqlite3
 import threading
 import uuid
 import weakref
@@ -321,6 +323,56 @@ def _drain_before_watching(init: Callable[..., None], dispatch: Callable[..., No
     return started
 
 
+# mongoeco gives every single-field and every array index its own SQLite index over the shared entry
+# table, each with the same five columns: with 15 such indexes an index entry is written into 15 B-trees.
+# One index over each table answers every lookup (each names its collection and index first).
+ENTRY_TABLES = {"scidx": "scalar_index_entries", "mkidx": "multikey_entries"}
+ENTRY_COLUMNS = "(collection_id, index_name, type_score, element_key, storage_key)"
+SHARED_ENTRY_INDEX = {prefix: f"{table}_shared" for prefix, table in ENTRY_TABLES.items()}
+_PER_INDEX_NAME = re.compile(r'"?\b(scidx|mkidx)_[0-9a-f]+\b"?')
+_CREATE_PER_INDEX = re.compile(r'\s*CREATE INDEX (?:IF NOT EXISTS )?"?\b(scidx|mkidx)_[0-9a-f]+\b"?\s+ON\s+(\w+)\s*'
+                               + re.escape(ENTRY_COLUMNS) + r"\s*$")
+
+
+def shared_entry_index_sql(sql: str) -> str:
+    """The statement with every per-index entry index replaced by its table's one shared index."""
+    if "idx_" not in sql:  # the common case, decided without a regular expression
+        return sql
+    if (created := _CREATE_PER_INDEX.match(sql)) is not None and ENTRY_TABLES[created[1]] == created[2]:
+        return f"CREATE INDEX IF NOT EXISTS {SHARED_ENTRY_INDEX[created[1]]} ON {created[2]} {ENTRY_COLUMNS}"
+    if sql.lstrip().upper().startswith("DROP INDEX"):
+        return sql  # `DROP INDEX IF EXISTS` of a name that no longer exists: nothing to drop
+    return _PER_INDEX_NAME.sub(lambda name: SHARED_ENTRY_INDEX[name[1]], sql)
+
+
+def _with_shared_entry_indexes(execute: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a connection's `execute` so per-index entry indexes become the shared one."""
+
+    @functools.wraps(execute)
+    def executed(self: Any, sql: str, *args: Any) -> Any:
+        return execute(self, shared_entry_index_sql(sql), *args)
+
+    return executed
+
+
+def share_entry_indexes(path: str) -> None:
+    """Move a stored database to the shared entry indexes (before the store opens it; idempotent)."""
+    connection = sqlite3.connect(path)
+    try:
+        tables = {row[0] for row in connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for prefix, table in ENTRY_TABLES.items():
+            if table not in tables:
+                continue
+            connection.execute(f"CREATE INDEX IF NOT EXISTS {SHARED_ENTRY_INDEX[prefix]} ON {table} {ENTRY_COLUMNS}")
+            for (name,) in connection.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ? AND name LIKE ?",
+                    (table, f"{prefix}_%")).fetchall():
+                connection.execute(f'DROP INDEX "{name}"')
+        connection.commit()
+    finally:
+        connection.close()
+
+
 def apply() -> None:
     """Apply the corrections once; refuse any mongoeco release but the one they fit."""
     global _applied
@@ -362,6 +414,9 @@ def apply() -> None:
     sqlite.SQLiteEngine._rebuild_multikey_entries_for_document = _multikey_entries_kept(
         sqlite.SQLiteEngine._rebuild_multikey_entries_for_document
     )
+    # One shared index per entry table instead of one identical index per MongoDB index.
+    connection_class = sqlite.SQLiteConnection
+    connection_class.execute = _with_shared_entry_indexes(connection_class.execute)  # type: ignore[method-assign]
     # Change delivery only to a hub somebody watches.
     runtime = _collection_runtime.CollectionRuntimeCoordinator
     deliver = runtime._dispatch_engine_changes
