@@ -19,6 +19,8 @@ from fltraining.storage.queries import count_matching
 
 RECORDED_BY: dict[Phase, type[Document]] = {Phase.UPDATES: Update, Phase.SWAG: SwagStatistic}
 
+Arrivals = dict[UUID, dict[str, Any]]  # a round's stored updates by user, as read
+
 
 async def count_stored(phase: Phase, training_id: UUID, round_: int) -> int:
     """How many contributions of a round's phase are stored (including any of users removed since)."""
@@ -54,6 +56,14 @@ async def arrived_users(training: Training, phase: Phase | None = None) -> set[U
     # Only round participants count: an upload whose confirmation failed may be stored a moment before
     # it is removed again.
     return {raw["user"] async for raw in cursor} & participants
+
+
+async def arrived_updates(training: Training) -> Arrivals:
+    """The stored local updates of the round's participants in the updates phase, by user (whole documents,
+    which the aggregation can take over when they are all there)."""
+    participants = set(training.round_participants)
+    cursor = Update.get_pymongo_collection().find({"training": training.id, "round": training.round})
+    return {raw["user"]: raw async for raw in cursor if raw["user"] in participants}
 
 
 ARRIVAL_FIELDS = {"user": 1, "created_at": 1, "sample_size": 1, "size": 1, "sha256": 1, "_id": 0}

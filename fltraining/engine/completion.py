@@ -41,6 +41,7 @@ class CompletionWatch:
         self._later: dict[Key, asyncio.TimerHandle] = {}
         self._reading: dict[Key, asyncio.Future[int | None]] = {}
         self._checking: set[asyncio.Task[None]] = set()
+        self._counted: set[Key] = set()  # counted complete here just now: the engine need not count again
 
     async def arrived(self, training_id: UUID, phase: Phase, round_: int, fresh: bool) -> None:
         """A contribution was confirmed (`fresh`: stored by this request, not a retry finding its twin)."""
@@ -64,10 +65,19 @@ class CompletionWatch:
         """Note how many contributions a phase this process just opened waits for (spares the read per round)."""
         self._remember((training_id, round_, phase), expected)
 
+    def counted_complete(self, training_id: UUID, round_: int, phase: Phase) -> bool:
+        """Whether this watch's count just found the phase's contributions all stored (told once)."""
+        key = (training_id, round_, phase)
+        if key in self._counted:
+            self._counted.discard(key)
+            return True
+        return False
+
     def _remember(self, key: Key, expected: int) -> None:
         if key not in self._expected and len(self._expected) >= MAX_ROUNDS:  # rounds long over: only a cache
             self._expected.clear()
             self._confirmed.clear()
+            self._counted.clear()
         self._expected.setdefault(key, expected)
 
     async def _expected_in(self, key: Key) -> int | None:
@@ -95,6 +105,7 @@ class CompletionWatch:
             handle.cancel()
         training_id, round_, phase = key
         if await count_stored(phase, training_id, round_) >= self._expected.get(key, 0):
+            self._counted.add(key)
             self._kick(training_id)
 
     def _start_check(self, key: Key) -> None:

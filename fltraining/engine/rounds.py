@@ -27,7 +27,7 @@ from pymongo.errors import PyMongoError
 from fltraining.clock import utcnow
 from fltraining.documents import ChainLink, Model, SwagStatistic, Training, Update
 from fltraining.engine import plans
-from fltraining.engine.arrivals import RECORDED_BY, arrived_users, count_stored
+from fltraining.engine.arrivals import RECORDED_BY, Arrivals, arrived_updates, arrived_users, count_stored
 from fltraining.engine.bell import ChangeBell
 from fltraining.engine.completion import CompletionWatch
 from fltraining.engine.effects import (
@@ -221,23 +221,28 @@ class RoundEngine:
                 await Training.get_pymongo_collection().update_one(
                     {"_id": training.id, "effects": {"$size": 0}, "effects_pending": True},
                     {"$set": {"effects_pending": False}})
-            arrived = await self._arrived(training)
-            action = self._decide(training, utcnow(), arrived)
+            arrived, updates = await self._arrived(training)
+            action = self._decide(training, utcnow(), arrived, updates)
             if action is None or not await action():
                 return
 
-    async def _arrived(self, training: Training) -> set[UUID]:
-        """Who arrived in the waiting phase; while an index count says the round cannot be complete and no
-        deadline passed, the round's documents are not read (the reconciler looks every few seconds)."""
+    async def _arrived(self, training: Training) -> tuple[set[UUID], Arrivals | None]:
+        """Who arrived in the waiting phase (in the updates phase with their stored updates); while an index
+        count says the round cannot be complete and no deadline passed, the round's documents are not read
+        (the reconciler looks every few seconds). A count the completion watch just made is not made again."""
         if training.state not in RUNNING or training.phase in (None, Phase.AGGREGATING):
-            return set()
+            return set(), None
         if training.phase in RECORDED_BY and not (
                 training.round_deadline is not None and training.round_deadline <= utcnow()):
             expected = plans.expected_users(training)
-            if len(expected) == len(training.round_participants) and (
+            if len(expected) == len(training.round_participants) and not self.completion.counted_complete(
+                    training.id, training.round, training.phase) and (
                     await count_stored(training.phase, training.id, training.round) < len(expected)):
-                return set()  # not all there: nothing to decide but a prune, which the lengths rule out
-        return await arrived_users(training)
+                return set(), None  # not all there: nothing to decide but a prune, which the lengths rule out
+        if training.phase == Phase.UPDATES:
+            updates = await arrived_updates(training)
+            return set(updates), updates
+        return await arrived_users(training), None
 
     async def apply_effects(self, training: Training) -> None:
         """Apply a training's pending effects (clean-up in the background) and wake the notification delivery."""
@@ -262,7 +267,8 @@ class RoundEngine:
         finally:
             self._cleaning.pop(training.id, None)
 
-    def _decide(self, training: Training, now: datetime, arrived_users: set[UUID]) -> Action | None:
+    def _decide(self, training: Training, now: datetime, arrived_users: set[UUID],
+                updates: Arrivals | None = None) -> Action | None:
         if training.state not in RUNNING or training.phase is None:
             return None
         if training.phase == Phase.AGGREGATING:
@@ -280,7 +286,7 @@ class RoundEngine:
             return None
         arrived = len(arrived_users)
         if arrived and not missing:
-            return lambda: self._claim(training, now)
+            return lambda: self._claim(training, now, updates)
         if not arrived and not expected:
             return lambda: self._fail(training, {"reason": "no_participants"})
         if timed_out:
@@ -325,7 +331,7 @@ class RoundEngine:
     def _new_token(self) -> str:
         return f"{self._owner}:{secrets.token_hex(6)}"
 
-    async def _claim(self, training: Training, now: datetime) -> bool:
+    async def _claim(self, training: Training, now: datetime, updates: Arrivals | None = None) -> bool:
         token = self._new_token()
         fields = {"phase": str(Phase.AGGREGATING), "locked": True, "lease_owner": token,
                   "lease_until": now + self._lease, "round_deadline": None}
@@ -334,7 +340,7 @@ class RoundEngine:
             return False
         # After a commit the new phase waits for its participants (the completion watch, an API call or the
         # reconciler looks again); only an aggregation that did not commit makes the training worth a new look now.
-        return not await self._aggregate(claimed, token)
+        return not await self._aggregate(claimed, token, updates)
 
     async def _reclaim(self, training: Training, now: datetime) -> bool:
         token = self._new_token()
@@ -350,8 +356,8 @@ class RoundEngine:
 
     # -- aggregation --------------------------------------------------------------------------
 
-    async def _aggregate(self, training: Training, token: str) -> bool:
-        """Aggregate a claimed round and commit it; True when it committed."""
+    async def _aggregate(self, training: Training, token: str, updates: Arrivals | None = None) -> bool:
+        """Aggregate a claimed round and commit it; True when it committed (`updates`: read before the claim)."""
         if self._hold_after_claim:
             await asyncio.Event().wait()
         created: list[StoredFile] = []
@@ -364,7 +370,7 @@ class RoundEngine:
             if training.state == TrainingState.SWAG_ROUND:
                 await self._aggregate_moments(training, model, fields, effects, created, keeper)
             else:
-                await self._aggregate_updates(training, model, fields, effects, created, keeper)
+                await self._aggregate_updates(training, model, fields, effects, created, keeper, updates)
         except (FLTrainingError, ValueError) as error:
             await self._drop(created)
             log.warning("aggregation of round %d failed: %s", training.round, error)
@@ -468,7 +474,7 @@ class RoundEngine:
 
     async def _aggregate_updates(
         self, training: Training, model: Model, fields: plans.Fields, effects: Effects, created: list[StoredFile],
-        keeper: LeaseKeeper,
+        keeper: LeaseKeeper, arrived: Arrivals | None = None,
     ) -> None:
         round_ = training.round
         new_round = round_ + 1
@@ -476,8 +482,15 @@ class RoundEngine:
         # Round participants only (an upload whose confirmation failed may be stored a moment before it is
         # removed again), matched here: more than `$in` can carry.
         taking_part = set(training.round_participants)
-        updates = [Update.model_validate(raw) async for raw in Update.get_pymongo_collection().find(
-            {"training": training.id, "round": round_}).sort("user", 1) if raw["user"] in taking_part]
+        if arrived is not None and taking_part <= arrived.keys() and taking_part <= set(training.participants):
+            # Each participant's update was read before the claim: one per participant (a unique index), never
+            # changed, and none removed while the round is claimed, so reading them again finds the same. (Only
+            # an upload whose user left the training before the claim can have been withdrawn since: re-read.)
+            stored = [arrived[user] for user in sorted(taking_part)]  # UUIDs sort as MongoDB sorts them
+        else:
+            stored = [raw async for raw in Update.get_pymongo_collection().find(
+                {"training": training.id, "round": round_}).sort("user", 1) if raw["user"] in taking_part]
+        updates = [Update.model_validate(raw) for raw in stored]
         if not updates:
             raise ValueError(f"no stored updates for round {round_}")
         period = plans.option(training, "daisy_chain_period", 0)
