@@ -1,4 +1,4 @@
-"""Corrections to nine faults of mongoeco 4.11.0, applied before the embedded store starts."""
+"""Corrections to ten faults of mongoeco 4.11.0, applied before the embedded store starts."""
 
 import functools
 import re
@@ -373,6 +373,29 @@ def share_entry_indexes(path: str) -> None:
         connection.close()
 
 
+MAX_COMPILED_VALIDATORS = 256
+
+
+def _validators_compiled_once(compile_validator: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap the compilation of a collection's validator so each validator is compiled once."""
+    compiled: dict[tuple[str, str | None], Any] = {}
+
+    @functools.wraps(compile_validator)
+    def once(options: dict[str, object] | None, *, dialect: Any = None) -> Any:
+        # mongoeco compiled the `$jsonSchema` (deep copies and a check of the whole schema) on every
+        # insert and update: a twentieth of the store's CPU in a round. The options are read from the
+        # catalog each time, so they are keyed by their text; the compiled validator is immutable.
+        key = (repr(options), None if dialect is None else dialect.key)
+        if (found := compiled.get(key)) is None:
+            found = compile_validator(options, dialect=dialect)
+            if len(compiled) >= MAX_COMPILED_VALIDATORS:
+                compiled.clear()
+            compiled[key] = found
+        return found
+
+    return once
+
+
 def apply() -> None:
     """Apply the corrections once; refuse any mongoeco release but the one they fit."""
     global _applied
@@ -387,7 +410,7 @@ def apply() -> None:
         )
     from mongoeco._change_streams import cursor as change_cursor
     from mongoeco.api._async import _collection_runtime
-    from mongoeco.engines import memory, sqlite
+    from mongoeco.engines import memory, semantic_core, sqlite
     from mongoeco.wire import bson_bridge, protocol
 
     sqlite.SQLiteEngine._validate_document_against_unique_indexes = _numeric_id_only(
@@ -414,6 +437,8 @@ def apply() -> None:
     sqlite.SQLiteEngine._rebuild_multikey_entries_for_document = _multikey_entries_kept(
         sqlite.SQLiteEngine._rebuild_multikey_entries_for_document
     )
+    semantic_core.compile_collection_validation_semantics = _validators_compiled_once(
+        semantic_core.compile_collection_validation_semantics)
     # One shared index per entry table instead of one identical index per MongoDB index.
     connection_class = sqlite.SQLiteConnection
     connection_class.execute = _with_shared_entry_indexes(connection_class.execute)  # type: ignore[method-assign]
