@@ -8,7 +8,7 @@ from fltraining.schemas.models import DatasetCreate, DatasetPublic
 from routes.auth import current_user
 from routes.keys import datasets_key
 from routes.multipart import FormSpec, discard, read_form
-from routes.parsing import path_uuid, validate
+from routes.parsing import media_type, path_uuid, validate
 from routes.responses import detail, json_model, json_models
 from routes.table import Endpoint
 
@@ -17,7 +17,7 @@ DATASET_FORM = FormSpec(files=frozenset({"dataset_file"}), texts=frozenset({"nam
 
 async def upload_dataset(request: web.Request) -> web.Response:
     """POST /api/datasets/: multipart `name` and `dataset_file` (an .npz holding arrays x and y)."""
-    if request.content_type != "multipart/form-data":
+    if media_type(request) != "multipart/form-data":
         raise UnsupportedMediaType("Upload a data set as multipart/form-data.")
     service = request.app[datasets_key]
     form = await read_form(request, DATASET_FORM, service.store_file, service.discard, service.max_bytes)

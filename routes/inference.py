@@ -24,7 +24,7 @@ from fltraining.schemas.models import (
 from routes.auth import current_user
 from routes.keys import graphs_key, inference_key, settings_key
 from routes.multipart import FormSpec, discard, read_form
-from routes.parsing import path_uuid, read_body, read_json_bytes, validate
+from routes.parsing import media_type, path_uuid, read_body, read_json_bytes, validate
 from routes.responses import json_model
 from routes.table import Endpoint
 
@@ -91,7 +91,7 @@ async def infer(request: web.Request) -> web.Response:
     settings = request.app[settings_key]
     service = request.app[inference_key]
     limit = settings.inference_max_body_bytes
-    if request.content_type == "multipart/form-data":
+    if media_type(request) == "multipart/form-data":
         form = await read_form(request, INFERENCE_FORM, _bytes_collector(limit), _nothing, limit)
         if "model_id" not in form.texts:
             raise InvalidInput("No 'model_id' provided in request.")
@@ -125,7 +125,7 @@ async def infer(request: web.Request) -> web.Response:
 
 async def attach_graph(request: web.Request) -> web.Response:
     """PUT /api/models/{id}/graph/: multipart `graph_file`, an ONNX graph whose initializers are the model's tensors."""
-    if request.content_type != "multipart/form-data":
+    if media_type(request) != "multipart/form-data":
         raise UnsupportedMediaType("Send the graph as multipart/form-data with a graph_file part.")
     graphs = request.app[graphs_key]
     model_id = path_uuid(request, "model_id")

@@ -10,7 +10,7 @@ from fltraining.storage.blobs import BlobMissing
 from routes.auth import current_user
 from routes.keys import models_key
 from routes.multipart import FormSpec, discard, read_form
-from routes.parsing import path_uuid, validate
+from routes.parsing import media_type, path_uuid, validate
 from routes.responses import detail, json_model, json_models, send_blob
 from routes.table import Endpoint
 
@@ -25,7 +25,7 @@ UPLOAD_FORM = FormSpec(
 
 async def upload_model(request: web.Request) -> web.Response:
     """POST /api/models/: multipart `name`, `description`, `model_file`, optional `input_shape`."""
-    if request.content_type != "multipart/form-data":
+    if media_type(request) != "multipart/form-data":
         raise UnsupportedMediaType("Upload a model as multipart/form-data.")
     service = request.app[models_key]
     form = await read_form(request, UPLOAD_FORM, service.store_file, service.discard_file, service.max_bytes)

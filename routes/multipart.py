@@ -9,7 +9,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from fltraining.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from fltraining.storage.blobs import StoredFile
 from routes.keys import settings_key
-from routes.parsing import BodyDeadline
+from routes.parsing import BodyDeadline, media_type
 
 FIELD_BYTES = 64 * 1024
 MULTIPART_OVERHEAD = 1024 * 1024
@@ -91,7 +91,7 @@ async def read_form[F](
 ) -> Form[F]:
     """Read a multipart form (files streamed through `store`) or, without files, an url-encoded one."""
     settings = request.app[settings_key]
-    if request.content_type == "application/x-www-form-urlencoded" and not spec.files:
+    if media_type(request) == "application/x-www-form-urlencoded" and not spec.files:
         form: Form[F] = Form()
         posted = await request.post()
         for name, value in posted.items():
@@ -99,7 +99,7 @@ async def read_form[F](
                 raise InvalidInput(f"Field '{name[:64]}' must be text.")
             _add_text(form, spec, name, value)
         return form
-    if request.content_type != "multipart/form-data":
+    if media_type(request) != "multipart/form-data":
         raise UnsupportedMediaType("Send this form as multipart/form-data.")
     if request.content_length is not None and request.content_length > len(spec.files) * max_file_bytes + MULTIPART_OVERHEAD:
         raise PayloadTooLarge(f"A file may hold at most {max_file_bytes} bytes.")

@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient, make_mocked_request
 from fltraining.settings import Settings
 from fltraining.storage.embedded import EmbeddedStore
 from routes.app import create_app
+from routes.parsing import media_type
 from tests.conftest import with_database
 from tests.helpers import PASSWORD, register
 
@@ -350,3 +351,16 @@ async def test_field_errors_carry_loc_msg_type(client: TestClient) -> None:
         assert set(error) == {"loc", "msg", "type"}
         assert isinstance(error["loc"], list)
     assert {tuple(error["loc"]) for error in body["errors"]} >= {("username",), ("extra",)}
+
+
+@pytest.mark.store_independent
+@pytest.mark.parametrize(("header", "expected"), [
+    ("multipart/form-data; boundary=abc", "multipart/form-data"),
+    ("Multipart/Form-Data ;boundary=\"x;y\"", "multipart/form-data"),
+    ("application/json", "application/json"),
+    (" text/plain ; charset=utf-8", "text/plain"),
+    (None, "application/octet-stream"),
+])
+def test_media_type_reads_the_header_as_aiohttp_does(header: str | None, expected: str) -> None:
+    request = make_mocked_request("POST", "/", headers={} if header is None else {"Content-Type": header})
+    assert media_type(request) == expected == request.content_type
