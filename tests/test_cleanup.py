@@ -1,14 +1,15 @@
 """Clean-up: which files are still named, and effects applied once per process."""
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
-from fltraining.documents import FILE_REFERENCES, Training
-from fltraining.engine.effects import Effectors, LaterOutbox, apply_pending
+from fltraining.documents import FILE_REFERENCES, Event, SetAsideEffect, Training
+from fltraining.engine.effects import Effectors, LaterOutbox, apply_pending, event_document
 from fltraining.storage.references import file_in_use
 
 Raw = dict[str, Any]
@@ -54,3 +55,29 @@ async def test_an_effect_applied_here_is_not_applied_again(beanie_db: AsyncDatab
     assert stored is not None and stored["effects"] == []
     await apply_pending(training, Effectors(drop_file, drop_files, LaterOutbox()), cleanup=True)
     assert dropped == [file_id, file_id]
+
+
+async def test_a_steps_events_are_stored_once_whoever_applies_them(beanie_db: AsyncDatabase[Raw]) -> None:
+    """A step's events are written together; a second process applying the same snapshot, or a process that
+    wrote some of them before it died, leaves each stored once."""
+
+    async def drop_file(file_id: UUID) -> bool:
+        return True
+
+    async def drop_files(file_ids: list[UUID]) -> None:
+        """Nothing: no local files here."""
+
+    at = datetime.now(UTC).replace(microsecond=0)
+    events = [{"id": f"0002-0{index}-event{index}", "kind": "event", "at": at, "type": kind, "round": 3, "user": None,
+               "data": {"n": index}} for index, kind in enumerate(["aggregated", "round_started", "probe"])]
+    training = Training(model=uuid.uuid4(), actor=uuid.uuid4(), base_target_num_updates=1, target_num_updates=1,
+                        effects=events)
+    await training.insert()
+    stored = Event.get_pymongo_collection()
+    await stored.insert_one(event_document(events[1], training))  # written by a process that died after it
+    await apply_pending(training, Effectors(drop_file, drop_files, LaterOutbox()))
+    await apply_pending(training, Effectors(drop_file, drop_files, LaterOutbox()))  # another process, same snapshot
+    found = [raw async for raw in stored.find({"training": training.id}).sort("_id", 1)]
+    assert [(raw["_id"], raw["type"], raw["data"]) for raw in found] == [
+        (event["id"], event["type"], event["data"]) for event in events]
+    assert await SetAsideEffect.get_pymongo_collection().count_documents({}) == 0

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Protocol
 from uuid import UUID, uuid5
 
-from pymongo.errors import DuplicateKeyError, WriteError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, WriteError
 
 from fltraining.clock import utcnow
 from fltraining.documents import (
@@ -172,10 +172,7 @@ async def apply_effect(effect: dict[str, Any], training: Training, effectors: Ef
     drop_file = effectors.drop_file
     kind = effect["kind"]
     if kind == "event":
-        await _insert_once(Event.get_pymongo_collection(), {
-            "_id": effect["id"], "training": training.id, "type": effect["type"], "round": effect["round"],
-            "at": effect["at"], "user": effect["user"], "data": effect["data"],
-        })
+        await _insert_once(Event.get_pymongo_collection(), event_document(effect, training))
     elif kind == "notify":
         record = effectors.outbox.claim(fan_out(effect, training.id))
         if await _insert_once(Notification.get_pymongo_collection(), record):
@@ -205,6 +202,12 @@ async def apply_effect(effect: dict[str, Any], training: Training, effectors: Ef
                                swag=training.uncertainty_method == UncertaintyMethod.SWAG)
     elif kind == "evaluate" and effectors.evaluate is not None:
         await _record_evaluation(effect, training, effectors.evaluate)
+
+
+def event_document(effect: dict[str, Any], training: Training) -> dict[str, Any]:
+    """The events collection's document of an `event` effect (its id is the effect's: written once)."""
+    return {"_id": effect["id"], "training": training.id, "type": effect["type"], "round": effect["round"],
+            "at": effect["at"], "user": effect["user"], "data": effect["data"]}
 
 
 def fan_out(effect: dict[str, Any], training_id: UUID) -> dict[str, Any]:
@@ -291,18 +294,56 @@ async def apply_pending(training: Training, effectors: Effectors, cleanup: bool 
     effects = pending(training, cleanup)
     if not effects:
         return
+    events: list[dict[str, Any]] = []
     for effect in effects:
         if effect["id"] in effectors.applied:
             continue  # applied here already; this snapshot predates its `$pull`
+        if effect["kind"] == "event":
+            events.append(effect)  # written together below: nothing waits for an event
+            continue
         try:
             await apply_effect(effect, training, effectors)
         except (WriteError, KeyError, TypeError, ValueError) as error:
             await set_aside(effect, training, error)
         effectors.applied.add(effect["id"])
+    await _insert_events(events, training, effectors.applied)
     ids = [effect["id"] for effect in effects]
     await Training.get_pymongo_collection().update_one(
         {"_id": training.id}, {"$pull": {"effects": {"id": {"$in": ids}}}}
     )
+
+
+DUPLICATE_KEY = 11000
+
+
+async def _insert_events(effects: list[dict[str, Any]], training: Training, applied: AppliedEffects) -> None:
+    """Append a step's `event` effects to the events collection with one write; an event stored before (by
+    this process or another) stays as it is, and one the store refuses for good is set aside."""
+    if not effects:
+        return
+    refused: dict[int, str] = {}
+    try:
+        await Event.get_pymongo_collection().insert_many([event_document(effect, training) for effect in effects],
+                                                         ordered=False)
+    except BulkWriteError as error:
+        refused = {failure["index"]: failure.get("errmsg", "") for failure in error.details.get("writeErrors", [])
+                   if failure.get("code") != DUPLICATE_KEY}
+    except (KeyError, TypeError, ValueError) as error:  # a malformed effect: each is tried on its own
+        for effect in effects:
+            await _apply_alone(effect, training)
+            applied.add(effect["id"])
+        return
+    for index, effect in enumerate(effects):
+        if index in refused:
+            await set_aside(effect, training, WriteError(refused[index]))
+        applied.add(effect["id"])
+
+
+async def _apply_alone(effect: dict[str, Any], training: Training) -> None:
+    try:
+        await _insert_once(Event.get_pymongo_collection(), event_document(effect, training))
+    except (WriteError, KeyError, TypeError, ValueError) as error:
+        await set_aside(effect, training, error)
 
 
 async def set_aside(effect: dict[str, Any], training: Training, error: Exception) -> None:

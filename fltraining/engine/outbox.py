@@ -245,7 +245,8 @@ class NotificationDelivery:
             for user, (_, mine) in chained.items():
                 if not mine.done():
                     mine.set_result(user in settled)
-            self._wake.set()  # a retry or a deferred receiver may be due before the next interval
+            if len(settled) < len(due):  # a retry or a deferred receiver may be due before the next interval
+                self._wake.set()
 
     async def _keep_claim(self, record_id: str) -> None:
         """Extend the claim while a long fan-out is still being delivered."""
