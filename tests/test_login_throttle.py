@@ -51,6 +51,19 @@ async def test_failed_passwords_lock_that_account_only(throttled: TestClient) ->
     assert (await throttled.get("/api/users/myself/", headers=user.headers)).status == 200
 
 
+async def test_a_password_that_worked_before_is_refused_past_the_limit_too(aiohttp_client: Any, settings: Settings) -> None:
+    """Past the limit a right password gets 429 like a wrong one, even one this process verified before: a 200
+    there would tell a guesser which guess was right."""
+    service = await aiohttp_client(create_app(settings.model_copy(
+        update={"login_failure_limit": LIMIT, "login_address_failure_limit": ADDRESS_LIMIT,
+                "login_failure_window_seconds": 86_400, "auth_cache_seconds": 0})))
+    user = await register(service)
+    assert (await service.get("/api/users/myself/", headers=basic(user.username, PASSWORD))).status == 200
+    for _ in range(LIMIT):
+        assert (await service.get("/api/users/myself/", headers=basic(user.username, "wrong password"))).status == 401
+    assert (await service.get("/api/users/myself/", headers=basic(user.username, PASSWORD))).status == 429
+
+
 async def test_frontend_users_behind_one_proxy_are_not_locked_out_by_one_guesser(throttled: TestClient) -> None:
     """DLR's web frontend sends Basic auth on every call; behind vite or nginx all users share one
     address. Before: 20 wrong passwords for anyone locked every user out for the window."""

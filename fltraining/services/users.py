@@ -115,15 +115,14 @@ class UserService:
         key = self._cache.key("password", username, password)
         if (cached := self._cache.get(key)) is not None:
             return cached
+        # Checked before verifying: past the limit even a right guess is refused.
+        await self._throttle.check_password(username, address)
         raw = await self._by_username.find(username)
         user = None if raw is None else User.model_validate(raw)
         proven = self._cache.proven(key)
         if user is not None and proven is not None and (proven.id, proven.password_hash) == (user.id, user.password_hash):
-            # These credentials matched this very hash before: no slow verification, and no guess to count.
-            self._cache.put(key, user)
+            self._cache.put(key, user)  # these credentials matched this very hash before: no slow verification
             return user
-        # Checked before verifying: past the limit even a right guess is refused.
-        await self._throttle.check_password(username, address)
         valid = await asyncio.to_thread(
             self._passwords.verify, user.password_hash if user else None, password
         )
