@@ -285,7 +285,8 @@ def pending(training: Training, cleanup: bool) -> list[dict[str, Any]]:
 
 
 async def apply_pending(training: Training, effectors: Effectors, cleanup: bool = False) -> None:
-    """Apply a training's pending effects of one lane in order, then remove them from the document.
+    """Apply a training's pending effects of one lane (its events first, then the rest in order), then remove
+    them from the document.
 
     A notification is handed to the outbox as soon as its record is written, so delivery starts at once.
     An effect the store refuses for good (a validator, a malformed effect) is logged once and set aside,
@@ -294,19 +295,18 @@ async def apply_pending(training: Training, effectors: Effectors, cleanup: bool 
     effects = pending(training, cleanup)
     if not effects:
         return
-    events: list[dict[str, Any]] = []
+    # The step's events first, with one write: a reader who sees the new state looks for them at once,
+    # and no other effect depends on an event.
+    await _insert_events([effect for effect in effects if effect["kind"] == "event"
+                          and effect["id"] not in effectors.applied], training, effectors.applied)
     for effect in effects:
         if effect["id"] in effectors.applied:
-            continue  # applied here already; this snapshot predates its `$pull`
-        if effect["kind"] == "event":
-            events.append(effect)  # written together below: nothing waits for an event
-            continue
+            continue  # applied here already (an event just now); this snapshot may predate its `$pull`
         try:
             await apply_effect(effect, training, effectors)
         except (WriteError, KeyError, TypeError, ValueError) as error:
             await set_aside(effect, training, error)
         effectors.applied.add(effect["id"])
-    await _insert_events(events, training, effectors.applied)
     ids = [effect["id"] for effect in effects]
     await Training.get_pymongo_collection().update_one(
         {"_id": training.id}, {"$pull": {"effects": {"id": {"$in": ids}}}}
