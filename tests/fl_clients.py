@@ -196,6 +196,24 @@ async def wait_for_state(api: TestClient, account: Account, training_id: str, st
 import aiohttp
 
 
+ENDED_STATES = {"C", "E"}
+
+
+async def audit_trail(api: Any, account: Account, training_id: str) -> list[dict[str, Any]]:
+    """A training's whole audit trail; for an ended training, once the events of its last step are written
+    (a step's events follow its commit and its notifications: the event stream ends only once they are)."""
+    detail = await (await api.get(f"/api/trainings/{training_id}/", headers=account.headers)).json()
+    if detail.get("state") in ENDED_STATES:
+        async with asyncio.timeout(WAIT_SECONDS):
+            stream = await api.get(f"/api/trainings/{training_id}/events/",
+                                   headers={**account.headers, "Accept": "text/event-stream"})
+            assert stream.status == 200, await stream.text()
+            await stream.read()  # the stream of an ended training ends once its events are all written
+    response = await api.get(f"/api/trainings/{training_id}/events/?limit=1000", headers=account.headers)
+    assert response.status == 200, await response.text()
+    return list(await response.json())
+
+
 class HttpApi:
     """A service process reached over HTTP, used like the TestClient (`await api.get(path)`).
 

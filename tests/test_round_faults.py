@@ -19,6 +19,7 @@ from tests.fl_clients import (
     GLOBAL_TENSORS,
     HttpApi,
     SimulatedClient,
+    audit_trail,
     bring_notifications_up,
     model_bytes,
     start_clients,
@@ -82,10 +83,8 @@ async def start_training(api: HttpApi, actor: Account, clients: list[SimulatedCl
 
 
 async def events_of(api: HttpApi, account: Account, training_id: str) -> list[dict[str, Any]]:
-    """The training's whole audit trail."""
-    response = await api.get(f"/api/trainings/{training_id}/events/?limit=1000", headers=account.headers)
-    assert response.status == 200, await response.text()
-    return list(await response.json())
+    """The training's whole audit trail (an ended training's once its last events are written)."""
+    return await audit_trail(api, account, training_id)
 
 
 def expected_weight(clients: list[SimulatedClient]) -> float:

@@ -20,6 +20,7 @@ from tests.fl_clients import (
     GLOBAL_TENSORS,
     SimulatedClient,
     assert_stays,
+    audit_trail,
     model_bytes,
     wait_for_notification,
     wait_for_state,
@@ -48,10 +49,8 @@ async def run_training(api: TestClient, actor: Account, clients: list[SimulatedC
 
 
 async def events_of(api: TestClient, account: Account, training_id: str) -> list[dict[str, Any]]:
-    """The training's whole audit trail."""
-    response = await api.get(f"/api/trainings/{training_id}/events/?limit=1000", headers=account.headers)
-    assert response.status == 200, await response.text()
-    return list(await response.json())
+    """The training's whole audit trail (an ended training's once its last events are written)."""
+    return await audit_trail(api, account, training_id)
 
 
 async def test_fedavg_runs_to_completion(api: TestClient, clients: list[SimulatedClient]) -> None:

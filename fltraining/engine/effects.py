@@ -295,18 +295,21 @@ async def apply_pending(training: Training, effectors: Effectors, cleanup: bool 
     effects = pending(training, cleanup)
     if not effects:
         return
-    # The step's events first, with one write: a reader who sees the new state looks for them at once,
-    # and no other effect depends on an event.
-    await _insert_events([effect for effect in effects if effect["kind"] == "event"
-                          and effect["id"] not in effectors.applied], training, effectors.applied)
+    events: list[dict[str, Any]] = []
     for effect in effects:
         if effect["id"] in effectors.applied:
-            continue  # applied here already (an event just now); this snapshot may predate its `$pull`
+            continue  # applied here already; this snapshot may predate its `$pull`
+        if effect["kind"] == "event":
+            events.append(effect)
+            continue
         try:
             await apply_effect(effect, training, effectors)
         except (WriteError, KeyError, TypeError, ValueError) as error:
             await set_aside(effect, training, error)
         effectors.applied.add(effect["id"])
+    # The step's events last, with one write: no other effect depends on an event, and the notifications
+    # above need not wait for them (an aggregation's event lists every arrival).
+    await _insert_events(events, training, effectors.applied)
     ids = [effect["id"] for effect in effects]
     await Training.get_pymongo_collection().update_one(
         {"_id": training.id}, {"$pull": {"effects": {"id": {"$in": ids}}}}
@@ -328,7 +331,7 @@ async def _insert_events(effects: list[dict[str, Any]], training: Training, appl
     except BulkWriteError as error:
         refused = {failure["index"]: failure.get("errmsg", "") for failure in error.details.get("writeErrors", [])
                    if failure.get("code") != DUPLICATE_KEY}
-    except (KeyError, TypeError, ValueError) as error:  # a malformed effect: each is tried on its own
+    except (KeyError, TypeError, ValueError):  # a malformed effect: each is tried on its own
         for effect in effects:
             await _apply_alone(effect, training)
             applied.add(effect["id"])
