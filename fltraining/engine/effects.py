@@ -285,7 +285,7 @@ def pending(training: Training, cleanup: bool) -> list[dict[str, Any]]:
 
 
 async def apply_pending(training: Training, effectors: Effectors, cleanup: bool = False) -> None:
-    """Apply a training's pending effects of one lane (its events first, then the rest in order), then remove
+    """Apply a training's pending effects of one lane (in order, its events together at the end), then remove
     them from the document.
 
     A notification is handed to the outbox as soon as its record is written, so delivery starts at once.
