@@ -324,7 +324,7 @@ def _drain_before_watching(init: Callable[..., None], dispatch: Callable[..., No
 
 
 # mongoeco gives every single-field and every array index its own SQLite index over the shared entry
-# table, each with the same five columns: with 15 such indexes an index entry is written into 15 B-trees.
+# table, each with the same five columns: fltraining's 21 scalar indexes wrote each scalar entry into 21 B-trees.
 # One index over each table answers every lookup (each names its collection and index first).
 ENTRY_TABLES = {"scidx": "scalar_index_entries", "mkidx": "multikey_entries"}
 ENTRY_COLUMNS = "(collection_id, index_name, type_score, element_key, storage_key)"
