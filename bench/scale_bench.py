@@ -10,8 +10,9 @@ client downloads the global model, adds its delta and uploads it.
 Per N it prints: the upload phase (first round notification → last upload answered), last upload →
 first / last client notified of the next round, service and store CPU per client per round (from
 /proc), store commands per client per round, and the growth of CPU per client from the first rounds
-after round 1 to the last (rounds 2-4 against the last three from seven rounds on; else round 2 and the last). Every upload must answer 201 and every round must aggregate every client: a run with any
-error says so and exits non-zero.
+after round 1 to the last (rounds 2-4 against the last three from seven rounds on; else round 2 and the
+last). Every upload must answer 201 and every round must aggregate every client: a run with any error
+says so and exits non-zero.
 
 Each N runs three trainings (`--repeat`, `--repeat-large`), each with its own service, and prints the
 run with the median CPU, with the ranges of CPU and of the time to the last notification over the runs.
@@ -288,8 +289,8 @@ async def measure(n: int, rounds: int, mongodb_url: str | None) -> Row:
 
 
 def growth(totals: list[float]) -> float:
-    """CPU per client of the last rounds over that of the first after round 1 (three each when there are six or
-    more rounds: a round at N = 10 is a few 10 ms ticks, so one round alone jumps by a quarter either way)."""
+    """CPU per client of the last rounds over that of the first after round 1 (three each from seven rounds on:
+    a round at N = 10 is a few 10 ms ticks, so one round alone jumps by a quarter either way)."""
     if len(totals) < 2:
         return 1.0
     if len(totals) < 7:

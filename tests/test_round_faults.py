@@ -82,9 +82,7 @@ async def start_training(api: HttpApi, actor: Account, clients: list[SimulatedCl
     return training_id
 
 
-async def events_of(api: HttpApi, account: Account, training_id: str) -> list[dict[str, Any]]:
-    """The training's whole audit trail (an ended training's once its last events are written)."""
-    return await audit_trail(api, account, training_id)
+events_of = audit_trail  # the training's whole audit trail (an ended training's once its last events are written)
 
 
 def expected_weight(clients: list[SimulatedClient]) -> float:

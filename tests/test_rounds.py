@@ -48,9 +48,7 @@ async def run_training(api: TestClient, actor: Account, clients: list[SimulatedC
     return training_id
 
 
-async def events_of(api: TestClient, account: Account, training_id: str) -> list[dict[str, Any]]:
-    """The training's whole audit trail (an ended training's once its last events are written)."""
-    return await audit_trail(api, account, training_id)
+events_of = audit_trail  # the training's whole audit trail (an ended training's once its last events are written)
 
 
 async def test_fedavg_runs_to_completion(api: TestClient, clients: list[SimulatedClient]) -> None:

@@ -19,7 +19,7 @@ from fltraining.storage.queries import count_matching
 
 RECORDED_BY: dict[Phase, type[Document]] = {Phase.UPDATES: Update, Phase.SWAG: SwagStatistic}
 
-Arrivals = dict[UUID, dict[str, Any]]  # a round's stored updates by user, as read
+Arrivals = dict[UUID, dict[str, Any]]  # a round's stored contributions by user, as read
 
 
 async def count_stored(phase: Phase, training_id: UUID, round_: int) -> int:
@@ -43,26 +43,17 @@ async def arrived_count(raw: dict[str, Any]) -> int:
     return len(raw.get("round_arrived", []))
 
 
-async def arrived_users(training: Training, phase: Phase | None = None) -> set[UUID]:
-    """The round participants whose contribution to a phase (by default the current one) is stored."""
-    phase = phase or training.phase
-    if phase is None:
-        return set()
-    participants = set(training.round_participants)
-    if phase not in RECORDED_BY:
-        return participants & set(training.round_arrived)
-    cursor = RECORDED_BY[phase].get_pymongo_collection().find(
-        {"training": training.id, "round": training.round}, {"user": 1, "_id": 0})
-    # Only round participants count: an upload whose confirmation failed may be stored a moment before
-    # it is removed again.
-    return {raw["user"] async for raw in cursor} & participants
+async def arrived_documents(training: Training) -> Arrivals:
+    """The stored contributions of the round's participants to the current phase, which records them in documents
+    of their own (`RECORDED_BY`), by user: whole documents, which the aggregation takes over when all are there.
 
-
-async def arrived_updates(training: Training) -> Arrivals:
-    """The stored local updates of the round's participants in the updates phase, by user (whole documents,
-    which the aggregation can take over when they are all there)."""
+    Only round participants count: an upload whose confirmation failed may be stored a moment before it is
+    removed again.
+    """
+    assert training.phase in RECORDED_BY
     participants = set(training.round_participants)
-    cursor = Update.get_pymongo_collection().find({"training": training.id, "round": training.round})
+    cursor = RECORDED_BY[training.phase].get_pymongo_collection().find(
+        {"training": training.id, "round": training.round})
     return {raw["user"]: raw async for raw in cursor if raw["user"] in participants}
 
 

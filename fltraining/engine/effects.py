@@ -302,14 +302,10 @@ async def apply_pending(training: Training, effectors: Effectors, cleanup: bool 
         if effect["kind"] == "event":
             events.append(effect)
             continue
-        try:
-            await apply_effect(effect, training, effectors)
-        except (WriteError, KeyError, TypeError, ValueError) as error:
-            await set_aside(effect, training, error)
-        effectors.applied.add(effect["id"])
+        await _apply_one(effect, training, effectors)
     # The step's events last, with one write: no other effect depends on an event, and the notifications
     # above need not wait for them (an aggregation's event lists every arrival).
-    await _insert_events(events, training, effectors.applied)
+    await _insert_events(events, training, effectors)
     ids = [effect["id"] for effect in effects]
     await Training.get_pymongo_collection().update_one(
         {"_id": training.id}, {"$pull": {"effects": {"id": {"$in": ids}}}}
@@ -319,7 +315,16 @@ async def apply_pending(training: Training, effectors: Effectors, cleanup: bool 
 DUPLICATE_KEY = 11000
 
 
-async def _insert_events(effects: list[dict[str, Any]], training: Training, applied: AppliedEffects) -> None:
+async def _apply_one(effect: dict[str, Any], training: Training, effectors: Effectors) -> None:
+    """Apply one effect and remember it applied; one the store refuses for good is set aside."""
+    try:
+        await apply_effect(effect, training, effectors)
+    except (WriteError, KeyError, TypeError, ValueError) as error:
+        await set_aside(effect, training, error)
+    effectors.applied.add(effect["id"])
+
+
+async def _insert_events(effects: list[dict[str, Any]], training: Training, effectors: Effectors) -> None:
     """Append a step's `event` effects to the events collection with one write; an event stored before (by
     this process or another) stays as it is, and one the store refuses for good is set aside."""
     if not effects:
@@ -333,20 +338,12 @@ async def _insert_events(effects: list[dict[str, Any]], training: Training, appl
                    if failure.get("code") != DUPLICATE_KEY}
     except (KeyError, TypeError, ValueError):  # a malformed effect: each is tried on its own
         for effect in effects:
-            await _apply_alone(effect, training)
-            applied.add(effect["id"])
+            await _apply_one(effect, training, effectors)
         return
     for index, effect in enumerate(effects):
         if index in refused:
             await set_aside(effect, training, WriteError(refused[index]))
-        applied.add(effect["id"])
-
-
-async def _apply_alone(effect: dict[str, Any], training: Training) -> None:
-    try:
-        await _insert_once(Event.get_pymongo_collection(), event_document(effect, training))
-    except (WriteError, KeyError, TypeError, ValueError) as error:
-        await set_aside(effect, training, error)
+        effectors.applied.add(effect["id"])
 
 
 async def set_aside(effect: dict[str, Any], training: Training, error: Exception) -> None:

@@ -27,7 +27,7 @@ from pymongo.errors import PyMongoError
 from fltraining.clock import utcnow
 from fltraining.documents import ChainLink, Model, SwagStatistic, Training, Update
 from fltraining.engine import plans
-from fltraining.engine.arrivals import RECORDED_BY, Arrivals, arrived_updates, arrived_users, count_stored
+from fltraining.engine.arrivals import RECORDED_BY, Arrivals, arrived_documents, count_stored
 from fltraining.engine.bell import ChangeBell
 from fltraining.engine.completion import CompletionWatch
 from fltraining.engine.effects import (
@@ -221,15 +221,15 @@ class RoundEngine:
                 await Training.get_pymongo_collection().update_one(
                     {"_id": training.id, "effects": {"$size": 0}, "effects_pending": True},
                     {"$set": {"effects_pending": False}})
-            arrived, updates = await self._arrived(training)
-            action = self._decide(training, utcnow(), arrived, updates)
+            arrived, documents = await self._arrived(training)
+            action = self._decide(training, utcnow(), arrived, documents)
             if action is None or not await action():
                 return
 
     async def _arrived(self, training: Training) -> tuple[set[UUID], Arrivals | None]:
-        """Who arrived in the waiting phase (in the updates phase with their stored updates); while an index
-        count says the round cannot be complete and no deadline passed, the round's documents are not read
-        (the reconciler looks every few seconds). A count the completion watch just made is not made again."""
+        """Who arrived in the waiting phase (with their stored contributions where they have documents); while
+        an index count says the round cannot be complete and no deadline passed, the round's documents are not
+        read (the reconciler looks every few seconds). A count the completion watch just made is not made again."""
         if training.state not in RUNNING or training.phase in (None, Phase.AGGREGATING):
             return set(), None
         if training.phase in RECORDED_BY and not (
@@ -239,10 +239,10 @@ class RoundEngine:
                     training.id, training.round, training.phase) and (
                     await count_stored(training.phase, training.id, training.round) < len(expected)):
                 return set(), None  # not all there: nothing to decide but a prune, which the lengths rule out
-        if training.phase == Phase.UPDATES:
-            updates = await arrived_updates(training)
-            return set(updates), updates
-        return await arrived_users(training), None
+        if training.phase not in RECORDED_BY:  # test metrics: counted in the training itself
+            return set(training.round_participants) & set(training.round_arrived), None
+        documents = await arrived_documents(training)
+        return set(documents), documents
 
     async def apply_effects(self, training: Training) -> None:
         """Apply a training's pending effects (clean-up in the background) and wake the notification delivery."""
@@ -268,7 +268,7 @@ class RoundEngine:
             self._cleaning.pop(training.id, None)
 
     def _decide(self, training: Training, now: datetime, arrived_users: set[UUID],
-                updates: Arrivals | None = None) -> Action | None:
+                documents: Arrivals | None = None) -> Action | None:
         if training.state not in RUNNING or training.phase is None:
             return None
         if training.phase == Phase.AGGREGATING:
@@ -286,7 +286,7 @@ class RoundEngine:
             return None
         arrived = len(arrived_users)
         if arrived and not missing:
-            return lambda: self._claim(training, now, updates)
+            return lambda: self._claim(training, now, documents)
         if not arrived and not expected:
             return lambda: self._fail(training, {"reason": "no_participants"})
         if timed_out:
@@ -331,7 +331,7 @@ class RoundEngine:
     def _new_token(self) -> str:
         return f"{self._owner}:{secrets.token_hex(6)}"
 
-    async def _claim(self, training: Training, now: datetime, updates: Arrivals | None = None) -> bool:
+    async def _claim(self, training: Training, now: datetime, documents: Arrivals | None = None) -> bool:
         token = self._new_token()
         fields = {"phase": str(Phase.AGGREGATING), "locked": True, "lease_owner": token,
                   "lease_until": now + self._lease, "round_deadline": None}
@@ -340,7 +340,7 @@ class RoundEngine:
             return False
         # After a commit the new phase waits for its participants (the completion watch, an API call or the
         # reconciler looks again); only an aggregation that did not commit makes the training worth a new look now.
-        return not await self._aggregate(claimed, token, updates)
+        return not await self._aggregate(claimed, token, documents)
 
     async def _reclaim(self, training: Training, now: datetime) -> bool:
         token = self._new_token()
@@ -356,8 +356,9 @@ class RoundEngine:
 
     # -- aggregation --------------------------------------------------------------------------
 
-    async def _aggregate(self, training: Training, token: str, updates: Arrivals | None = None) -> bool:
-        """Aggregate a claimed round and commit it; True when it committed (`updates`: read before the claim)."""
+    async def _aggregate(self, training: Training, token: str, documents: Arrivals | None = None) -> bool:
+        """Aggregate a claimed round and commit it; True when it committed (`documents`: the round's contributions
+        as read before the claim)."""
         if self._hold_after_claim:
             await asyncio.Event().wait()
         created: list[StoredFile] = []
@@ -370,7 +371,7 @@ class RoundEngine:
             if training.state == TrainingState.SWAG_ROUND:
                 await self._aggregate_moments(training, model, fields, effects, created, keeper)
             else:
-                await self._aggregate_updates(training, model, fields, effects, created, keeper, updates)
+                await self._aggregate_updates(training, model, fields, effects, created, keeper, documents)
         except (FLTrainingError, ValueError) as error:
             await self._drop(created)
             log.warning("aggregation of round %d failed: %s", training.round, error)
