@@ -7,6 +7,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -19,12 +20,24 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+# A port is free when chosen and taken only when the service binds it; in between another test's
+# process (the other blob store tier runs beside this one) may take it. The service then exits
+# saying so, and the test starts it again on other ports.
+PORT_TAKEN = "the port is in use"
+PORT_ATTEMPTS = 3
+
+
+class PortTaken(RuntimeError):
+    """The service could not bind a port chosen for it."""
+
+
 class ServiceProcess:
     """`fltraining serve` in a subprocess, ready once /health answers 200."""
 
     def __init__(self, data_dir: Path, workers: int = 1, env: dict[str, str] | None = None,
                  port: int | None = None, embedded_port: int | None = None) -> None:
         self.data_dir = data_dir
+        self._given_port, self._given_embedded_port = port, embedded_port
         self.port = port or free_port()
         self.embedded_port = embedded_port or free_port()
         self.workers = workers
@@ -46,20 +59,43 @@ class ServiceProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 90.0) -> None:
-        """Start and wait until /health is 200."""
+        """Start and wait until this process answers /health with 200 (on new ports if one chosen was taken)."""
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                self._start_once(timeout)
+                return
+            except PortTaken:
+                if attempt == PORT_ATTEMPTS - 1 or (self._given_port and self._given_embedded_port):
+                    raise
+                self.port = self._given_port or free_port()
+                self.embedded_port = self._given_embedded_port or free_port()
+                self.env["FLTRAINING_EMBEDDED_PORT"] = str(self.embedded_port)
+                self.log_path = self.data_dir / f"service-{self.port}.log"
+
+    def _start_once(self, timeout: float) -> None:
+        """One start; PortTaken when the service could not bind its ports."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "routes.cli", "serve", "--port", str(self.port), "--workers", str(self.workers)],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT,
-        )
+        with self.log_path.open("ab") as log:
+            started_at = log.tell()
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "routes.cli", "serve", "--port", str(self.port), "--workers", str(self.workers)],
+                env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        # Another service that took this port would answer /health too: only this service's log
+        # holding the probe's request id shows the answer came from here.
+        probe = f"readiness-{uuid.uuid4().hex}"
+        health = urllib.request.Request(self.base_url + "/health", headers={"X-Request-ID": probe})
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"service exited: {self.log_path.read_text()}")
+                written = self.log_since(started_at)
+                self.process = None
+                if PORT_TAKEN in written:
+                    raise PortTaken(f"service could not bind its port: {written}")
+                raise RuntimeError(f"service exited: {written}")
             try:
-                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as response:
-                    if response.status == 200:
+                with urllib.request.urlopen(health, timeout=2) as response:
+                    if response.status == 200 and probe in self.log_since(started_at):
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
@@ -81,6 +117,12 @@ class ServiceProcess:
     def log(self) -> str:
         """Everything the service wrote so far."""
         return self.log_path.read_text(errors="replace")
+
+    def log_since(self, offset: int) -> str:
+        """What the service wrote from this byte offset of its log on."""
+        with self.log_path.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
 
     def __enter__(self) -> Self:
         self.start()
