@@ -17,6 +17,7 @@ from fltraining.storage.database import database_name, init_database, make_clien
 from fltraining.storage.embedded import EmbeddedStore
 from routes.app import create_app
 from tests.fl_clients import SimulatedClient, start_clients, stop_clients
+from tests.processes import RUNNING
 
 TEST_URL_VARIABLE = "FLTRAINING_TEST_MONGODB_URL"
 # The blob store tier: `files` (the embedded default) unless FLTRAINING_BLOB_STORE says `gridfs`.
@@ -46,6 +47,16 @@ def store_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     with EmbeddedStore(tmp_path_factory.mktemp("store")) as store:
         yield store.url
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[pytest.TestReport]:
+    """A failing test's report ends with what the services it ran beside logged last."""
+    report: pytest.TestReport = yield
+    if report.failed:
+        for service in sorted(RUNNING, key=lambda running: running.port):
+            report.sections.append((f"service on port {service.port}: last log lines", service.log_tail()))
+    return report
 
 
 def pytest_report_header() -> str:

@@ -27,6 +27,11 @@ PORT_TAKEN = "the port is in use"
 PORT_ATTEMPTS = 3
 
 
+# Services running now, so a failing test's report can show what they logged.
+RUNNING: "set[ServiceProcess]" = set()
+LOG_TAIL_LINES = 40
+
+
 class PortTaken(RuntimeError):
     """The service could not bind a port chosen for it."""
 
@@ -63,6 +68,7 @@ class ServiceProcess:
         for attempt in range(PORT_ATTEMPTS):
             try:
                 self._start_once(timeout)
+                RUNNING.add(self)
                 return
             except PortTaken:
                 if attempt == PORT_ATTEMPTS - 1 or (self._given_port and self._given_embedded_port):
@@ -105,6 +111,7 @@ class ServiceProcess:
 
     def stop(self) -> None:
         """Stop gracefully (SIGTERM), then wait."""
+        RUNNING.discard(self)
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
@@ -117,6 +124,10 @@ class ServiceProcess:
     def log(self) -> str:
         """Everything the service wrote so far."""
         return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        """The last lines the service wrote."""
+        return "\n".join(self.log().splitlines()[-lines:])
 
     def log_since(self, offset: int) -> str:
         """What the service wrote from this byte offset of its log on."""
