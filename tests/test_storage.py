@@ -1,5 +1,6 @@
 """Stored documents, the collection validator, the daisy-chain hook, indexes and the mongoeco fixes."""
 
+import contextlib
 import copy
 import sqlite3
 import threading
@@ -789,6 +790,32 @@ async def test_changes_wait_for_a_change_stream(engine_collection: Any, monkeypa
         stream.close()
     assert [(event["operationType"], event["documentKey"]["_id"]) for event in seen if event] == [
         ("insert", 3), ("update", 3), ("delete", 3)]
+
+
+def change_records(path: Path) -> tuple[int, int]:
+    """Rows in the SQLite file's change outbox and its identity table."""
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        return (connection.execute("SELECT COUNT(*) FROM change_outbox").fetchone()[0],
+                connection.execute("SELECT COUNT(*) FROM change_outbox_identities").fetchone()[0])
+
+
+@pytest.mark.parametrize("engine_collection", ["sqlite"], indirect=True)
+async def test_writes_nobody_watches_record_no_change(engine_collection: Any, tmp_path: Path) -> None:
+    """mongoeco recorded a gap (a serialised copy, an identity, an outbox row, a compaction) for every document
+    written while no stream watched; nothing can resume across it over the wire, so nothing is recorded. A
+    stream that watches still gets its changes."""
+    await engine_collection.insert_many([{"_id": n} for n in range(5)])
+    await engine_collection.update_many({}, {"$set": {"x": 1}})
+    await engine_collection.delete_many({"_id": {"$lt": 3}})
+    assert change_records(tmp_path / "engine.sqlite3") == (0, 0)
+    assert await engine_collection.count_documents({"x": 1}) == 2
+    stream = engine_collection.watch(max_await_time_ms=100)
+    try:
+        await engine_collection.update_one({"_id": 4}, {"$set": {"x": 2}})
+        seen = await stream.try_next()
+    finally:
+        stream.close()
+    assert (seen["operationType"], seen["documentKey"]["_id"]) == ("update", 4)
 
 
 @pytest.mark.parametrize("engine_collection", ["sqlite"], indirect=True)

@@ -1,4 +1,4 @@
-"""Corrections to ten faults of mongoeco 4.11.0, applied before the embedded store starts."""
+"""Corrections to eleven faults of mongoeco 4.11.0, applied before the embedded store starts."""
 
 import functools
 import re
@@ -310,6 +310,24 @@ def _deliver_when_watched(dispatch: Callable[..., None]) -> Callable[..., None]:
     return delivered
 
 
+def _no_gap_records(new_context: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a collection's operation contexts so a write no change stream sees records no change."""
+    from mongoeco.core.operation_context import ChangePublicationPolicy
+
+    @functools.wraps(new_context)
+    def created(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # With no stream watching, mongoeco records a "gap" for every written document (so a stream that
+        # resumes across it can tell it missed changes): the document copied and serialised, an identity
+        # looked up and written, an outbox row written, the outbox compacted; eight statements in the
+        # write's transaction. A stream can only watch through the embedded store's wire server, which
+        # refuses `$changeStream`: nobody can resume, so there is nothing to mark.
+        if kwargs.get("publication") is ChangePublicationPolicy.RECORD_GAP:
+            kwargs["publication"] = ChangePublicationPolicy.DISABLED
+        return new_context(self, *args, **kwargs)
+
+    return created
+
+
 def _drain_before_watching(init: Callable[..., None], dispatch: Callable[..., None]) -> Callable[..., None]:
     """Wrap a change stream cursor's start so it first receives the changes delivery held back."""
 
@@ -409,7 +427,7 @@ def apply() -> None:
             f"written for {SUPPORTED_VERSION} only. Install mongoeco[wire]=={SUPPORTED_VERSION}."
         )
     from mongoeco._change_streams import cursor as change_cursor
-    from mongoeco.api._async import _collection_runtime
+    from mongoeco.api._async import _collection_runtime, collection
     from mongoeco.engines import memory, semantic_core, sqlite
     from mongoeco.wire import bson_bridge, protocol
 
@@ -448,6 +466,9 @@ def apply() -> None:
     runtime._dispatch_engine_changes = _deliver_when_watched(deliver)
     for cursor in (change_cursor.AsyncChangeStreamCursor, change_cursor.ChangeStreamCursor):
         cursor.__init__ = _drain_before_watching(cursor.__init__, deliver)
+    # No change recorded while no stream watches.
+    collection_class = collection.AsyncCollection
+    collection_class._new_operation_context = _no_gap_records(collection_class._new_operation_context)
     memory.MemoryEngine._ensure_unique_indexes = _numeric_id_only(
         memory.MemoryEngine._ensure_unique_indexes, lambda doc: doc.get("_id")
     )
