@@ -10,9 +10,18 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from fltraining.documents import FILE_REFERENCES, Event, SetAsideEffect, Training
 from fltraining.engine.effects import Effectors, LaterOutbox, apply_pending, event_document
-from fltraining.storage.references import file_in_use
+from fltraining.storage.references import MODEL_FILE_HOLDERS, file_in_use
 
 Raw = dict[str, Any]
+
+
+async def name_in(document: Any, field: str, file_id: UUID) -> Any:
+    """Store a bare document of this collection naming the file in this reference field; the collection."""
+    head, _, rest = field.partition(".")
+    value: Any = file_id if not rest else [{rest: [file_id]}]
+    collection = document.get_pymongo_collection()
+    await collection.insert_one({"_id": uuid.uuid4(), head: value}, bypass_document_validation=True)
+    return collection
 
 
 @pytest.mark.parametrize(("document", "field"), FILE_REFERENCES,
@@ -20,14 +29,27 @@ Raw = dict[str, Any]
 async def test_a_file_is_in_use_while_any_reference_names_it(beanie_db: AsyncDatabase[Raw], document: Any,
                                                              field: str) -> None:
     file_id, other = uuid.uuid4(), uuid.uuid4()
-    head, _, rest = field.partition(".")
-    value: Any = file_id if not rest else [{rest: [file_id]}]
-    collection = document.get_pymongo_collection()
-    await collection.insert_one({"_id": uuid.uuid4(), head: value}, bypass_document_validation=True)
+    collection = await name_in(document, field, file_id)
     assert await file_in_use(file_id)
     assert not await file_in_use(other)
     await collection.delete_many({})
     assert not await file_in_use(file_id)
+
+
+MODEL_FILE_REFERENCES = [(document, field) for document, field in FILE_REFERENCES if document in MODEL_FILE_HOLDERS]
+
+
+@pytest.mark.parametrize(("document", "field"), MODEL_FILE_REFERENCES,
+                         ids=[f"{document.__name__}.{field}" for document, field in MODEL_FILE_REFERENCES])
+async def test_a_model_file_is_in_use_while_a_model_or_a_pending_effect_names_it(
+        beanie_db: AsyncDatabase[Raw], document: Any, field: str) -> None:
+    """The round engine asks only models and trainings' effects about a replaced model file (updates, SWAG
+    statistics and data sets name files of their own): every field there still keeps the file."""
+    file_id = uuid.uuid4()
+    collection = await name_in(document, field, file_id)
+    assert await file_in_use(file_id, model_file=True)
+    await collection.delete_many({})
+    assert not await file_in_use(file_id, model_file=True)
 
 
 async def test_an_effect_applied_here_is_not_applied_again(beanie_db: AsyncDatabase[Raw]) -> None:

@@ -158,7 +158,7 @@ class AppliedEffects:
 class Effectors:
     """What applying effects needs from the process: file deletion, the outbox and server-side evaluation."""
 
-    drop_file: DropFile  # a file that may be shared: deleted once no document names it
+    drop_file: DropFile  # a model's file, which a clone may share: deleted once no model or pending effect names it
     drop_files: DropFiles  # files never shared (updates, SWAG statistics): deleted as they are
     outbox: Outbox
     evaluate: Evaluate | None = None

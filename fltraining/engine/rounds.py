@@ -254,7 +254,7 @@ class RoundEngine:
             self._cleaning[training.id] = asyncio.create_task(self._clean(training), name=f"clean-{training.id}")
 
     def _effectors(self) -> Effectors:
-        return Effectors(self._models.drop_unshared_file, self._files.delete_many, self.outbox, self.evaluate,
+        return Effectors(self._models.drop_model_file, self._files.delete_many, self.outbox, self.evaluate,
                          self._models.facts.remember_round_file, self._applied)
 
     async def _clean(self, training: Training) -> None:

@@ -138,3 +138,11 @@ class ModelStore:
             return False
         await self._files.delete(file_id)
         return True
+
+    async def drop_model_file(self, file_id: UUID) -> bool:
+        """Delete a model's file (or its optimizer state, or SWAG moments) once no model or pending effect names it;
+        True when it was deleted."""
+        if await file_in_use(file_id, model_file=True):
+            return False
+        await self._files.delete(file_id)
+        return True

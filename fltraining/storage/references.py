@@ -7,7 +7,7 @@ from uuid import UUID
 
 from beanie import Document
 
-from fltraining.documents import FILE_REFERENCES
+from fltraining.documents import FILE_REFERENCES, Model, Training
 
 
 def _fields_by_collection() -> list[tuple[type[Document], list[str]]]:
@@ -19,14 +19,19 @@ def _fields_by_collection() -> list[tuple[type[Document], list[str]]]:
 
 # The reference fields grouped by the collection that holds them: one read per collection.
 FIELDS_BY_COLLECTION = _fields_by_collection()
+# Updates, SWAG statistics and data sets each stage a file of their own at upload, which no other document
+# names; a model's file is named only by models (a clone shares its original's) and by pending effects.
+MODEL_FILE_HOLDERS = frozenset({Model, Training})
 
 
-async def file_in_use(file_id: UUID) -> bool:
-    """True when a model, update, SWAG statistic, data set or pending effect names the file (a read per collection)."""
+async def file_in_use(file_id: UUID, model_file: bool = False) -> bool:
+    """True when a model, update, SWAG statistic, data set or pending effect names the file (a read per collection;
+    for a `model_file`, a model's or its server optimizer's, only models and pending effects are read)."""
     found = await asyncio.gather(*(
         document.get_pymongo_collection().find_one(
             {fields[0]: file_id} if len(fields) == 1 else {"$or": [{field: file_id} for field in fields]}, {"_id": 1})
         for document, fields in FIELDS_BY_COLLECTION
+        if not model_file or document in MODEL_FILE_HOLDERS
     ))
     return any(item is not None for item in found)
 
