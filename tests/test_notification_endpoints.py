@@ -51,3 +51,12 @@ async def test_names_are_checked_after_resolution() -> None:
 async def test_unresolvable_names_are_refused() -> None:
     with pytest.raises(InvalidInput, match="does not resolve"):
         await resolve_endpoint("http://no-such-host.invalid/", allow_loopback=False)
+
+
+async def test_an_ip_literal_is_its_own_address_and_still_checked() -> None:
+    assert [str(address) for address in await resolve_endpoint("http://10.1.2.3:8101/", allow_loopback=False)] == [
+        "10.1.2.3"]
+    assert [str(address) for address in await resolve_endpoint("http://[2001:db8::1]/", allow_loopback=False)] == [
+        "2001:db8::1"]
+    with pytest.raises(InvalidInput, match="loopback"):
+        await resolve_endpoint("http://[::ffff:127.0.0.1]:8101/", allow_loopback=False)

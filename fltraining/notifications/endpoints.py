@@ -42,6 +42,12 @@ async def resolve_endpoint(url: str, allow_loopback: bool) -> list[IPAddress]:
     """Resolve the endpoint's host; refuse it if any address is one the service must not call."""
     parts = urlsplit(check_endpoint_url(url, allow_loopback))
     assert parts.hostname is not None
+    try:
+        # An IP literal was checked above and names its own address: no resolver call (a thread hand-off
+        # per receiver and notification).
+        return [ipaddress.ip_address(parts.hostname)]
+    except ValueError:
+        pass
     port = parts.port or (443 if parts.scheme == "https" else 80)
     loop = asyncio.get_running_loop()
     try:
