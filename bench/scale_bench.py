@@ -9,15 +9,14 @@ client downloads the global model, adds its delta and uploads it.
 
 Per N it prints: the upload phase (first round notification → last upload answered), last upload →
 first / last client notified of the next round, service and store CPU per client per round (from
-/proc), store commands per client per round, and the growth of CPU per client from the first rounds
-after round 1 to the last (rounds 2-4 against the last three from seven rounds on; else round 2 and the
-last). Every upload must answer 201 and every round must aggregate every client: a run with any error
-says so and exits non-zero.
+/proc), store commands per client per round, and the growth of CPU per client from round 2 to the last
+(read off the least-squares line through rounds 2 … last). Every upload must answer 201 and every round
+must aggregate every client: a run with any error says so and exits non-zero.
 
 Each N runs three trainings (`--repeat`, `--repeat-large`), each with its own service, and prints the
 run with the median CPU, with the ranges of CPU and of the time to the last notification over the runs.
 
-Usage: `python bench/scale_bench.py [--clients 10,100,300,1000] [--rounds 10] [--rounds-large 3]
+Usage: `python bench/scale_bench.py [--clients 10,100,300,1000] [--rounds 20] [--rounds-large 3]
 [--repeat 3] [--repeat-large 3] [--mongodb-url URL]` (`make bench-scale`).
 """
 
@@ -195,6 +194,7 @@ class Row:
     runs: int = 1
     cpu_range: tuple[float, float] = (0.0, 0.0)  # service + store per client, lowest and highest run
     notified_range: tuple[float, float] = (0.0, 0.0)  # last upload → last client notified, over the runs
+    growth_range: tuple[float, float] = (1.0, 1.0)  # CPU growth, lowest and highest run
 
     @property
     def cpu_ms(self) -> float:
@@ -207,8 +207,9 @@ def median_run(rows: list[Row]) -> Row:
     ranked = sorted(rows, key=lambda row: row.cpu_ms)
     middle = ranked[(len(ranked) - 1) // 2]
     notified = [row.last_notified for row in rows]
+    growths = [row.growth for row in rows]
     return replace(middle, runs=len(rows), cpu_range=(ranked[0].cpu_ms, ranked[-1].cpu_ms),
-                   notified_range=(min(notified), max(notified)))
+                   notified_range=(min(notified), max(notified)), growth_range=(min(growths), max(growths)))
 
 
 async def measure(n: int, rounds: int, mongodb_url: str | None) -> Row:
@@ -289,13 +290,15 @@ async def measure(n: int, rounds: int, mongodb_url: str | None) -> Row:
 
 
 def growth(totals: list[float]) -> float:
-    """CPU per client of the last rounds over that of the first after round 1 (three each from seven rounds on:
-    a round at N = 10 is a few 10 ms ticks, so one round alone jumps by a quarter either way)."""
-    if len(totals) < 2:
+    """CPU per client of the last round over that of round 2, both read off the least-squares line through rounds
+    2 … last (one round at N = 10 is a few 10 ms ticks and this machine's speed drifts by a fifth, so any single
+    round, or the mean of three, moves by a quarter either way; the line weighs every round)."""
+    later = totals[1:] if len(totals) > 1 else totals
+    if len(later) < 2:
         return 1.0
-    if len(totals) < 7:
-        return totals[-1] / totals[1]
-    return statistics.fmean(totals[-3:]) / statistics.fmean(totals[1:4])
+    slope, intercept = np.polyfit(np.arange(len(later), dtype=float), np.asarray(later), 1)
+    first, last = intercept, intercept + slope * (len(later) - 1)
+    return float(last / first) if first > 0 else 1.0
 
 
 def print_table(rows: list[Row], mongodb_url: str | None) -> None:
@@ -305,14 +308,15 @@ def print_table(rows: list[Row], mongodb_url: str | None) -> None:
           "and of the commands, the mean of the CPU")
     print("Runs: the trainings run per N; the row is the run with the median CPU, the range that of all runs.")
     print("| clients | rounds | runs | upload phase | last upload → first / last notified (range) | service + store CPU "
-          "per client per round (range) | store commands per client per round | CPU growth, first rounds → last |")
+          "per client per round (range) | store commands per client per round | CPU growth, round 2 → last (fit; range) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         spread = f" ({row.cpu_range[0]:.1f}–{row.cpu_range[1]:.1f})" if row.runs > 1 else ""
         notified = f" ({row.notified_range[0]:.2f}–{row.notified_range[1]:.2f})" if row.runs > 1 else ""
+        grown = f" ({row.growth_range[0]:.2f}–{row.growth_range[1]:.2f})" if row.runs > 1 else ""
         print(f"| {row.n:,} | {row.rounds} | {row.runs} | {row.upload_phase:.2f} s | {row.first_notified:.2f} / "
               f"{row.last_notified:.2f} s{notified} | {row.service_ms:.1f} + {row.store_ms:.1f} ms{spread} | "
-              f"{row.commands:.2f} | {row.growth:.2f}× |")
+              f"{row.commands:.2f} | {row.growth:.2f}×{grown} |")
     print("\nStore commands per client per round, by kind (rounds 2 … last):")
     for row in rows:
         print(f"  N = {row.n:,}: {row.top_commands}")
@@ -322,7 +326,7 @@ def main() -> None:
     """Parse the arguments, run each N, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="10,100,300,1000", help="comma-separated client counts")
-    parser.add_argument("--rounds", type=int, default=10, help="rounds per training below 1,000 clients")
+    parser.add_argument("--rounds", type=int, default=20, help="rounds per training below 1,000 clients")
     parser.add_argument("--rounds-large", type=int, default=3, help="rounds per training from 1,000 clients on")
     parser.add_argument("--repeat", type=int, default=3, help="trainings per N below 1,000 clients")
     parser.add_argument("--repeat-large", type=int, default=3, help="trainings per N from 1,000 clients on")
