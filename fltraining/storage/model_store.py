@@ -132,17 +132,14 @@ class ModelStore:
             self._facts.remember_round_file(model_id, model.round, stored)
         return stored
 
-    async def drop_unshared_file(self, file_id: UUID) -> bool:
-        """Delete a file once no document points at it any more; True when it was deleted."""
-        if await file_in_use(file_id):
+    async def drop_unshared_file(self, file_id: UUID, model_file: bool = False) -> bool:
+        """Delete a file once no document points at it any more (a `model_file`, a model's weights, optimizer state
+        or SWAG moments, is looked for only where one can be named); True when it was deleted."""
+        if await file_in_use(file_id, model_file):
             return False
         await self._files.delete(file_id)
         return True
 
     async def drop_model_file(self, file_id: UUID) -> bool:
-        """Delete a model's file (or its optimizer state, or SWAG moments) once no model or pending effect names it;
-        True when it was deleted."""
-        if await file_in_use(file_id, model_file=True):
-            return False
-        await self._files.delete(file_id)
-        return True
+        """Delete a model's file once no model or pending effect names it; True when it was deleted."""
+        return await self.drop_unshared_file(file_id, model_file=True)
