@@ -11,6 +11,7 @@ from types import FrameType
 
 from aiohttp import web
 
+from fltraining.heap import freeze_startup_objects
 from fltraining.logs import configure_logging
 from fltraining.settings import Settings
 from fltraining.storage.embedded import EmbeddedStore, EmbeddedStoreError, port_free, start_for
@@ -50,6 +51,7 @@ def run_worker(settings: Settings, reuse_port: bool) -> None:
     app = create_app(settings)
 
     async def listening(_: web.Application) -> None:
+        freeze_startup_objects()
         log.info("fltraining listening on http://%s:%d", settings.host, settings.port)
 
     app.on_startup.append(listening)  # after the store and the database are up

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Self
 from urllib.parse import urlsplit
 
+from fltraining.heap import freeze_startup_objects
 from fltraining.logs import configure_logging
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ async def serve_store(data_path: str, host: str, port: int, managed: bool) -> No
     record = None if data_path == ":memory:" else Path(data_path).parent / RECORD_FILE
     if record is not None:
         _write_record(record, url)
+    freeze_startup_objects()
     print(READY_PREFIX + url, flush=True)
     try:
         await stop.wait()
