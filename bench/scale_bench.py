@@ -14,7 +14,8 @@ first / last client notified of the next round, service and store CPU per client
 must aggregate every client: a run with any error says so and exits non-zero.
 
 Each N runs three trainings (`--repeat`, `--repeat-large`), each with its own service, and prints the
-run with the median CPU, with the ranges of CPU and of the time to the last notification over the runs.
+run with the median CPU, with the ranges of CPU, of the time to the last notification and of the growth over
+the runs.
 
 Usage: `python bench/scale_bench.py [--clients 10,100,300,1000] [--rounds 20] [--rounds-large 3]
 [--repeat 3] [--repeat-large 3] [--mongodb-url URL]` (`make bench-scale`).
