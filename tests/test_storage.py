@@ -819,6 +819,49 @@ async def test_writes_nobody_watches_record_no_change(engine_collection: Any, tm
 
 
 @pytest.mark.parametrize("engine_collection", ["sqlite"], indirect=True)
+async def test_a_delete_many_is_one_store_job(engine_collection: Any, monkeypatch: pytest.MonkeyPatch,
+                                              tmp_path: Path) -> None:
+    """mongoeco deleted each matched document by a store job and a transaction of its own, queued behind every
+    other client's commands (a round's clean-up fell six rounds behind in twenty); one job deletes them all, with
+    their index entries, and only documents that still match."""
+    await engine_collection.create_index("round")
+    await engine_collection.create_index("tags")
+    await engine_collection.create_index("code", unique=True)
+    await engine_collection.create_index("expires", expire_after_seconds=3600)
+    soon = datetime.now(UTC) + timedelta(minutes=5)
+    await engine_collection.insert_many([{"_id": n, "round": n % 4, "tags": [n, n + 100], "code": f"c{n}",
+                                          "expires": soon} for n in range(40)])
+    engine = engine_collection._engine
+    jobs: list[str] = []
+    run_blocking = engine._run_blocking
+
+    async def counted(func: Any, *args: Any, **kwargs: Any) -> Any:
+        jobs.append(getattr(func, "__name__", repr(func)))
+        return await run_blocking(func, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "_run_blocking", counted)
+    result = await engine_collection.delete_many({"round": 1})
+    monkeypatch.undo()
+    assert result.deleted_count == 10
+    assert len(jobs) <= 3  # the match, the deletion (mongoeco: one per document, 10 more)
+    assert await engine_collection.count_documents({}) == 30
+    assert await engine_collection.count_documents({"round": 1}) == 0
+    assert await engine_collection.count_documents({"tags": 105}) == 0  # multikey entries gone
+    assert await engine_collection.count_documents({"tags": 104}) == 1
+    await engine_collection.insert_one({"_id": 1, "round": 1, "code": "c1"})  # unique key and _id free again
+    with contextlib.closing(sqlite3.connect(tmp_path / "engine.sqlite3")) as connection:
+        assert connection.execute("SELECT COUNT(*) FROM ttl_index_entries").fetchone()[0] == 30
+    assert (await engine_collection.delete_many({"round": 9})).deleted_count == 0
+    stream = engine_collection.watch(max_await_time_ms=100)  # a watched delete_many still reports each document
+    try:
+        assert (await engine_collection.delete_many({"round": 2})).deleted_count == 10
+        seen = [await stream.try_next() for _ in range(10)]
+    finally:
+        stream.close()
+    assert sorted(event["documentKey"]["_id"] for event in seen if event) == list(range(2, 40, 4))
+
+
+@pytest.mark.parametrize("engine_collection", ["sqlite"], indirect=True)
 async def test_updates_keep_multikey_entries_they_leave_as_they_are(engine_collection: Any) -> None:
     """An update that changes no indexed array leaves its multikey entries alone (mongoeco deleted and re-inserted
     every entry: two thirds of a training update's CPU at 1,000 participants); one that changes an array is still

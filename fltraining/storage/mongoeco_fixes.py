@@ -1,4 +1,4 @@
-"""Corrections to eleven faults of mongoeco 4.11.0, applied before the embedded store starts."""
+"""Corrections to twelve faults of mongoeco 4.11.0, applied before the embedded store starts."""
 
 import functools
 import re
@@ -328,6 +328,84 @@ def _no_gap_records(new_context: Callable[..., Any]) -> Callable[..., Any]:
     return created
 
 
+def _delete_stored_sync(engine: Any, db_name: str, coll_name: str, plan: Any, dialect: Any, variables: Any,
+                        session: Any, storage_keys: list[str]) -> int:
+    """Delete, in one transaction, the documents under these storage keys that still match the plan."""
+    from mongoeco.core.filtering import QueryEngine
+    from mongoeco.engines._sqlite_write_scope import sqlite_write_scope
+
+    deleted = 0
+    with engine._lock:
+        conn = engine._require_connection(session)
+        with engine._bind_connection(conn), sqlite_write_scope(
+                conn, begin_write=lambda current: engine._begin_write(current, session),
+                commit_write=lambda current: engine._commit_write(current, session),
+                rollback_write=lambda current: engine._rollback_write(current, session)):
+            for storage_key in storage_keys:
+                document = engine._load_existing_document_for_storage_key(conn, db_name, coll_name, storage_key)
+                # Matched before this transaction: a document changed since may no longer match.
+                if document is None or not QueryEngine.match_plan(document, plan, dialect=dialect,
+                                                                  variables=variables):
+                    continue
+                conn.execute("DELETE FROM documents WHERE db_name = ? AND coll_name = ? AND storage_key = ?",
+                             (db_name, coll_name, storage_key))
+                engine._delete_document_index_entries(conn, db_name, coll_name, storage_key)
+                deleted += 1
+            if deleted:
+                engine._invalidate_collection_features_cache(db_name, coll_name)
+    return deleted
+
+
+def _deleting_in_one_job(delete_many: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap `delete_many` so the documents it matched are deleted by one store job, in one transaction."""
+    from mongoeco.api._async import _collection_modify as modify
+    from mongoeco.api.public_api import ARG_UNSET
+    from mongoeco.core.expression_context import ExpressionExecutionContext
+    from mongoeco.core.query_plan import ensure_query_plan
+    from mongoeco.engines.sqlite import SQLiteEngine
+    from mongoeco.types import DeleteResult
+
+    # Marked as a delete, so the features cache keeps the facts removing documents leaves true.
+    deleting_stored = _deleting_documents(_delete_stored_sync)
+
+    @functools.wraps(delete_many)
+    async def deleted(collection: Any, filter_spec: Any, *, filter: Any, collation: Any, hint: Any, comment: Any,
+                      let: Any, session: Any, extra_kwargs: dict[str, object], server_command: bool = False) -> Any:
+        engine = collection._engine
+        # mongoeco deleted each matched document by a job of its own: the filter compiled again, the
+        # document read again, a transaction begun and committed, each job queued behind every other
+        # client's commands. A round's clean-up of 100 updates took 100 turns of the store's one worker
+        # while 100 uploads were queued, and fell behind the rounds (six rounds behind after twenty).
+        # Only the plain case takes the one-job path; a transaction, a collation, a hint, `let` variables
+        # or a change stream watching keeps mongoeco's own.
+        plain_let = let is None or (isinstance(let, ExpressionExecutionContext) and not let.bindings)
+        if (getattr(session, "in_transaction", False) or collation is not None or hint is not None or not plain_let
+                or filter is not ARG_UNSET or extra_kwargs or not isinstance(engine, SQLiteEngine)
+                or collection._should_publish_change_events(session=session)):
+            return await delete_many(collection, filter_spec, filter=filter, collation=collation, hint=hint,
+                                     comment=comment, let=let, session=session, extra_kwargs=extra_kwargs,
+                                     server_command=server_command)
+        operation = modify.compile_update_operation(
+            collection._normalize_filter(filter_spec), collation=None, hint=None, comment=comment,
+            let=collection._normalize_let(let), dialect=collection._mongodb_dialect,
+            planning_mode=collection._planning_mode)
+        operation = modify._bind_execution_context(operation, collection, session=session,
+                                                   change_operation_type="delete")
+        matched = await collection._build_cursor(
+            modify.compile_find_selection_from_update_operation(operation), session=session, apply_codec_options=False,
+        ).to_list()
+        plan = ensure_query_plan(operation.filter_spec, operation.plan, dialect=operation.dialect)
+        keys = [engine._storage_key(modify._selected_document_id(document)) for document in matched]
+        count = await engine._run_blocking(
+            deleting_stored, engine, collection._db_name, collection._collection_name, plan, operation.dialect,
+            operation.let, session, keys) if keys else 0
+        collection._record_operation_metadata(operation="delete_many", comment=operation.comment, hint=None,
+                                              session=session)
+        return DeleteResult(deleted_count=count)
+
+    return deleted
+
+
 def _drain_before_watching(init: Callable[..., None], dispatch: Callable[..., None]) -> Callable[..., None]:
     """Wrap a change stream cursor's start so it first receives the changes delivery held back."""
 
@@ -466,6 +544,10 @@ def apply() -> None:
     runtime._dispatch_engine_changes = _deliver_when_watched(deliver)
     for cursor in (change_cursor.AsyncChangeStreamCursor, change_cursor.ChangeStreamCursor):
         cursor.__init__ = _drain_before_watching(cursor.__init__, deliver)
+    # A delete_many's documents deleted by one job, in one transaction.
+    from mongoeco.api._async import _collection_modify
+
+    _collection_modify.delete_many = _deleting_in_one_job(_collection_modify.delete_many)
     # No change recorded while no stream watches.
     collection_class = collection.AsyncCollection
     collection_class._new_operation_context = _no_gap_records(collection_class._new_operation_context)
