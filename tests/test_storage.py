@@ -852,6 +852,10 @@ async def test_a_delete_many_is_one_store_job(engine_collection: Any, monkeypatc
     with contextlib.closing(sqlite3.connect(tmp_path / "engine.sqlite3")) as connection:
         assert connection.execute("SELECT COUNT(*) FROM ttl_index_entries").fetchone()[0] == 30
     assert (await engine_collection.delete_many({"round": 9})).deleted_count == 0
+    monkeypatch.setattr(mongoeco_fixes, "DELETE_JOB_DOCUMENTS", 4)  # a large delete takes turns with others
+    assert (await engine_collection.delete_many({"round": 3})).deleted_count == 10
+    assert await engine_collection.count_documents({"round": 3}) == 0
+    monkeypatch.undo()
     stream = engine_collection.watch(max_await_time_ms=100)  # a watched delete_many still reports each document
     try:
         assert (await engine_collection.delete_many({"round": 2})).deleted_count == 10

@@ -328,6 +328,11 @@ def _no_gap_records(new_context: Callable[..., Any]) -> Callable[..., Any]:
     return created
 
 
+# Documents one delete job removes at most: a job holds the store's one writer, so a huge `delete_many`
+# still lets other clients' commands in between its jobs.
+DELETE_JOB_DOCUMENTS = 500
+
+
 def _delete_stored_sync(engine: Any, db_name: str, coll_name: str, plan: Any, dialect: Any, variables: Any,
                         session: Any, storage_keys: list[str]) -> int:
     """Delete, in one transaction, the documents under these storage keys that still match the plan."""
@@ -357,7 +362,8 @@ def _delete_stored_sync(engine: Any, db_name: str, coll_name: str, plan: Any, di
 
 
 def _deleting_in_one_job(delete_many: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap `delete_many` so the documents it matched are deleted by one store job, in one transaction."""
+    """Wrap `delete_many` so the documents it matched are deleted by one store job and one transaction (per
+    DELETE_JOB_DOCUMENTS)."""
     from mongoeco.api._async import _collection_modify as modify
     from mongoeco.api.public_api import ARG_UNSET
     from mongoeco.core.expression_context import ExpressionExecutionContext
@@ -396,9 +402,11 @@ def _deleting_in_one_job(delete_many: Callable[..., Any]) -> Callable[..., Any]:
         ).to_list()
         plan = ensure_query_plan(operation.filter_spec, operation.plan, dialect=operation.dialect)
         keys = [engine._storage_key(modify._selected_document_id(document)) for document in matched]
-        count = await engine._run_blocking(
-            deleting_stored, engine, collection._db_name, collection._collection_name, plan, operation.dialect,
-            operation.let, session, keys) if keys else 0
+        count = 0
+        for start in range(0, len(keys), DELETE_JOB_DOCUMENTS):
+            count += await engine._run_blocking(
+                deleting_stored, engine, collection._db_name, collection._collection_name, plan, operation.dialect,
+                operation.let, session, keys[start:start + DELETE_JOB_DOCUMENTS])
         collection._record_operation_metadata(operation="delete_many", comment=operation.comment, hint=None,
                                               session=session)
         return DeleteResult(deleted_count=count)
