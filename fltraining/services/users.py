@@ -77,8 +77,7 @@ class UserService:
         key = self._cache.key("token", token)
         user = self._cache.get(key)
         if user is None:
-            raw = await self._by_token_hash.find(token_hash(token))
-            user = None if raw is None else User.model_validate(raw)
+            user = await _read_user(self._by_token_hash, token_hash(token))
             if user is None and (signed_in := await self._session_owner(token)) is not None:
                 self._cache.put(session_key, signed_in)
                 return signed_in
@@ -117,8 +116,7 @@ class UserService:
             return cached
         # Checked before verifying: past the limit even a right guess is refused.
         await self._throttle.check_password(username, address)
-        raw = await self._by_username.find(username)
-        user = None if raw is None else User.model_validate(raw)
+        user = await _read_user(self._by_username, username)
         proven = self._cache.proven(key)
         if user is not None and proven is not None and (proven.id, proven.password_hash) == (user.id, user.password_hash):
             self._cache.put(key, user)  # these credentials matched this very hash before: no slow verification
@@ -166,3 +164,9 @@ class UserService:
         await Session.get_pymongo_collection().delete_many({"user": user.id})
         await user.delete()
         self._cache.forget_user(user.id)
+
+
+async def _read_user(lookup: BatchedLookup, value: str) -> User | None:
+    """The user a batched lookup finds by this value, or None."""
+    raw = await lookup.find(value)
+    return None if raw is None else User.model_validate(raw)
