@@ -8,17 +8,25 @@ this process: one aiohttp server with a notification path per client. A FedAvg t
 client downloads the global model, adds its delta and uploads it.
 
 Per N it prints: the upload phase (first round notification → last upload answered), last upload →
-first / last client notified of the next round, service and store CPU per client per round (from
-/proc), store commands per client per round, and the growth of CPU per client from round 2 to the last
-(read off the least-squares line through rounds 2 … last). Every upload must answer 201 and every round
-must aggregate every client: a run with any error says so and exits non-zero.
+first / last client notified of the next round, service and store CPU per client per round (the kernel's
+CPU-time clocks of the processes), store commands per client per round, and the growth of CPU per client from
+round 2 to the last of one training (read off the least-squares line through rounds 2 … last), and the figure of
+`bench/speed_probe.py`, a fixed piece of work timed beside the training (this machine's speed drifts).
+
+Whether late rounds cost what early ones do is measured side by side (`--pairs` per N below 1,000 clients): this
+machine slows by up to a half for seconds at a time, so one training's round 20 and round 2, a minute apart, can
+differ by a fifth for that alone. A pair is two trainings of N clients run at once, each with its own service
+and store: the late one started `--lead` (20) rounds earlier; the CPU per client per round of its rounds during
+the early one's rounds 2 … span + 1 (span: `--rounds`, at least 1,000 client-rounds) over the early one's, both
+over the same seconds. Every upload must answer 201 and every round must aggregate every client: a run with any
+error says so and exits non-zero.
 
 Each N runs three trainings (`--repeat`, `--repeat-large`), each with its own service, and prints the
 run with the median CPU, with the ranges of CPU, of the time to the last notification and of the growth over
 the runs.
 
 Usage: `python bench/scale_bench.py [--clients 10,100,300,1000] [--rounds 20] [--rounds-large 3]
-[--repeat 3] [--repeat-large 3] [--mongodb-url URL]` (`make bench-scale`).
+[--repeat 3] [--repeat-large 3] [--pairs 2] [--lead 20] [--mongodb-url URL]` (`make bench-scale`).
 """
 
 import argparse
@@ -30,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 from itertools import pairwise
@@ -43,7 +52,8 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from load import CLK_TCK, Sampler, _json  # noqa: E402  (bench/ is on sys.path as the script's folder)
+from load import _children, _is_store, _json, _tree, cpu_ns  # noqa: E402  (bench/ is on sys.path as the script's folder)
+from speed_probe import read_samples, speeds
 
 from fltraining.weights import dump_tensors, load_tensors  # noqa: E402
 from tests.processes import ServiceProcess, free_port  # noqa: E402
@@ -52,6 +62,8 @@ PASSWORD = "scale bench password"
 PARAMETERS = 10_000
 LARGE = 1000  # from this many clients on, --rounds-large rounds
 CLIENT_CONNECTIONS = 128
+PAIR_CLIENT_ROUNDS = 1000  # the early training of a pair runs at least this many client-rounds (N = 10: 100 rounds)
+SPARE_ROUNDS = 10  # the late training of a pair runs this many more rounds, so that it outlasts the early one
 ROUND_TIMEOUT_SECONDS = 900.0
 
 
@@ -118,11 +130,19 @@ class Clients:
 
 @dataclass
 class Boundary:
-    """CPU ticks and store commands when every client had been told about a round."""
+    """CPU time (ns) and store commands when every client had been told about a round."""
 
-    service_ticks: int
-    store_ticks: int
+    at: float
+    service_ns: int
+    store_ns: int
     commands: Counter[str]
+
+
+def cpu_split(root: int) -> tuple[int, int]:
+    """CPU time (ns) of the service's processes and of the embedded store among them."""
+    pids = _tree(root, _children())
+    store = sum(cpu_ns(pid) for pid in pids if _is_store(pid))
+    return sum(cpu_ns(pid) for pid in pids) - store, store
 
 
 def read_commands(stem: Path, pid: int) -> Counter[str]:
@@ -179,6 +199,22 @@ async def setup(service: ServiceProcess, clients: Clients, n: int, rounds: int, 
 
 
 @dataclass
+class Pair:
+    """CPU per client per round of a training's late rounds and of another training's early rounds, run side by
+    side by two services at the same time (so a slower spell of the machine slows both)."""
+
+    late_rounds: tuple[int, int]
+    early_rounds: tuple[int, int]
+    late_ms: float
+    early_ms: float
+
+    @property
+    def ratio(self) -> float:
+        """Late over early."""
+        return self.late_ms / self.early_ms
+
+
+@dataclass
 class Row:
     """The figures of one N."""
 
@@ -191,11 +227,14 @@ class Row:
     store_ms: float
     commands: float
     growth: float
+    probe_ms: float  # the speed probe's median CPU over rounds 2 … last (lower: a faster machine)
     top_commands: str
     runs: int = 1
     cpu_range: tuple[float, float] = (0.0, 0.0)  # service + store per client, lowest and highest run
     notified_range: tuple[float, float] = (0.0, 0.0)  # last upload → last client notified, over the runs
     growth_range: tuple[float, float] = (1.0, 1.0)  # CPU growth, lowest and highest run
+    probe_range: tuple[float, float] = (0.0, 0.0)
+    pairs: list[Pair] = field(default_factory=list)
 
     @property
     def cpu_ms(self) -> float:
@@ -209,19 +248,41 @@ def median_run(rows: list[Row]) -> Row:
     middle = ranked[(len(ranked) - 1) // 2]
     notified = [row.last_notified for row in rows]
     growths = [row.growth for row in rows]
+    probes = [row.probe_ms for row in rows]
     return replace(middle, runs=len(rows), cpu_range=(ranked[0].cpu_ms, ranked[-1].cpu_ms),
-                   notified_range=(min(notified), max(notified)), growth_range=(min(growths), max(growths)))
+                   notified_range=(min(notified), max(notified)), growth_range=(min(growths), max(growths)),
+                   probe_range=(min(probes), max(probes)))
 
 
-async def measure(n: int, rounds: int, mongodb_url: str | None) -> Row:
-    """Run one training of `rounds` rounds with `n` clients; return the figures."""
+@dataclass
+class Run:
+    """One training as the bench saw it: when each round began for every client, and the CPU and commands then."""
+
+    n: int
+    rounds: int
+    clients: Clients
+    boundaries: list[Boundary]
+    probe: list[tuple[float, float]]
+
+    def cpu_ns(self, index: int) -> int:
+        """Service and store CPU at boundary `index`."""
+        return self.boundaries[index].service_ns + self.boundaries[index].store_ns
+
+
+async def run_training(n: int, rounds: int, mongodb_url: str | None, ahead: tuple[int, asyncio.Event] | None = None,
+                       ) -> Run:
+    """Run one training of `rounds` rounds with `n` clients, its own service and store; `ahead` is set once the
+    given number of rounds began."""
     with tempfile.TemporaryDirectory(prefix="fltraining-scale-") as temp:
         stem = Path(temp) / "commands"
         env = {"FLTRAINING_NOTIFICATION_ALLOW_LOOPBACK": "true", "FLTRAINING_STORE_COMMAND_COUNTS_FILE": str(stem)}
         if mongodb_url:
-            env |= {"FLTRAINING_MONGODB_URL": mongodb_url, "FLTRAINING_DATABASE": f"scale{n}_{os.getpid()}"}
+            env |= {"FLTRAINING_MONGODB_URL": mongodb_url, "FLTRAINING_DATABASE": f"scale{n}_{uuid.uuid4().hex[:12]}"}
         service = ServiceProcess(Path(temp) / "data", env=env)
         service.start()
+        probe_file = Path(temp) / "speed"
+        probe = await asyncio.create_subprocess_exec(sys.executable, str(Path(__file__).with_name("speed_probe.py")),
+                                                     str(probe_file))
         port = free_port()
         clients = Clients(service.base_url)
         app = web.Application()
@@ -234,7 +295,6 @@ async def measure(n: int, rounds: int, mongodb_url: str | None) -> Row:
         try:
             assert service.process is not None
             pid = service.process.pid
-            sampler = Sampler(pid)
             await setup(service, clients, n, rounds, f"http://127.0.0.1:{port}")
             boundaries: list[Boundary] = []
             for round_ in range(rounds + 1):
@@ -242,24 +302,35 @@ async def measure(n: int, rounds: int, mongodb_url: str | None) -> Row:
                     await wait_for(clients, lambda r=round_: len(clients.rounds[r].notified) == n, f"round {round_}")
                 else:
                     await wait_for(clients, lambda: len(clients.finished) == n, "the end")
-                sample = sampler.read()
+                at = time.monotonic()
+                service_ns, store_ns = cpu_split(pid)
                 commands = await asyncio.to_thread(read_commands, stem, pid)
-                boundaries.append(Boundary(sample.service_ticks, sample.store_ticks, commands))
+                boundaries.append(Boundary(at, service_ns, store_ns, commands))
+                if ahead is not None and len(boundaries) == ahead[0]:
+                    ahead[1].set()
             if clients.errors:
                 raise RuntimeError(f"client errors: {clients.errors[:5]}")
             for round_ in range(rounds):
                 if len(clients.rounds[round_].uploaded) != n:
                     raise RuntimeError(f"round {round_}: {len(clients.rounds[round_].uploaded)} of {n} uploads")
         finally:
+            probe.kill()
+            await probe.wait()
             await clients.session.close()
             await runner.cleanup()
             service.stop()
+        return Run(n, rounds, clients, boundaries, read_samples(probe_file))
 
-    def per_client_ms(ticks: list[int]) -> list[float]:
-        return [(b - a) * 1000 / CLK_TCK / n for a, b in pairwise(ticks)]
 
-    service_ms = per_client_ms([b.service_ticks for b in boundaries])
-    store_ms = per_client_ms([b.store_ticks for b in boundaries])
+def figures(run: Run) -> Row:
+    """A training's figures (times and commands: medians over rounds 2 … last; CPU: their mean)."""
+    n, rounds, clients, boundaries = run.n, run.rounds, run.clients, run.boundaries
+
+    def per_client_ms(times: list[int]) -> list[float]:
+        return [(b - a) / 1e6 / n for a, b in pairwise(times)]
+
+    service_ms = per_client_ms([b.service_ns for b in boundaries])
+    store_ms = per_client_ms([b.store_ns for b in boundaries])
     per_round_commands = [b.commands - a.commands for a, b in pairwise(boundaries)]
     commands = [sum(c.values()) / n for c in per_round_commands]
     upload_phase, first_notified, last_notified = [], [], []
@@ -271,29 +342,60 @@ async def measure(n: int, rounds: int, mongodb_url: str | None) -> Row:
         first_notified.append(min(following.values()) - last_upload)
         last_notified.append(max(following.values()) - last_upload)
     totals = [s + t for s, t in zip(service_ms, store_ms)]
+    speed = speeds(run.probe, [b.at for b in boundaries])  # the probe's CPU ms in each round
     later = slice(1, None) if rounds > 1 else slice(None)  # round 1 includes the service's warm-up
-    # CPU as the mean over rounds 2 … last (all their ticks at once): /proc counts in 10 ms ticks, a tick
-    # per round at N = 10 is 1 ms per client, so a median of per-round figures jumps by whole ticks.
+    # CPU as the mean over rounds 2 … last: a round's cost is what the service does for it, whichever
+    # round's boundary a clean-up happens to straddle.
     first = 1 if rounds > 1 else 0
     counted = len(boundaries) - 1 - first
 
-    def mean_ms(ticks: list[int]) -> float:
-        return (ticks[-1] - ticks[first]) * 1000 / CLK_TCK / n / counted
+    def mean_ms(times: list[int]) -> float:
+        return (times[-1] - times[first]) / 1e6 / n / counted
     top = sum(per_round_commands[later], Counter())
     return Row(
         n=n, rounds=rounds, upload_phase=statistics.median(upload_phase[later]),
         first_notified=statistics.median(first_notified[later]), last_notified=statistics.median(last_notified[later]),
-        service_ms=mean_ms([b.service_ticks for b in boundaries]), store_ms=mean_ms([b.store_ticks for b in boundaries]),
-        commands=statistics.median(commands[later]), growth=growth(totals),
+        service_ms=mean_ms([b.service_ns for b in boundaries]), store_ms=mean_ms([b.store_ns for b in boundaries]),
+        commands=statistics.median(commands[later]), growth=growth(totals), probe_ms=statistics.median(speed[later]),
         top_commands=", ".join(f"{name} {count / n / len(per_round_commands[later]):.2f}"
                                for name, count in top.most_common(8)),
     )
 
 
+async def measure(n: int, rounds: int, mongodb_url: str | None) -> Row:
+    """Run one training of `rounds` rounds with `n` clients; return the figures."""
+    return figures(await run_training(n, rounds, mongodb_url))
+
+
+async def side_by_side(n: int, lead: int, span: int, mongodb_url: str | None) -> Pair:
+    """Two trainings of `n` clients at once, each with its own service: the late one started `lead` rounds before
+    the early one; the CPU per client of the late one's rounds over that of the early one's rounds 2 … span + 1,
+    measured over the same seconds."""
+    ahead = asyncio.Event()
+    late_task = asyncio.create_task(run_training(n, lead + span + SPARE_ROUNDS, mongodb_url, (lead + 1, ahead)))
+    waiting = asyncio.create_task(ahead.wait())
+    await asyncio.wait([late_task, waiting], return_when=asyncio.FIRST_COMPLETED)
+    if not ahead.is_set():
+        waiting.cancel()
+        await late_task  # raises what stopped it
+        raise RuntimeError("the late training ended before it was ahead")
+    early = await run_training(n, span + 2, mongodb_url)
+    late = await late_task
+    start, end = early.boundaries[1].at, early.boundaries[span + 1].at
+    inside = [index for index, boundary in enumerate(late.boundaries[:-1]) if start <= boundary.at <= end]
+    if len(inside) < 2 or inside[-1] - inside[0] < span // 2:
+        raise RuntimeError(f"the late training ran {len(inside)} rounds beside the early one's {span}")
+    first, last = inside[0], inside[-1]
+    return Pair(late_rounds=(first + 1, last), early_rounds=(2, span + 1),
+                late_ms=(late.cpu_ns(last) - late.cpu_ns(first)) / 1e6 / n / (last - first),
+                early_ms=(early.cpu_ns(span + 1) - early.cpu_ns(1)) / 1e6 / n / span)
+
+
 def growth(totals: list[float]) -> float:
     """CPU per client of the last round over that of round 2, both read off the least-squares line through rounds
-    2 … last (one round at N = 10 is a few 10 ms ticks and this machine's speed drifts by a fifth, so any single
-    round, or the mean of three, moves by a quarter either way; the line weighs every round)."""
+    2 … last of one training. Only a rough figure: this machine slows by up to a half for seconds at a time, and
+    a slow spell near either end tilts the line by a fifth; `side_by_side` compares late and early rounds in the
+    same seconds."""
     later = totals[1:] if len(totals) > 1 else totals
     if len(later) < 2:
         return 1.0
@@ -308,16 +410,29 @@ def print_table(rows: list[Row], mongodb_url: str | None) -> None:
     print(f"\nRound engine at scale on {store} ({os.cpu_count()} cores); rounds 2 … last: medians of the times "
           "and of the commands, the mean of the CPU")
     print("Runs: the trainings run per N; the row is the run with the median CPU, the range that of all runs.")
+    print("Speed probe: CPU ms of a fixed piece of work (bench/speed_probe.py) during rounds 2 … last; lower is a "
+          "faster machine. Late / early: CPU per client per round of one training's rounds after round "
+          "--lead next to another training's rounds 2 … run at the same time (pairs: --pairs).")
     print("| clients | rounds | runs | upload phase | last upload → first / last notified (range) | service + store CPU "
-          "per client per round (range) | store commands per client per round | CPU growth, round 2 → last (fit; range) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "per client per round (range) | store commands per client per round | CPU growth, round 2 → last (one "
+          "training, fit; range) | late / early rounds side by side (range) | speed probe (range) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         spread = f" ({row.cpu_range[0]:.1f}–{row.cpu_range[1]:.1f})" if row.runs > 1 else ""
         notified = f" ({row.notified_range[0]:.2f}–{row.notified_range[1]:.2f})" if row.runs > 1 else ""
         grown = f" ({row.growth_range[0]:.2f}–{row.growth_range[1]:.2f})" if row.runs > 1 else ""
+        probed = f" ({row.probe_range[0]:.2f}–{row.probe_range[1]:.2f})" if row.runs > 1 else ""
+        ratios = sorted(pair.ratio for pair in row.pairs)
+        paired = "–" if not ratios else f"{statistics.median(ratios):.2f}×" + (
+            f" ({ratios[0]:.2f}–{ratios[-1]:.2f})" if len(ratios) > 1 else "")
         print(f"| {row.n:,} | {row.rounds} | {row.runs} | {row.upload_phase:.2f} s | {row.first_notified:.2f} / "
               f"{row.last_notified:.2f} s{notified} | {row.service_ms:.1f} + {row.store_ms:.1f} ms{spread} | "
-              f"{row.commands:.2f} | {row.growth:.2f}×{grown} |")
+              f"{row.commands:.2f} | {row.growth:.2f}×{grown} | {paired} | {row.probe_ms:.2f} ms{probed} |")
+    print("\nLate / early rounds side by side:")
+    for row in rows:
+        for pair in row.pairs:
+            print(f"  N = {row.n:,}: rounds {pair.late_rounds[0]}–{pair.late_rounds[1]} {pair.late_ms:.2f} ms, "
+                  f"rounds {pair.early_rounds[0]}–{pair.early_rounds[1]} {pair.early_ms:.2f} ms: {pair.ratio:.3f}×")
     print("\nStore commands per client per round, by kind (rounds 2 … last):")
     for row in rows:
         print(f"  N = {row.n:,}: {row.top_commands}")
@@ -331,6 +446,8 @@ def main() -> None:
     parser.add_argument("--rounds-large", type=int, default=3, help="rounds per training from 1,000 clients on")
     parser.add_argument("--repeat", type=int, default=3, help="trainings per N below 1,000 clients")
     parser.add_argument("--repeat-large", type=int, default=3, help="trainings per N from 1,000 clients on")
+    parser.add_argument("--pairs", type=int, default=2, help="late / early pairs per N below 1,000 clients")
+    parser.add_argument("--lead", type=int, default=20, help="rounds the late training of a pair is ahead")
     parser.add_argument("--mongodb-url", default=None, help="run on this MongoDB instead of the embedded store")
     args = parser.parse_args()
     rows = []
@@ -339,8 +456,13 @@ def main() -> None:
         rounds, repeat = (args.rounds_large, args.repeat_large) if large else (args.rounds, args.repeat)
         started = time.monotonic()
         # Separate trainings, each with its own service: this machine's speed drifts by a fifth between runs.
-        rows.append(median_run([asyncio.run(measure(n, rounds, args.mongodb_url)) for _ in range(repeat)]))
-        print(f"N = {n:,}: {repeat} × {rounds} rounds in {time.monotonic() - started:.0f} s", flush=True)
+        row = median_run([asyncio.run(measure(n, rounds, args.mongodb_url)) for _ in range(repeat)])
+        if not large:
+            span = max(args.rounds, PAIR_CLIENT_ROUNDS // n)
+            row.pairs = [asyncio.run(side_by_side(n, args.lead, span, args.mongodb_url)) for _ in range(args.pairs)]
+        rows.append(row)
+        print(f"N = {n:,}: {repeat} × {rounds} rounds and {0 if large else args.pairs} pairs in "
+              f"{time.monotonic() - started:.0f} s", flush=True)
     print_table(rows, args.mongodb_url)
 
 

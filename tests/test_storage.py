@@ -5,7 +5,7 @@ import copy
 import sqlite3
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -734,10 +734,11 @@ async def test_updates_do_not_rebuild_every_uuid_and_datetime(
 
 @pytest.mark.parametrize("engine_collection", ["sqlite"], indirect=True)
 async def test_reads_fixing_the_id_seek_its_row(engine_collection: Any) -> None:
-    """A filter fixing `_id` to a UUID or ObjectId reads that one row by its key (mongoeco matched `_id` with
-    json_extract on every document: each count of one training parsed every stored training); every answer is
-    as before, for other ids too."""
-    ids: list[Any] = [uuid.uuid4() for _ in range(20)] + [ObjectId() for _ in range(5)] + ["name", 7, 7.5, Int64(8)]
+    """A filter fixing `_id` to a UUID, ObjectId or string reads that one row by its key (mongoeco matched `_id`
+    with json_extract on every document: each count of one training parsed every stored training, each settling
+    of a notification every stored record); every answer is as before, for other ids too."""
+    ids: list[Any] = [uuid.uuid4() for _ in range(20)] + [ObjectId() for _ in range(5)] + [
+        "name", "1796681312936-02-237b5e14", "(<class 'str'>, 'name')", "", 7, 7.5, Int64(8)]
     await engine_collection.create_index("n")
     await engine_collection.insert_many([{"_id": value, "n": k, "tags": [k, k + 1]} for k, value in enumerate(ids)])
     statements: list[str] = []
@@ -748,7 +749,7 @@ async def test_reads_fixing_the_id_seek_its_row(engine_collection: Any) -> None:
             statements.clear()
             assert await engine_collection.count_documents({"_id": value, "n": k}) == 1
             seeks = any("documents.storage_key = '(" in sql for sql in statements if sql.startswith("SELECT COUNT(*)"))
-            assert seeks == isinstance(value, uuid.UUID | ObjectId), value
+            assert seeks == isinstance(value, uuid.UUID | ObjectId | str), value
             assert await engine_collection.count_documents({"_id": value}) == 1
             assert await engine_collection.count_documents({"_id": value, "n": k + 1}) == 0
             assert await engine_collection.count_documents({"_id": value, "tags": k + 1}) == 1
@@ -762,6 +763,68 @@ async def test_reads_fixing_the_id_seek_its_row(engine_collection: Any) -> None:
     assert await engine_collection.count_documents({"_id": {"$in": [ids[1], ids[2]]}}) == 2
     assert await engine_collection.count_documents({"_id": uuid.uuid4(), "n": 0}) == 0
     assert await engine_collection.count_documents({"_id": 7.0}) == 1  # numeric ids still compare by value
+    assert await engine_collection.count_documents({"_id": "Name", "n": 29}) == 0  # strings exactly
+    assert await engine_collection.count_documents({"_id": "nam", "n": 29}) == 0
+
+
+async def vm_steps[T](connection: Any, action: Callable[[], Awaitable[T]]) -> tuple[int, T]:
+    """SQLite's virtual-machine instructions (in hundreds) while `action` runs, and what it returned."""
+    steps = [0]
+
+    def step() -> int:
+        steps[0] += 1
+        return 0  # go on
+
+    connection.set_progress_handler(step, 100)
+    try:
+        result = await action()
+    finally:
+        connection.set_progress_handler(None, 0)
+    return steps[0], result
+
+
+@pytest.mark.parametrize("engine_collection", ["sqlite"], indirect=True)
+async def test_a_membership_test_reads_its_own_entries(engine_collection: Any) -> None:
+    """A filter that tests whether an indexed array holds a value seeks that value's entry for each document it
+    looks at (mongoeco walked every entry of the index for every document: confirming one upload to a training
+    of 1,000 participants read all 1,000 entries twice); every answer is as before."""
+    await engine_collection.create_index("members")
+    members = [uuid.uuid4() for _ in range(10)]
+    values: list[Any] = [*members, "text", 3, None, ObjectId()]
+    await engine_collection.insert_one({"_id": "mine", "owner": members[0], "members": values})
+    connection = engine_collection._engine._connection
+
+    async def answers() -> list[int]:
+        return [await engine_collection.count_documents(query) for query in (
+            {"_id": "mine", "members": members[3]},
+            {"_id": "mine", "members": uuid.uuid4()},
+            {"_id": "mine", "members": "text"},
+            {"_id": "mine", "members": 3.0},  # numbers by value
+            {"_id": "mine", "members": Int64(3)},
+            {"_id": "mine", "members": "TEXT"},
+            {"_id": "mine", "$or": [{"owner": members[5]}, {"members": members[5]}]},
+            {"_id": "mine", "$or": [{"owner": members[5]}, {"members": uuid.uuid4()}]},
+            {"_id": "mine", "members": {"$in": [uuid.uuid4(), members[9]]}},
+        )]
+
+    expected = [1, 0, 1, 1, 1, 0, 1, 0, 1]
+    few = await answers()
+
+    async def one_lookup() -> int:
+        return int(await engine_collection.count_documents({"_id": "mine", "members": members[3]}))
+
+    steps_alone, found = await vm_steps(connection, one_lookup)
+    assert found == 1
+    # 2,000 entries of other documents under the same index.
+    await engine_collection.insert_many(
+        [{"_id": f"other{k}", "members": [uuid.uuid4() for _ in range(200)]} for k in range(10)])
+    steps_among_others, found = await vm_steps(connection, one_lookup)
+    assert found == 1
+    assert few == expected
+    assert await answers() == expected
+    assert steps_among_others < 2 * steps_alone + 5, (steps_alone, steps_among_others)
+    assert await engine_collection.count_documents({"members": members[3]}) == 1
+    assert await engine_collection.count_documents({"$or": [{"owner": uuid.uuid4()}, {"members": members[3]}]}) == 1
 
 
 @pytest.mark.parametrize("engine_collection", ["sqlite"], indirect=True)
