@@ -10,12 +10,11 @@ client downloads the global model, adds its delta and uploads it.
 Per N it prints: the upload phase (first round notification → last upload answered), last upload →
 first / last client notified of the next round, service and store CPU per client per round (the kernel's
 CPU-time clocks of the processes), store commands per client per round, and the growth of CPU per client from
-round 2 to the last of one training (read off the least-squares line through rounds 2 … last), and the figure of
-`bench/speed_probe.py`, a fixed piece of work timed beside the training (this machine's speed drifts).
+round 2 to the last of one training (read off the least-squares line through rounds 2 … last).
 
 Whether late rounds cost what early ones do is measured side by side (`--pairs` per N below 1,000 clients): this
-machine slows by up to a half for seconds at a time, so one training's round 20 and round 2, a minute apart, can
-differ by a fifth for that alone. A pair is two trainings of N clients run at once, each with its own service
+machine slows by a fifth or more for seconds or minutes at a time, so one training's round 20 and round 2, a
+minute apart, can differ by a fifth for that alone. A pair is two trainings of N clients run at once, each with its own service
 and store: the late one started `--lead` (20) rounds earlier; the CPU per client per round of its rounds during
 the early one's rounds 2 … span + 1 (span: `--rounds`, at least 1,000 client-rounds) over the early one's, both
 over the same seconds. Every upload must answer 201 and every round must aggregate every client: a run with any
@@ -53,7 +52,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from load import _children, _is_store, _json, _tree, cpu_ns  # noqa: E402  (bench/ is on sys.path as the script's folder)
-from speed_probe import read_samples, speeds
 
 from fltraining.weights import dump_tensors, load_tensors  # noqa: E402
 from tests.processes import ServiceProcess, free_port  # noqa: E402
@@ -227,13 +225,11 @@ class Row:
     store_ms: float
     commands: float
     growth: float
-    probe_ms: float  # the speed probe's median CPU over rounds 2 … last (lower: a faster machine)
     top_commands: str
     runs: int = 1
     cpu_range: tuple[float, float] = (0.0, 0.0)  # service + store per client, lowest and highest run
     notified_range: tuple[float, float] = (0.0, 0.0)  # last upload → last client notified, over the runs
     growth_range: tuple[float, float] = (1.0, 1.0)  # CPU growth, lowest and highest run
-    probe_range: tuple[float, float] = (0.0, 0.0)
     pairs: list[Pair] = field(default_factory=list)
 
     @property
@@ -248,10 +244,8 @@ def median_run(rows: list[Row]) -> Row:
     middle = ranked[(len(ranked) - 1) // 2]
     notified = [row.last_notified for row in rows]
     growths = [row.growth for row in rows]
-    probes = [row.probe_ms for row in rows]
     return replace(middle, runs=len(rows), cpu_range=(ranked[0].cpu_ms, ranked[-1].cpu_ms),
-                   notified_range=(min(notified), max(notified)), growth_range=(min(growths), max(growths)),
-                   probe_range=(min(probes), max(probes)))
+                   notified_range=(min(notified), max(notified)), growth_range=(min(growths), max(growths)))
 
 
 @dataclass
@@ -262,7 +256,6 @@ class Run:
     rounds: int
     clients: Clients
     boundaries: list[Boundary]
-    probe: list[tuple[float, float]]
 
     def cpu_ns(self, index: int) -> int:
         """Service and store CPU at boundary `index`."""
@@ -280,9 +273,6 @@ async def run_training(n: int, rounds: int, mongodb_url: str | None, ahead: tupl
             env |= {"FLTRAINING_MONGODB_URL": mongodb_url, "FLTRAINING_DATABASE": f"scale{n}_{uuid.uuid4().hex[:12]}"}
         service = ServiceProcess(Path(temp) / "data", env=env)
         service.start()
-        probe_file = Path(temp) / "speed"
-        probe = await asyncio.create_subprocess_exec(sys.executable, str(Path(__file__).with_name("speed_probe.py")),
-                                                     str(probe_file))
         port = free_port()
         clients = Clients(service.base_url)
         app = web.Application()
@@ -314,12 +304,10 @@ async def run_training(n: int, rounds: int, mongodb_url: str | None, ahead: tupl
                 if len(clients.rounds[round_].uploaded) != n:
                     raise RuntimeError(f"round {round_}: {len(clients.rounds[round_].uploaded)} of {n} uploads")
         finally:
-            probe.kill()
-            await probe.wait()
             await clients.session.close()
             await runner.cleanup()
             service.stop()
-        return Run(n, rounds, clients, boundaries, read_samples(probe_file))
+        return Run(n, rounds, clients, boundaries)
 
 
 def figures(run: Run) -> Row:
@@ -342,7 +330,6 @@ def figures(run: Run) -> Row:
         first_notified.append(min(following.values()) - last_upload)
         last_notified.append(max(following.values()) - last_upload)
     totals = [s + t for s, t in zip(service_ms, store_ms)]
-    speed = speeds(run.probe, [b.at for b in boundaries])  # the probe's CPU ms in each round
     later = slice(1, None) if rounds > 1 else slice(None)  # round 1 includes the service's warm-up
     # CPU as the mean over rounds 2 … last: a round's cost is what the service does for it, whichever
     # round's boundary a clean-up happens to straddle.
@@ -356,7 +343,7 @@ def figures(run: Run) -> Row:
         n=n, rounds=rounds, upload_phase=statistics.median(upload_phase[later]),
         first_notified=statistics.median(first_notified[later]), last_notified=statistics.median(last_notified[later]),
         service_ms=mean_ms([b.service_ns for b in boundaries]), store_ms=mean_ms([b.store_ns for b in boundaries]),
-        commands=statistics.median(commands[later]), growth=growth(totals), probe_ms=statistics.median(speed[later]),
+        commands=statistics.median(commands[later]), growth=growth(totals),
         top_commands=", ".join(f"{name} {count / n / len(per_round_commands[later]):.2f}"
                                for name, count in top.most_common(8)),
     )
@@ -393,9 +380,9 @@ async def side_by_side(n: int, lead: int, span: int, mongodb_url: str | None) ->
 
 def growth(totals: list[float]) -> float:
     """CPU per client of the last round over that of round 2, both read off the least-squares line through rounds
-    2 … last of one training. Only a rough figure: this machine slows by up to a half for seconds at a time, and
-    a slow spell near either end tilts the line by a fifth; `side_by_side` compares late and early rounds in the
-    same seconds."""
+    2 … last of one training. Only a rough figure: this machine slows by a fifth or more for seconds or minutes
+    at a time, and a slow spell near either end tilts the line as much; `side_by_side` compares late and early
+    rounds in the same seconds."""
     later = totals[1:] if len(totals) > 1 else totals
     if len(later) < 2:
         return 1.0
@@ -410,24 +397,22 @@ def print_table(rows: list[Row], mongodb_url: str | None) -> None:
     print(f"\nRound engine at scale on {store} ({os.cpu_count()} cores); rounds 2 … last: medians of the times "
           "and of the commands, the mean of the CPU")
     print("Runs: the trainings run per N; the row is the run with the median CPU, the range that of all runs.")
-    print("Speed probe: CPU ms of a fixed piece of work (bench/speed_probe.py) during rounds 2 … last; lower is a "
-          "faster machine. Late / early: CPU per client per round of one training's rounds after round "
-          "--lead next to another training's rounds 2 … run at the same time (pairs: --pairs).")
+    print("Late / early: CPU per client per round of one training's rounds after round --lead next to another "
+          "training's rounds 2 …, run at the same time (pairs: --pairs).")
     print("| clients | rounds | runs | upload phase | last upload → first / last notified (range) | service + store CPU "
           "per client per round (range) | store commands per client per round | CPU growth, round 2 → last (one "
-          "training, fit; range) | late / early rounds side by side (range) | speed probe (range) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "training, fit; range) | late / early rounds side by side (range) |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         spread = f" ({row.cpu_range[0]:.1f}–{row.cpu_range[1]:.1f})" if row.runs > 1 else ""
         notified = f" ({row.notified_range[0]:.2f}–{row.notified_range[1]:.2f})" if row.runs > 1 else ""
         grown = f" ({row.growth_range[0]:.2f}–{row.growth_range[1]:.2f})" if row.runs > 1 else ""
-        probed = f" ({row.probe_range[0]:.2f}–{row.probe_range[1]:.2f})" if row.runs > 1 else ""
         ratios = sorted(pair.ratio for pair in row.pairs)
         paired = "–" if not ratios else f"{statistics.median(ratios):.2f}×" + (
             f" ({ratios[0]:.2f}–{ratios[-1]:.2f})" if len(ratios) > 1 else "")
         print(f"| {row.n:,} | {row.rounds} | {row.runs} | {row.upload_phase:.2f} s | {row.first_notified:.2f} / "
               f"{row.last_notified:.2f} s{notified} | {row.service_ms:.1f} + {row.store_ms:.1f} ms{spread} | "
-              f"{row.commands:.2f} | {row.growth:.2f}×{grown} | {paired} | {row.probe_ms:.2f} ms{probed} |")
+              f"{row.commands:.2f} | {row.growth:.2f}×{grown} | {paired} |")
     print("\nLate / early rounds side by side:")
     for row in rows:
         for pair in row.pairs:
