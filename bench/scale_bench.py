@@ -12,13 +12,15 @@ first / last client notified of the next round, service and store CPU per client
 CPU-time clocks of the processes), store commands per client per round, and the growth of CPU per client from
 round 2 to the last of one training (read off the least-squares line through rounds 2 … last).
 
-Whether late rounds cost what early ones do is measured side by side (`--pairs` per N below 1,000 clients): this
-machine slows by a fifth or more for seconds or minutes at a time, so one training's round 20 and round 2, a
-minute apart, can differ by a fifth for that alone. A pair is two trainings of N clients run at once, each with its own service
-and store: the late one started `--lead` (20) rounds earlier; the CPU per client per round of its rounds during
-the early one's rounds 2 … span + 1 (span: `--rounds`, at least 1,000 client-rounds) over the early one's, both
-over the same seconds. Every upload must answer 201 and every round must aggregate every client: a run with any
-error says so and exits non-zero.
+Whether late rounds cost what early ones do is measured side by side (`--pairs` per N below 1,000 clients):
+this machine slows by a fifth or more for seconds or minutes at a time, so one training's round 20 and round 2,
+a minute apart, can differ by a fifth for that alone. A pair is two trainings of N clients run at once, each
+with its own service and store, the late one started `--lead` (20) rounds earlier: the CPU per client per
+round of its rounds during the early one's rounds 2 … span + 1 (span: `--rounds`, and at least 1,000
+client-rounds) over the early one's, both over the same seconds.
+
+Every upload must answer 201 and every round must aggregate every client: a run with any error says so and
+exits non-zero.
 
 Each N runs three trainings (`--repeat`, `--repeat-large`), each with its own service, and prints the
 run with the median CPU, with the ranges of CPU, of the time to the last notification and of the growth over
