@@ -317,8 +317,9 @@ async def test_round_timeout_without_quorum_fails(api: TestClient, clients: list
 
 # The deadline counts from the round start, and here a notification takes ~0.6 s to arrive and a
 # client ~1.2 s to download and upload; the timeout must leave the two working clients time to
-# upload, or the round has no quorum (that is test 6).
-QUORUM_TIMEOUT_SECONDS = 4
+# upload, or the round has no quorum (that is test 6). 4 s was too short once, with both test tiers
+# and benchmarks sharing the two cores.
+QUORUM_TIMEOUT_SECONDS = 8
 
 
 async def test_round_timeout_with_quorum_aggregates_the_arrived(

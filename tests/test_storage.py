@@ -662,8 +662,8 @@ async def test_unique_index_check_does_not_scan_the_collection(
     with pytest.raises(DuplicateKeyError):
         await engine_collection.insert_one(duplicates[-1])
     assert (scanned_documents[0], array_scans[0]) == (0, 0)
-    # Other writes still drop the cached facts: the counter sees the next check scan again.
-    await engine_collection.update_one(key_of(1), {"$set": {"other": 1}})
+    # A write that puts an array under the key drops the fact: the counter sees the next check scan again.
+    await engine_collection.update_one(key_of(1), {"$set": {keys[0][0]: ["an", "array"]}})
     await engine_collection.insert_one({**key_of(STORED + 21), "i": STORED + 21})
     assert array_scans[0] >= 1
 
@@ -1042,3 +1042,94 @@ async def test_a_validator_is_compiled_once_and_still_enforced(
     with pytest.raises(WriteError):
         await checked.insert_one({"_id": 1, field: 5})
     await checked.insert_one({"_id": 1, field: 15})
+
+
+FACT_VALUES: list[Any] = [
+    0, 1, 2.5, -3, Int64(7), "a", "m", "z", "é", "Ünï", True, None, uuid.UUID(int=5), ObjectId("64b7f0c2a1b2c3d4e5f60718"),
+    b"\x00\x01", datetime(2026, 1, 2, tzinfo=UTC), [1, 2], ["a", "é"], [], [[1], 2], {"b": 1}, {"b": "é"},
+    {"b": [1, "x"]}, [{"b": 2}, {"b": "y"}],
+]
+FACT_QUERIES: list[Raw] = [
+    {"a": 1}, {"a": "a"}, {"a": 2.5}, {"a": [1, 2]}, {"a": None}, {"a": uuid.UUID(int=5)}, {"a": b"\x00\x01"},
+    {"a": {"$gt": 0}}, {"a": {"$lt": "n"}}, {"a": {"$gte": "é"}}, {"a.b": 1}, {"a.b": "y"}, {"a.b": {"$gt": 0}},
+    {"s": {"$lt": "m"}}, {"s": "é"}, {"n": {"$gte": 1}}, {"n": 2.5}, {"a": {"$in": [1, "z", None]}},
+    {"$or": [{"a": "m"}, {"n": {"$lt": 1}}]}, {"n": {"$lte": 2}},
+]
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_writes_keep_only_the_facts_they_leave_true(fixed_mongoeco: None, tmp_path: Path, seed: int) -> None:
+    """A write keeps the collection's cached "no document has it" facts its own documents do not falsify (before,
+    every update dropped them all and the next query scanned the whole collection again, per fact). Random
+    inserts, updates, replacements and deletes of documents with every kind of value, each followed by every
+    query, answer exactly what a second SQLite engine answers that works out every fact afresh for each query."""
+    import random
+
+    import mongoeco
+    from mongoeco.engines.sqlite import SQLiteEngine
+
+    chance = random.Random(seed)
+    engines = [SQLiteEngine(str(tmp_path / "kept.sqlite3")), SQLiteEngine(str(tmp_path / "afresh.sqlite3"))]
+    clients = [mongoeco.AsyncMongoClient(engine) for engine in engines]
+
+    def document() -> Raw:
+        fields = {"a": chance.choice(FACT_VALUES), "s": chance.choice(["a", "m", "z", "é", 3, None]),
+                  "n": chance.choice([0, 1, 2.5, Int64(2), "x", [1, 3]])}
+        return {name: value for name, value in fields.items() if chance.random() < 0.85}
+
+    async with clients[0], clients[1]:
+        collections = [client["db"]["things"] for client in clients]
+        for collection in collections:
+            await collection.create_index("s")
+            await collection.insert_many([{"_id": k, "a": k % 3, "s": "b", "n": k} for k in range(8)])
+        next_id = 8
+        for step in range(60):
+            for query in FACT_QUERIES:
+                engines[1]._collection_features_cache.clear()
+                answers = [sorted(map(repr, await c.distinct("_id", query))) for c in collections]
+                assert answers[0] == answers[1], (step, query, answers)
+            action = chance.choice(["insert", "update", "update", "set_many", "replace", "delete"])
+            target, new = chance.randrange(next_id), document()
+            for collection in collections:
+                if action == "insert":
+                    await collection.insert_one({"_id": next_id, **new})
+                elif action == "update":
+                    await collection.update_one({"_id": target}, {"$set": {"a": new.get("a"), "n": new.get("n")}})
+                elif action == "set_many":
+                    await collection.update_many({"n": {"$gte": 1}}, {"$set": {"s": ["z", "é", "a"][step % 3]}})
+                elif action == "replace":
+                    await collection.replace_one({"_id": target}, new)
+                else:
+                    await collection.delete_one({"_id": target})
+            next_id += action == "insert"
+        kept = [key for key, value in engines[0]._collection_features_cache.items() if value is False]
+        assert kept, "no fact outlived the last write: the queries did not exercise the correction"
+
+
+@pytest.mark.parametrize("engine_collection", ["sqlite"], indirect=True)
+async def test_an_update_without_the_feature_keeps_the_fact(engine_collection: Any) -> None:
+    """An update that puts no array at a field keeps "no document has an array there": the next unique-index
+    check reads only the updated document for it, not the collection; one that does put an array there drops
+    the fact, and the index sees the array."""
+    await engine_collection.create_index("k", unique=True)
+    await engine_collection.insert_many([{"_id": i, "k": i, "v": "x"} for i in range(STORED)])
+    await engine_collection.insert_one({"_id": STORED, "k": STORED})
+    statements: list[str] = []
+    connection = engine_collection._engine._connection
+
+    def whole_collection_scans() -> int:
+        return sum(1 for sql in statements if "json_type(document, '$.k') = 'array'" in sql and "storage_key IN" not in sql)
+
+    connection.set_trace_callback(statements.append)
+    try:
+        for i in range(10):
+            await engine_collection.update_one({"_id": i}, {"$set": {"v": f"y{i}", "w": [i]}})
+            await engine_collection.insert_one({"_id": STORED + 1 + i, "k": STORED + 1 + i})
+        assert whole_collection_scans() == 0  # before: one after every update
+        await engine_collection.update_one({"_id": 5}, {"$set": {"k": [500, 501]}})
+        with pytest.raises(DuplicateKeyError):
+            await engine_collection.insert_one({"k": 501})
+        assert whole_collection_scans() >= 1
+    finally:
+        connection.set_trace_callback(None)
+    assert await engine_collection.count_documents({"k": 500}) == 1

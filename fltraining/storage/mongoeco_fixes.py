@@ -1,4 +1,4 @@
-"""Corrections to thirteen faults of mongoeco 4.11.0, applied before the embedded store starts."""
+"""Corrections to fourteen faults of mongoeco 4.11.0, applied before the embedded store starts."""
 
 import functools
 import re
@@ -114,11 +114,118 @@ def _deleting_documents(method: Callable[..., Any]) -> Callable[..., Any]:
     return deleting
 
 
+# The documents this thread wrote since their collection's facts were last dropped: (db, collection) →
+# storage keys, read when the write drops them (`_keep_array_facts`). A document write in a form not
+# recognised here clears every collection's facts at once instead.
+_written = threading.local()
+# While set, the one-document checks of `_recheck_facts`: the storage keys every feature query is limited to.
+_restricting = threading.local()
+_DOCUMENT_WRITE = re.compile(r"\s*(?:INSERT(?:\s+OR\s+\w+)?\s+INTO|REPLACE\s+INTO|UPDATE(?:\s+OR\s+\w+)?)\s+documents\b",
+                             re.IGNORECASE)
+_INSERT_DOCUMENT = "INSERT INTO documents (db_name, coll_name, storage_key, document)"
+_UPDATE_BY_KEY = "WHERE db_name = ? AND coll_name = ? AND storage_key = ?"
+_FEATURE_SCOPE = "WHERE db_name = ? AND coll_name = ?"
+MAX_RECHECKED_DOCUMENTS = 200  # a larger write drops the facts, as mongoeco does
+
+
+class _Unrestrictable(Exception):
+    """A feature query this module cannot limit to the written documents."""
+
+
+def _written_by(sql: str, params: Any) -> tuple[str, str, str] | None:
+    """The (db, collection, storage key) of a document write in a form mongoeco 4.11 uses, else None."""
+    statement = sql.strip()
+    if not isinstance(params, tuple | list):
+        return None
+    if statement.startswith(_INSERT_DOCUMENT):
+        return params[0], params[1], params[2]
+    if statement.startswith("UPDATE documents") and statement.endswith(_UPDATE_BY_KEY):
+        if "SET document = ?, storage_key = ?" in statement:
+            return params[2], params[3], params[1]
+        return params[-3], params[-2], params[-1]
+    return None
+
+
+def _record_document_write(sql: str, params: Any) -> None:
+    """Note a document write of this thread for the invalidation that follows it."""
+    written = _written_by(sql, params)
+    if written is None:
+        _written.unknown = True  # the next invalidation drops every collection's facts
+        return
+    keys = getattr(_written, "keys", None)
+    if keys is None:
+        keys = _written.keys = {}
+    keys.setdefault(written[:2], set()).add(written[2])
+
+
+def _restricted(sql: str, params: Any, keys: list[str]) -> tuple[str, Any]:
+    """A feature query limited to the given documents (raises _Unrestrictable when its form is unknown)."""
+    at = sql.find(_FEATURE_SCOPE)
+    if at < 0 or "FROM documents" not in sql[:at] or not sql.lstrip().upper().startswith("SELECT") or not isinstance(
+            params, tuple | list) or len(params) < 2:
+        raise _Unrestrictable(sql)
+    end = at + len(_FEATURE_SCOPE)
+    marks = ", ".join("?" for _ in keys)
+    return f"{sql[:end]} AND storage_key IN ({marks}){sql[end:]}", (*params[:2], *keys, *params[2:])
+
+
+# The cached facts a write may keep after checking its own documents, by kind: how to ask for one again.
+_RECHECKED: dict[str, Callable[[Any, str, str, str], Any]] = {
+    "comparison_mismatch": lambda engine, db, coll, rest: engine._field_has_comparison_type_mismatch_in_collection(
+        db, coll, *rest.rsplit(":", 1)),
+    "scalar_or_array_comparison_mismatch": lambda engine, db, coll, rest: (
+        engine._field_has_scalar_or_array_element_type_mismatch_in_collection(db, coll, *rest.rsplit(":", 1))),
+    "traverses_array": lambda engine, db, coll, rest: engine._field_traverses_array_in_collection(db, coll, rest),
+    "traverses_dbref": lambda engine, db, coll, rest: engine._field_traverses_dbref_in_collection(db, coll, rest),
+    "tagged_type": lambda engine, db, coll, rest: engine._field_contains_tagged_value_type_in_collection(
+        db, coll, *rest.rsplit(":", 1)),
+    "top_level_array": lambda engine, db, coll, rest: engine._field_is_top_level_array_in_collection(db, coll, rest),
+    "contains_real_numeric": lambda engine, db, coll, rest: engine._field_contains_real_numeric_in_collection(
+        db, coll, rest),
+    "contains_non_ascii_text": lambda engine, db, coll, rest: engine._field_contains_non_ascii_text_in_collection(
+        db, coll, rest),
+}
+
+
+def _recheck_facts(engine: Any, db_name: str, coll_name: str, keys: set[str]) -> dict[Any, bool]:
+    """The collection's "no document has it" facts that the written documents (`keys`) do not falsify."""
+    cache = engine._collection_features_cache
+    kept: dict[Any, bool] = {}
+    if not keys or len(keys) > MAX_RECHECKED_DOCUMENTS:
+        return kept
+    ordered = sorted(keys)
+    for fact in [key for key, value in cache.items() if key[:2] == (db_name, coll_name) and value is False]:
+        kind, _, rest = fact[2].partition(":")
+        if kind == "uniform_scalar_sort_type":
+            kept[fact] = False  # "not one sort type": a write cannot make a fast path wrong by keeping it
+            continue
+        ask = _RECHECKED.get(kind)
+        if ask is None:
+            continue
+        cache.pop(fact, None)
+        _restricting.keys = ordered
+        try:
+            holds = ask(engine, db_name, coll_name, rest)
+        except Exception:  # noqa: BLE001  (any failure: the fact is dropped, as mongoeco drops it)
+            holds = True
+        finally:
+            _restricting.keys = None
+            cache.pop(fact, None)
+        if holds is False:
+            kept[fact] = False
+    return kept
+
+
 def _keep_array_facts(invalidate: Callable[..., None]) -> Callable[..., None]:
     """Wrap the features-cache invalidation so inserts and deletes keep the facts they leave true."""
 
     @functools.wraps(invalidate)
     def invalidated(self: Any, db_name: str | None = None, coll_name: str | None = None) -> None:
+        if getattr(_written, "unknown", False):
+            _written.unknown = False
+            _written.keys = {}
+            invalidate(self)  # a document write of a form not known here: every collection's facts go
+            return
         if db_name is not None and getattr(_deleting, "collection", None) == (db_name, coll_name):
             # Every cached fact of mongoeco 4.11 is "some document has feature F" (arrays, tagged
             # types, type mismatches, non-ASCII text, reals) or a uniform sort type; False says "none
@@ -130,18 +237,26 @@ def _keep_array_facts(invalidate: Callable[..., None]) -> Callable[..., None]:
             invalidate(self, db_name, coll_name)
             cache.update(kept)
             return
-        # Every write drops the collection's cached facts, so the next unique-index check re-runs
-        # a full-table json_type scan per indexed field. An insert (or an overwrite by _id) that
-        # puts no array under a field's top-level key cannot make "no document has an array at
-        # that field" false, so those facts survive it; everything else is dropped as before.
+        # Every write drops the collection's cached facts, so the next query re-runs a full-table
+        # scan per fact it needs (each settling of a notification made the next read of the
+        # outbox scan every record kept for the retention period). A fact "no document has F"
+        # stays true after a write whose documents do not have F: an insert's arrays are looked
+        # at in Python, every other fact is asked again of the written documents alone (the same
+        # query, limited to their storage keys); everything else is dropped as before.
+        cache = self._collection_features_cache
+        written = getattr(_written, "keys", None) or {}
+        keys = written.pop((db_name, coll_name), set()) if db_name is not None else set()
         batch = getattr(_inserting, "batch", None)
         kept = {}
         if batch is not None and batch[:2] == (db_name, coll_name):
-            cache = self._collection_features_cache
             facts = _array_facts(cache, batch[0], batch[1], batch[2])
             kept = {key: False for key, touched in facts.items() if not touched and cache[key] is False}
+        if db_name is not None and coll_name is not None and self._transaction_owner_session_id is None:
+            for key in kept:
+                cache.pop(key, None)  # looked at already
+            kept |= _recheck_facts(self, db_name, coll_name, keys)
         invalidate(self, db_name, coll_name)
-        self._collection_features_cache.update(kept)
+        cache.update(kept)
 
     return invalidated
 
@@ -472,10 +587,16 @@ def shared_entry_index_sql(sql: str) -> str:
 
 
 def _with_shared_entry_indexes(execute: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a connection's `execute` so per-index entry indexes become the shared one."""
+    """Wrap a connection's `execute` so per-index entry indexes become the shared one, document writes are
+    noted for the facts they leave true, and a fact's re-check reads only the written documents."""
 
     @functools.wraps(execute)
     def executed(self: Any, sql: str, *args: Any) -> Any:
+        if (keys := getattr(_restricting, "keys", None)) is not None:
+            sql, restricted = _restricted(sql, args[0] if args else (), keys)
+            return execute(self, shared_entry_index_sql(sql), restricted, *args[1:])
+        if _DOCUMENT_WRITE.match(sql):
+            _record_document_write(sql, args[0] if args else ())
         return execute(self, shared_entry_index_sql(sql), *args)
 
     return executed
