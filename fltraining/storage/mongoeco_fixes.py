@@ -217,7 +217,7 @@ def _recheck_facts(engine: Any, db_name: str, coll_name: str, keys: set[str]) ->
 
 
 def _keep_array_facts(invalidate: Callable[..., None]) -> Callable[..., None]:
-    """Wrap the features-cache invalidation so inserts and deletes keep the facts they leave true."""
+    """Wrap the features-cache invalidation so writes keep the facts they leave true."""
 
     @functools.wraps(invalidate)
     def invalidated(self: Any, db_name: str | None = None, coll_name: str | None = None) -> None:
@@ -681,13 +681,15 @@ def apply() -> None:
     sqlite.SQLiteEngine._translate_query_plan_with_multikey = _id_through_storage_key(
         sqlite.SQLiteEngine._translate_query_plan_with_multikey
     )
+    # An array membership test seeks its one index entry.
     sqlite.SQLiteEngine._translate_multikey_exists_clause = _multikey_membership_seeking
     sqlite.SQLiteEngine._rebuild_multikey_entries_for_document = _multikey_entries_kept(
         sqlite.SQLiteEngine._rebuild_multikey_entries_for_document
     )
     semantic_core.compile_collection_validation_semantics = _validators_compiled_once(
         semantic_core.compile_collection_validation_semantics)
-    # One shared index per entry table instead of one identical index per MongoDB index.
+    # One shared index per entry table instead of one identical index per MongoDB index; document
+    # writes noted as they run, so that the features cache keeps what they leave true.
     connection_class = sqlite.SQLiteConnection
     connection_class.execute = _with_shared_entry_indexes(connection_class.execute)  # type: ignore[method-assign]
     # Change delivery only to a hub somebody watches.
