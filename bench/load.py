@@ -98,6 +98,13 @@ def cpu_ns(pid: int) -> int:
         return 0
 
 
+def service_and_store(root: int) -> tuple[list[int], list[int]]:
+    """The service's processes (`root` and its descendants) other than the embedded store, and the store's."""
+    pids = _tree(root, _children())
+    store = [pid for pid in pids if _is_store(pid)]
+    return [pid for pid in pids if pid not in store], store
+
+
 def _is_store(pid: int) -> bool:
     """Whether a process is the embedded store."""
     try:
@@ -130,11 +137,9 @@ class Sampler(threading.Thread):
 
     def read(self) -> Sample:
         """Sample now."""
-        pids = _tree(self.root, _children())
-        store = {pid for pid in pids if _is_store(pid)}
-        service = [pid for pid in pids if pid not in store]
+        service, store = service_and_store(self.root)
         return Sample(time.monotonic(), sum(map(_rss_kib, service)), sum(map(_rss_kib, store)),
-                      sum(map(_cpu_ticks, service)), sum(map(_cpu_ticks, store)), len(pids))
+                      sum(map(_cpu_ticks, service)), sum(map(_cpu_ticks, store)), len(service) + len(store))
 
     def run(self) -> None:
         """Sample until stopped."""

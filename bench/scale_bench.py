@@ -53,7 +53,7 @@ from aiohttp import web
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from load import _children, _is_store, _json, _tree, cpu_ns  # noqa: E402  (bench/ is on sys.path as the script's folder)
+from load import _json, cpu_ns, service_and_store  # noqa: E402  (bench/ is on sys.path as the script's folder)
 
 from fltraining.weights import dump_tensors, load_tensors  # noqa: E402
 from tests.processes import ServiceProcess, free_port  # noqa: E402
@@ -140,9 +140,8 @@ class Boundary:
 
 def cpu_split(root: int) -> tuple[int, int]:
     """CPU time (ns) of the service's processes and of the embedded store among them."""
-    pids = _tree(root, _children())
-    store = sum(cpu_ns(pid) for pid in pids if _is_store(pid))
-    return sum(cpu_ns(pid) for pid in pids) - store, store
+    service, store = service_and_store(root)
+    return sum(map(cpu_ns, service)), sum(map(cpu_ns, store))
 
 
 def read_commands(stem: Path, pid: int) -> Counter[str]:

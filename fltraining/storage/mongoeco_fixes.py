@@ -51,7 +51,7 @@ def _encode_bson_dbref(encode: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return encoded
 
 
-# The inserts under way in this thread: (db, collection, documents), for `_keep_array_facts`.
+# The inserts under way in this thread: (db, collection, documents), for `_keep_facts_left_true`.
 _inserting = threading.local()
 _ARRAY_FACTS = ("top_level_array:", "traverses_array:")
 
@@ -95,7 +95,7 @@ def _inserting_documents(method: Callable[..., Any]) -> Callable[..., Any]:
     return inserting
 
 
-# The deletes under way in this thread: (db, collection), for `_keep_array_facts`.
+# The deletes under way in this thread: (db, collection), for `_keep_facts_left_true`.
 _deleting = threading.local()
 
 
@@ -115,7 +115,7 @@ def _deleting_documents(method: Callable[..., Any]) -> Callable[..., Any]:
 
 
 # The documents this thread wrote since their collection's facts were last dropped: (db, collection) →
-# storage keys, read when the write drops them (`_keep_array_facts`). A document write in a form not
+# storage keys, read when the write drops them (`_keep_facts_left_true`). A document write in a form not
 # recognised here clears every collection's facts at once instead.
 _written = threading.local()
 # While set, the one-document checks of `_recheck_facts`: the storage keys every feature query is limited to.
@@ -216,7 +216,7 @@ def _recheck_facts(engine: Any, db_name: str, coll_name: str, keys: set[str]) ->
     return kept
 
 
-def _keep_array_facts(invalidate: Callable[..., None]) -> Callable[..., None]:
+def _keep_facts_left_true(invalidate: Callable[..., None]) -> Callable[..., None]:
     """Wrap the features-cache invalidation so writes keep the facts they leave true."""
 
     @functools.wraps(invalidate)
@@ -667,7 +667,7 @@ def apply() -> None:
     # through the physical index rather than decoding every stored document.
     sqlite.SQLiteEngine._insert_document_sync = _inserting_documents(sqlite.SQLiteEngine._insert_document_sync)
     sqlite.SQLiteEngine._insert_documents_sync = _inserting_documents(sqlite.SQLiteEngine._insert_documents_sync)
-    sqlite.SQLiteEngine._invalidate_collection_features_cache = _keep_array_facts(
+    sqlite.SQLiteEngine._invalidate_collection_features_cache = _keep_facts_left_true(
         sqlite.SQLiteEngine._invalidate_collection_features_cache
     )
     # Deletes keep the "none has F" facts too.
