@@ -7,9 +7,10 @@ from uuid import UUID
 
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import AutoReconnect
 
 from fltraining.documents import FILE_REFERENCES, Event, SetAsideEffect, Training
-from fltraining.engine.effects import Effectors, LaterOutbox, apply_pending, event_document
+from fltraining.engine.effects import Effectors, LaterOutbox, apply_pending, event_document, remove_applied
 from fltraining.storage.references import MODEL_FILE_HOLDERS, file_in_use
 
 Raw = dict[str, Any]
@@ -103,3 +104,65 @@ async def test_a_steps_events_are_stored_once_whoever_applies_them(beanie_db: As
     assert [(raw["_id"], raw["type"], raw["data"]) for raw in found] == [
         (event["id"], event["type"], event["data"]) for event in events]
     assert await SetAsideEffect.get_pymongo_collection().count_documents({}) == 0
+
+
+async def no_local_files(file_ids: list[UUID]) -> None:
+    """Nothing: no local files here."""
+
+
+async def _dropped(file_id: UUID) -> bool:
+    return True
+
+
+def drop_effect(index: int, file_id: UUID) -> dict[str, Any]:
+    """A `drop_file` effect of a step at one fixed time."""
+    return {"id": f"0003-0{index}-drop{index}", "kind": "drop_file", "file_id": file_id, "at": None}
+
+
+async def test_removing_a_steps_effects_clears_the_marker_unless_a_step_added_more(
+        beanie_db: AsyncDatabase[Raw]) -> None:
+    """The reconciler finds trainings by `effects_pending`: it is cleared with the removal of the last effects,
+    and stays set when a step pushed another effect after the snapshot that was applied."""
+    first, second, later = (drop_effect(index, uuid.uuid4()) for index in range(3))
+    training = Training(model=uuid.uuid4(), actor=uuid.uuid4(), base_target_num_updates=1, target_num_updates=1,
+                        effects=[first, second], effects_pending=True)
+    await training.insert()
+    collection = Training.get_pymongo_collection()
+    await collection.update_one({"_id": training.id}, {"$push": {"effects": later}})
+    here = Effectors(_dropped, no_local_files, LaterOutbox())
+    await remove_applied(training, [first["id"], second["id"]], here)
+    stored = await collection.find_one({"_id": training.id})
+    assert stored is not None and [effect["id"] for effect in stored["effects"]] == [later["id"]]
+    assert stored["effects_pending"] is True
+    await remove_applied(Training.model_validate(stored), [later["id"]], here)
+    stored = await collection.find_one({"_id": training.id})
+    assert stored is not None and stored["effects"] == [] and stored["effects_pending"] is False
+
+
+async def test_effects_whose_application_failed_are_applied_and_removed_at_the_next_look(
+        beanie_db: AsyncDatabase[Raw]) -> None:
+    """A lost connection in the middle of a lane leaves its effects in the training; the same process applies
+    all of them again at its next look (each is safe to repeat) and removes them, rather than skipping the
+    ones it had applied and leaving them listed for ever."""
+    dropped: list[UUID] = []
+    failing = {uuid.uuid4()}
+
+    async def drop_file(file_id: UUID) -> bool:
+        if file_id in failing:
+            failing.clear()
+            raise AutoReconnect("connection lost")
+        dropped.append(file_id)
+        return True
+
+    first, second = drop_effect(0, uuid.uuid4()), drop_effect(1, next(iter(failing)))
+    training = Training(model=uuid.uuid4(), actor=uuid.uuid4(), base_target_num_updates=1, target_num_updates=1,
+                        effects=[first, second], effects_pending=True)
+    await training.insert()
+    here = Effectors(drop_file, no_local_files, LaterOutbox())
+    with pytest.raises(AutoReconnect):
+        await apply_pending(training, here, cleanup=True)
+    assert dropped == [first["file_id"]]
+    await apply_pending(training, here, cleanup=True)
+    assert dropped == [first["file_id"], first["file_id"], second["file_id"]]
+    stored = await Training.get_pymongo_collection().find_one({"_id": training.id})
+    assert stored is not None and stored["effects"] == [] and stored["effects_pending"] is False

@@ -26,7 +26,7 @@ from tests.fl_clients import (
     wait_for_state,
     wait_until,
 )
-from tests.helpers import Account, create_training, get_training, register, upload_model
+from tests.helpers import Account, create_training, get_training, register, stored_blobs, upload_model
 from tests.test_rounds import events_of, run_training
 
 # Each client adds (index + 1) to what it downloads; sample sizes are 1, 2, 3 (the `clients` fixture).
@@ -91,6 +91,32 @@ def no_errors(clients: list[SimulatedClient]) -> None:
 
 
 # 1 ------------------------------------------------------------------------------------------------
+
+
+async def test_a_finished_training_leaves_no_update_and_no_file_but_its_models(
+    api: TestClient, clients: list[SimulatedClient], database_url: str
+) -> None:
+    """Each aggregation deletes its round's updates with their files (which the engine knows from the round) and
+    the replaced global file; once the last clean-up ran, the training's effects are gone and the reconciler's
+    marker is cleared, and the blob store holds only the files the models name."""
+    actor = await register(api, actor=True)
+    training_id = await run_training(api, actor, clients, target_num_updates=3)
+    final = await wait_for_state(api, actor, training_id, {"C", "E"})
+    assert final["state"] == "C", final
+    mongo = make_client(database_url)
+    try:
+        database = mongo[database_name(database_url, "fltraining")]
+
+        async def settled() -> bool:
+            training = await database["trainings"].find_one({"_id": UUID(training_id)})
+            return training is not None and training["effects"] == [] and training["effects_pending"] is False
+
+        await wait_until(settled, "the last step's effects applied and removed")
+        assert await database["updates"].count_documents({"training": UUID(training_id)}) == 0
+        named = {raw["file_id"] async for raw in database["models"].find({}, {"file_id": 1})}
+        assert await stored_blobs(api) == named  # the last round's global model's file
+    finally:
+        await mongo.close()
 
 
 async def test_skip_model_tests_sends_no_test_rounds(api: TestClient, clients: list[SimulatedClient]) -> None:

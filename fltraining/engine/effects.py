@@ -103,9 +103,10 @@ class Effects:
         self._add("evaluate", model=model, round=round_, file_id=stored.file_id, dataset=dataset,
                   file_ids=[stored.file_id])
 
-    def drop_local_files(self, before_round: int) -> None:
-        """Delete the training's updates and SWAG statistics of rounds before `before_round`."""
+    def drop_local_files(self, before_round: int) -> str:
+        """Delete the training's updates and SWAG statistics of rounds before `before_round`; the effect's id."""
         self._add("drop_local", before_round=before_round)
+        return str(self.items[-1]["id"])
 
 
 class Outbox(Protocol):
@@ -134,10 +135,11 @@ class LaterOutbox:
 class AppliedEffects:
     """The ids of the effects this process applied, the newest `limit` of them.
 
-    A training read after a step may still list effects whose `$pull` this process has not yet made
-    (the clean-up of one round runs beside the next round's commit); they are skipped rather than
-    applied again (eleven reads per file drop, a scan of the round's updates). Applying twice would
-    still be correct: every effect is safe to repeat, and another process that reads them applies them.
+    A training read after a step may still list effects whose removal this process has not yet made
+    (the clean-up of one round, which removes the step's effects of both lanes, runs beside the next
+    round's commit); they are skipped rather than applied again (reads per file drop, a scan of the
+    round's updates), and an id is forgotten when its application or removal failed. Applying twice
+    would still be correct: every effect is safe to repeat, and another process that reads them applies them.
     """
 
     def __init__(self, limit: int = 10_000) -> None:
@@ -153,6 +155,11 @@ class AppliedEffects:
         if len(self._ids) > self._limit:
             del self._ids[next(iter(self._ids))]
 
+    def forget(self, effect_ids: list[str]) -> None:
+        """Forget effects not applied or not removed after all: the next look applies them again, then removes them."""
+        for effect_id in effect_ids:
+            self._ids.pop(effect_id, None)
+
 
 @dataclass(frozen=True)
 class Effectors:
@@ -165,6 +172,8 @@ class Effectors:
     # Told the global model's file of a new round as it is written, so this process serves it from memory.
     synced: Callable[[UUID, int, StoredFile], None] = lambda model, round_, stored: None
     applied: AppliedEffects = field(default_factory=AppliedEffects)
+    # The files of the updates a `drop_local` effect deletes, by effect id, where the step that wrote it knew them.
+    local_files: dict[str, list[UUID]] = field(default_factory=dict)
 
 
 async def apply_effect(effect: dict[str, Any], training: Training, effectors: Effectors) -> None:
@@ -198,8 +207,12 @@ async def apply_effect(effect: dict[str, Any], training: Training, effectors: Ef
             if old is not None and old not in (effect["first"], effect["second"]):
                 await drop_file(old)
     elif kind == "drop_local":
-        await drop_local_files(training.id, {"$lt": effect["before_round"]}, effectors.drop_files,
-                               swag=training.uncertainty_method == UncertaintyMethod.SWAG)
+        swag = training.uncertainty_method == UncertaintyMethod.SWAG
+        known = effectors.local_files.pop(effect["id"], None)
+        if known is not None and not swag:
+            await drop_known_local_files(training.id, {"$lt": effect["before_round"]}, known, effectors.drop_files)
+        else:
+            await drop_local_files(training.id, {"$lt": effect["before_round"]}, effectors.drop_files, swag=swag)
     elif kind == "evaluate" and effectors.evaluate is not None:
         await _record_evaluation(effect, training, effectors.evaluate)
 
@@ -265,6 +278,17 @@ async def drop_local_files(training_id: UUID, rounds: Any, drop_files: DropFiles
             await drop_files(file_ids)
 
 
+async def drop_known_local_files(training_id: UUID, rounds: Any, file_ids: list[UUID], drop_files: DropFiles) -> None:
+    """Delete a training's updates of the given rounds, whose files the caller knows, in bulk (no read of them).
+
+    A stored update whose file is not among them (an upload of a participant removed during its round) leaves
+    a file no document names once deleted, which the sweeper removes.
+    """
+    await Update.get_pymongo_collection().delete_many({"training": training_id, "round": rounds})
+    if file_ids:
+        await drop_files(file_ids)
+
+
 async def _insert_once(collection: Any, document: dict[str, Any]) -> bool:
     try:
         await collection.insert_one(document)
@@ -284,32 +308,54 @@ def pending(training: Training, cleanup: bool) -> list[dict[str, Any]]:
     return [effect for effect in training.effects if (effect["kind"] in CLEANUP_KINDS) == cleanup]
 
 
-async def apply_pending(training: Training, effectors: Effectors, cleanup: bool = False) -> None:
-    """Apply a training's pending effects of one lane (in order, its events together at the end), then remove
-    them from the document.
+async def apply_pending(training: Training, effectors: Effectors, cleanup: bool = False,
+                        remove: bool = True) -> list[str]:
+    """Apply a training's pending effects of one lane (in order, its events together at the end) and remove them
+    from the document (`remove=False`: the caller removes them together with others); the lane's effect ids.
 
-    A notification is handed to the outbox as soon as its record is written, so delivery starts at once.
+    Effects this process applied already are skipped: their removal was made, or is under way, here. A
+    notification is handed to the outbox as soon as its record is written, so delivery starts at once.
     An effect the store refuses for good (a validator, a malformed effect) is logged once and set aside,
     so it neither blocks the effects behind it nor is retried forever; lost connections still raise.
     """
-    effects = pending(training, cleanup)
+    effects = [effect for effect in pending(training, cleanup) if effect["id"] not in effectors.applied]
     if not effects:
-        return
-    events: list[dict[str, Any]] = []
-    for effect in effects:
-        if effect["id"] in effectors.applied:
-            continue  # applied here already; this snapshot may predate its `$pull`
-        if effect["kind"] == "event":
-            events.append(effect)
-            continue
-        await _apply_one(effect, training, effectors)
-    # The step's events last, with one write: no other effect depends on an event, and the notifications
-    # above need not wait for them (an aggregation's event lists every arrival).
-    await _insert_events(events, training, effectors)
+        return []
     ids = [effect["id"] for effect in effects]
-    await Training.get_pymongo_collection().update_one(
-        {"_id": training.id}, {"$pull": {"effects": {"id": {"$in": ids}}}}
-    )
+    events: list[dict[str, Any]] = []
+    try:
+        for effect in effects:
+            if effect["kind"] == "event":
+                events.append(effect)
+                continue
+            await _apply_one(effect, training, effectors)
+        # The step's events last, with one write: no other effect depends on an event, and the notifications
+        # above need not wait for them (an aggregation's event lists every arrival).
+        await _insert_events(events, training, effectors)
+    except BaseException:
+        effectors.applied.forget(ids)  # applied again at the next look, then removed
+        raise
+    if remove:
+        await remove_applied(training, ids, effectors)
+    return ids
+
+
+async def remove_applied(training: Training, ids: list[str], effectors: Effectors) -> None:
+    """Remove applied effects from the training: when they are all the snapshot lists, with one update that also
+    clears the pending marker if nothing was added since; otherwise pulled. A failure forgets them as applied."""
+    collection = Training.get_pymongo_collection()
+    try:
+        if len(ids) == len(training.effects):
+            # Exactly these effects (ids are unique): no step pushed others since the snapshot.
+            emptied = await collection.update_one(
+                {"_id": training.id, "effects": {"$size": len(ids)}, "effects.id": {"$all": ids}},
+                {"$set": {"effects": [], "effects_pending": False}})
+            if emptied.matched_count:
+                return
+        await collection.update_one({"_id": training.id}, {"$pull": {"effects": {"id": {"$in": ids}}}})
+    except BaseException:
+        effectors.applied.forget(ids)
+        raise
 
 
 DUPLICATE_KEY = 11000

@@ -39,6 +39,7 @@ from fltraining.engine.effects import (
     Outbox,
     apply_pending,
     pending,
+    remove_applied,
 )
 from fltraining.errors import FLTrainingError
 from fltraining.options import AggregationRule, DifferentialPrivacy, ServerOptimizer
@@ -56,6 +57,7 @@ from fltraining.weights.signature import Signature, from_documents
 log = logging.getLogger(__name__)
 
 MAX_STEPS_PER_ADVANCE = 16
+MAX_KNOWN_LOCAL_FILES = 1_000
 Action = Callable[[], Awaitable[bool]]
 
 
@@ -157,6 +159,7 @@ class RoundEngine:
         self._running: dict[UUID, asyncio.Task[None]] = {}
         self._cleaning: dict[UUID, asyncio.Task[None]] = {}
         self._applied = AppliedEffects()
+        self._local_files: dict[str, list[UUID]] = {}  # see Effectors.local_files
         self._again: set[UUID] = set()
         self._rng = random.SystemRandom()
         self.outbox: Outbox = LaterOutbox()  # the process's notification delivery, set where it is built
@@ -246,24 +249,35 @@ class RoundEngine:
 
     async def apply_effects(self, training: Training) -> None:
         """Apply a training's pending effects (clean-up in the background) and wake the notification delivery."""
-        await apply_pending(training, self._effectors())
+        # A clean-up started here removes the step's effects of both lanes with one update when it ends.
+        clean_up = bool(pending(training, cleanup=True)) and training.id not in self._cleaning
+        applied = await apply_pending(training, self._effectors(), remove=not clean_up)
         if training.state in RUNNING and training.phase in RECORDED_BY and training.round_participants:
             self.completion.expect(training.id, training.round, training.phase, len(plans.expected_users(training)))
         self.bell.ring(training.id)
-        if pending(training, cleanup=True) and training.id not in self._cleaning:
-            self._cleaning[training.id] = asyncio.create_task(self._clean(training), name=f"clean-{training.id}")
+        if clean_up:
+            self._cleaning[training.id] = asyncio.create_task(self._clean(training, applied),
+                                                              name=f"clean-{training.id}")
 
     def _effectors(self) -> Effectors:
         return Effectors(self._models.drop_model_file, self._files.delete_many, self.outbox, self.evaluate,
-                         self._models.facts.remember_round_file, self._applied)
+                         self._models.facts.remember_round_file, self._applied, self._local_files)
 
-    async def _clean(self, training: Training) -> None:
+    async def _clean(self, training: Training, applied: list[str]) -> None:
+        """Apply the clean-up effects, then remove them and the main lane's `applied` ones from the training."""
+        effectors = self._effectors()
         try:
-            await apply_pending(training, self._effectors(), cleanup=True)
-        except PyMongoError as error:
-            log.warning("clean-up of a training failed: database unavailable (%s)", type(error).__name__)
-        except Exception:
-            log.exception("clean-up of a training failed")
+            cleaned = await apply_pending(training, effectors, cleanup=True, remove=False)
+            if applied or cleaned:
+                await remove_applied(training, [*applied, *cleaned], effectors)
+        except BaseException as error:
+            effectors.applied.forget(applied)  # applied again, then removed, at the next look
+            if isinstance(error, PyMongoError):
+                log.warning("clean-up of a training failed: database unavailable (%s)", type(error).__name__)
+            elif isinstance(error, Exception):
+                log.exception("clean-up of a training failed")
+            else:
+                raise
         finally:
             self._cleaning.pop(training.id, None)
 
@@ -388,6 +402,8 @@ class RoundEngine:
         condition = {**self._pinned(training), "lease_owner": token}
         committed = await plans.write_step(training, condition, fields, effects)
         if committed is None:
+            for effect in effects.items:
+                self._local_files.pop(effect["id"], None)
             await self._drop(created)
             log.info("aggregation of round %d not committed: the training moved on", training.round)
             return False
@@ -543,7 +559,12 @@ class RoundEngine:
                     if replaced is not None:
                         effects.drop_file(replaced)
         if not keep:
-            effects.drop_local_files(new_round if aggregate else round_)
+            dropping = effects.drop_local_files(new_round if aggregate else round_)
+            if period == 0:
+                # Every earlier round's updates were deleted when it was aggregated: this round's are all there are.
+                if len(self._local_files) >= MAX_KNOWN_LOCAL_FILES:  # steps that never committed here
+                    self._local_files.clear()
+                self._local_files[dropping] = [update.file_id for update in updates]
 
     async def _aggregate_moments(
         self, training: Training, model: Model, fields: plans.Fields, effects: Effects, created: list[StoredFile],
