@@ -64,9 +64,10 @@ def _holds_array(value: Any) -> bool:
 
 
 def _array_facts(cache: dict[Any, Any], db_name: str, coll_name: str, documents: list[Any]) -> dict[Any, bool]:
-    """The collection's cached array facts, each mapped to whether `documents` may change it."""
+    """The collection's cached array facts (held or awaiting a re-check), each mapped to whether `documents` may
+    change it."""
     facts = {}
-    for key in cache:
+    for key in [*cache, *getattr(cache, "awaiting", ())]:
         if key[:2] == (db_name, coll_name) and key[2].startswith(_ARRAY_FACTS):
             top = key[2].split(":", 1)[1].split(".", 1)[0]
             facts[key] = any(_holds_array(document.get(top)) for document in documents)
@@ -85,6 +86,7 @@ def _inserting_documents(method: Callable[..., Any]) -> Callable[..., Any]:
         for key, touched in _array_facts(cache, db_name, coll_name, batch).items():
             if touched:
                 cache.pop(key, None)
+                cache.awaiting.pop(key, None)
         previous = getattr(_inserting, "batch", None)
         _inserting.batch = (db_name, coll_name, batch)
         try:
@@ -118,7 +120,7 @@ def _deleting_documents(method: Callable[..., Any]) -> Callable[..., Any]:
 # storage keys, read when the write drops them (`_keep_facts_left_true`). A document write in a form not
 # recognised here clears every collection's facts at once instead.
 _written = threading.local()
-# While set, the one-document checks of `_recheck_facts`: the storage keys every feature query is limited to.
+# While set, the re-check of a fact (`_FactsCache`): the storage keys every feature query is limited to.
 _restricting = threading.local()
 _DOCUMENT_WRITE = re.compile(r"\s*(?:INSERT(?:\s+OR\s+\w+)?\s+INTO|REPLACE\s+INTO|UPDATE(?:\s+OR\s+\w+)?)\s+documents\b",
                              re.IGNORECASE)
@@ -187,33 +189,76 @@ _RECHECKED: dict[str, Callable[[Any, str, str, str], Any]] = {
 }
 
 
-def _recheck_facts(engine: Any, db_name: str, coll_name: str, keys: set[str]) -> dict[Any, bool]:
-    """The collection's "no document has it" facts that the written documents (`keys`) do not falsify."""
-    cache = engine._collection_features_cache
-    kept: dict[Any, bool] = {}
-    if not keys or len(keys) > MAX_RECHECKED_DOCUMENTS:
-        return kept
-    ordered = sorted(keys)
-    for fact in [key for key, value in cache.items() if key[:2] == (db_name, coll_name) and value is False]:
-        kind, _, rest = fact[2].partition(":")
-        if kind == "uniform_scalar_sort_type":
-            kept[fact] = False  # "not one sort type": a write cannot make a fast path wrong by keeping it
-            continue
+class _FactsCache(dict[Any, Any]):
+    """An engine's features cache whose "no document has it" facts a write may have falsified wait, with the
+    storage keys written since, until a query needs one: it is then asked again of those documents alone (the
+    same query, limited to their storage keys). mongoeco reads the cache only through `in` and `[]`."""
+
+    def __init__(self, engine: Any) -> None:
+        super().__init__()
+        self._engine = weakref.ref(engine)
+        self.awaiting: dict[Any, set[str]] = {}
+
+    def __contains__(self, key: object) -> bool:
+        if dict.__contains__(self, key):
+            return True
+        keys = self.awaiting.pop(key, None)
+        engine = self._engine()
+        if keys is None or engine is None:
+            return False
+        value = self._asked_again(engine, key, keys)
+        if value is None:
+            return False
+        self[key] = value
+        return True
+
+    def clear(self) -> None:
+        """Drop every fact, awaiting ones too."""
+        super().clear()
+        self.awaiting.clear()
+
+    def await_recheck(self, key: Any, keys: set[str]) -> None:
+        """Set a fact aside until needed, with the documents written since it held (too many: dropped)."""
+        held = self.awaiting.setdefault(key, set())
+        held |= keys
+        if len(held) > MAX_RECHECKED_DOCUMENTS:
+            del self.awaiting[key]
+
+    def forget(self, db_name: str | None, coll_name: str | None) -> None:
+        """Drop the awaiting facts of one collection (of all without a name)."""
+        for key in [key for key in self.awaiting if db_name is None or key[:2] == (db_name, coll_name)]:
+            del self.awaiting[key]
+
+    def _asked_again(self, engine: Any, key: Any, keys: set[str]) -> bool | None:
+        """The fact as the written documents alone answer it: False (still none has it), True (one of them has
+        it, so the collection does), None (not known here: mongoeco scans the collection for it)."""
+        kind, _, rest = key[2].partition(":")
         ask = _RECHECKED.get(kind)
         if ask is None:
-            continue
-        cache.pop(fact, None)
-        _restricting.keys = ordered
+            return None
+        before = set(dict.keys(self))
+        previous = getattr(_restricting, "keys", None)
+        _restricting.keys = sorted(keys)
         try:
-            holds = ask(engine, db_name, coll_name, rest)
+            holds = ask(engine, key[0], key[1], rest)
         except Exception:  # noqa: BLE001  (any failure: the fact is dropped, as mongoeco drops it)
-            holds = True
+            holds = None
         finally:
-            _restricting.keys = None
-            cache.pop(fact, None)
-        if holds is False:
-            kept[fact] = False
-    return kept
+            _restricting.keys = previous
+            for added in set(dict.keys(self)) - before:  # answers about the written documents only
+                dict.pop(self, added, None)
+        return holds if isinstance(holds, bool) else None
+
+
+def _facts_cache_awaiting_rechecks(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap the engine's constructor so its features cache is a `_FactsCache`."""
+
+    @functools.wraps(init)
+    def initialised(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **kwargs)
+        self._cache_state.collection_features_cache = _FactsCache(self)
+
+    return initialised
 
 
 def _keep_facts_left_true(invalidate: Callable[..., None]) -> Callable[..., None]:
@@ -221,6 +266,7 @@ def _keep_facts_left_true(invalidate: Callable[..., None]) -> Callable[..., None
 
     @functools.wraps(invalidate)
     def invalidated(self: Any, db_name: str | None = None, coll_name: str | None = None) -> None:
+        cache = self._collection_features_cache
         if getattr(_written, "unknown", False):
             _written.unknown = False
             _written.keys = {}
@@ -230,9 +276,8 @@ def _keep_facts_left_true(invalidate: Callable[..., None]) -> Callable[..., None
             # Every cached fact of mongoeco 4.11 is "some document has feature F" (arrays, tagged
             # types, type mismatches, non-ASCII text, reals) or a uniform sort type; False says "none
             # has it" (or "not uniform", which only disables a fast path). Removing documents cannot
-            # add a feature, so the False facts stay true; without this, each GridFS delete made the
-            # next query decode every chunk of the bucket to rebuild them.
-            cache = self._collection_features_cache
+            # add a feature, so the False facts stay true (and the awaiting ones wait on); without
+            # this, each GridFS delete made the next query decode every chunk of the bucket to rebuild them.
             kept = {key: False for key, value in cache.items() if key[:2] == (db_name, coll_name) and value is False}
             invalidate(self, db_name, coll_name)
             cache.update(kept)
@@ -241,20 +286,29 @@ def _keep_facts_left_true(invalidate: Callable[..., None]) -> Callable[..., None
         # scan per fact it needs (each settling of a notification made the next read of the
         # outbox scan every record kept for the retention period). A fact "no document has F"
         # stays true after a write whose documents do not have F: an insert's arrays are looked
-        # at in Python, every other fact is asked again of the written documents alone (the same
-        # query, limited to their storage keys); everything else is dropped as before.
-        cache = self._collection_features_cache
+        # at in Python; every other fact waits, with the written storage keys, until a query needs
+        # it (`_FactsCache`); everything else is dropped as before.
         written = getattr(_written, "keys", None) or {}
         keys = written.pop((db_name, coll_name), set()) if db_name is not None else set()
+        if db_name is None or coll_name is None or not keys or self._transaction_owner_session_id is not None:
+            cache.forget(db_name, coll_name)
+            invalidate(self, db_name, coll_name)
+            return
         batch = getattr(_inserting, "batch", None)
-        kept = {}
+        untouched: set[Any] = set()
         if batch is not None and batch[:2] == (db_name, coll_name):
-            facts = _array_facts(cache, batch[0], batch[1], batch[2])
-            kept = {key: False for key, touched in facts.items() if not touched and cache[key] is False}
-        if db_name is not None and coll_name is not None and self._transaction_owner_session_id is None:
-            for key in kept:
-                cache.pop(key, None)  # looked at already
-            kept |= _recheck_facts(self, db_name, coll_name, keys)
+            untouched = {key for key, touched in _array_facts(cache, *batch).items() if not touched}
+        kept = {}
+        for key, value in cache.items():
+            if key[:2] != (db_name, coll_name) or value is not False:
+                continue
+            # "Not one sort type" only disables a fast path: a write cannot make it wrong.
+            if key in untouched or key[2].startswith("uniform_scalar_sort_type:"):
+                kept[key] = False
+            else:
+                cache.await_recheck(key, keys)
+        for key in [key for key in cache.awaiting if key[:2] == (db_name, coll_name) and key not in untouched]:
+            cache.await_recheck(key, keys)
         invalidate(self, db_name, coll_name)
         cache.update(kept)
 
@@ -670,6 +724,7 @@ def apply() -> None:
     sqlite.SQLiteEngine._invalidate_collection_features_cache = _keep_facts_left_true(
         sqlite.SQLiteEngine._invalidate_collection_features_cache
     )
+    sqlite.SQLiteEngine.__init__ = _facts_cache_awaiting_rechecks(sqlite.SQLiteEngine.__init__)
     # Deletes keep the "none has F" facts too.
     sqlite.SQLiteEngine._delete_document_sync = _deleting_documents(sqlite.SQLiteEngine._delete_document_sync)
     sqlite.SQLiteEngine._delete_matching_document_sync = _deleting_documents(
