@@ -2,11 +2,13 @@
 
 Each process counts the contributions it confirmed per (training, round, phase). When its own count
 reaches the number of round participants (known from the step that opened the phase when this process
-took it, else read once per round and process), it confirms with one index-served `count` of the
-stored documents and wakes the engine, which decides exactly. With several processes no single count
-reaches the total, so a process also counts once its uploads pause for `SETTLE_SECONDS` (one count
-per burst, not per upload). The reconciler still looks at every running training, so a lost wake-up
-only delays a round.
+took it, else read once per round and process), every one of them is stored (each confirmed upload
+stored its own document, one per participant): it wakes the engine, which reads the round's documents
+and decides exactly, without a count first. With several processes no single count reaches the total,
+so a process also counts the stored documents (one index-served `count`) once its uploads pause for
+`SETTLE_SECONDS` (one count per burst, not per upload), and a retry that found its twin counts too (its
+first attempt may have died before waking anybody). The reconciler still looks at every running
+training, so a lost wake-up only delays a round.
 """
 
 import asyncio
@@ -54,10 +56,9 @@ class CompletionWatch:
             return
         self._confirmed[key] = self._confirmed.get(key, 0) + 1
         if self._confirmed[key] >= expected:
-            await self._check(key)
+            self._complete(key)
             return
-        if (handle := self._later.pop(key, None)) is not None:
-            handle.cancel()
+        self._cancel_later(key)
         loop = asyncio.get_running_loop()
         self._later[key] = loop.call_later(self._settle, self._start_check, key)
 
@@ -66,7 +67,7 @@ class CompletionWatch:
         self._remember((training_id, round_, phase), expected)
 
     def counted_complete(self, training_id: UUID, round_: int, phase: Phase) -> bool:
-        """Whether this watch's count just found the phase's contributions all stored (told once)."""
+        """Whether this watch just found the phase's contributions all stored (told once)."""
         key = (training_id, round_, phase)
         if key in self._counted:
             self._counted.discard(key)
@@ -101,12 +102,19 @@ class CompletionWatch:
         return expected_count(raw)
 
     async def _check(self, key: Key) -> None:
-        if (handle := self._later.pop(key, None)) is not None:
-            handle.cancel()
+        self._cancel_later(key)
         training_id, round_, phase = key
         if await count_stored(phase, training_id, round_) >= self._expected.get(key, 0):
-            self._counted.add(key)
-            self._kick(training_id)
+            self._complete(key)
+
+    def _complete(self, key: Key) -> None:
+        self._cancel_later(key)
+        self._counted.add(key)
+        self._kick(key[0])
+
+    def _cancel_later(self, key: Key) -> None:
+        if (handle := self._later.pop(key, None)) is not None:
+            handle.cancel()
 
     def _start_check(self, key: Key) -> None:
         task = asyncio.get_running_loop().create_task(self._check_later(key))

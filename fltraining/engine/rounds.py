@@ -57,7 +57,7 @@ from fltraining.weights.signature import Signature, from_documents
 log = logging.getLogger(__name__)
 
 MAX_STEPS_PER_ADVANCE = 16
-MAX_KNOWN_LOCAL_FILES = 1_000
+MAX_REMEMBERED_STEPS = 1_000  # entries of the engine's per-step memories (files, global models): caches, cleared when full
 Action = Callable[[], Awaitable[bool]]
 
 
@@ -160,6 +160,7 @@ class RoundEngine:
         self._cleaning: dict[UUID, asyncio.Task[None]] = {}
         self._applied = AppliedEffects()
         self._local_files: dict[str, list[UUID]] = {}  # see Effectors.local_files
+        self._global_models: dict[UUID, tuple[int, Model]] = {}  # see _global_model
         self._again: set[UUID] = set()
         self._rng = random.SystemRandom()
         self.outbox: Outbox = LaterOutbox()  # the process's notification delivery, set where it is built
@@ -379,7 +380,7 @@ class RoundEngine:
         keeper = LeaseKeeper(training.id, token, self._lease)
         keeping = asyncio.create_task(keeper.run(), name=f"lease-{training.id}")
         try:
-            model = Model.model_validate(await Model.get_pymongo_collection().find_one({"_id": training.model}))
+            model = await self._global_model(training)
             effects = plans.new_effects()
             fields: plans.Fields = {}
             if training.state == TrainingState.SWAG_ROUND:
@@ -407,8 +408,27 @@ class RoundEngine:
             await self._drop(created)
             log.info("aggregation of round %d not committed: the training moved on", training.round)
             return False
+        self._remember_global_model(model, effects)
         await self.apply_effects(committed)
         return True
+
+    async def _global_model(self, training: Training) -> Model:
+        """The training's global model as of its round: as this process's commit of the round before left it (the
+        aggregation's only writer), else read."""
+        known = self._global_models.pop(training.model, None)
+        if known is not None and known[0] == training.round:
+            return known[1]
+        return Model.model_validate(await Model.get_pymongo_collection().find_one({"_id": training.model}))
+
+    def _remember_global_model(self, model: Model, effects: Effects) -> None:
+        """Remember the global model as a committed step's `sync_model` sets it (a model described since it was
+        stored: an older one is described when first read, which may change its format)."""
+        for effect in effects.items:
+            if effect["kind"] == "sync_model" and model.format is not None:
+                if len(self._global_models) >= MAX_REMEMBERED_STEPS:
+                    self._global_models.clear()
+                self._global_models[model.id] = (effect["round"], model.model_copy(
+                    update={"round": effect["round"], **(effect["file"] or {})}))
 
     async def _computed_files[T](
         self, inputs: list[UUID | None], outputs: int, keeper: LeaseKeeper,
@@ -562,7 +582,7 @@ class RoundEngine:
             dropping = effects.drop_local_files(new_round if aggregate else round_)
             if period == 0:
                 # Every earlier round's updates were deleted when it was aggregated: this round's are all there are.
-                if len(self._local_files) >= MAX_KNOWN_LOCAL_FILES:  # steps that never committed here
+                if len(self._local_files) >= MAX_REMEMBERED_STEPS:  # steps that never committed here
                     self._local_files.clear()
                 self._local_files[dropping] = [update.file_id for update in updates]
 
