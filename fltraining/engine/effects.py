@@ -54,6 +54,8 @@ class Effects:
     def __init__(self, at: datetime) -> None:
         self.at = at
         self.items: list[dict[str, Any]] = []
+        # Not stored: the files of the updates a `drop_local` effect deletes, by effect id, where the step knew them.
+        self.local_files: dict[str, list[UUID]] = {}
 
     def _add(self, kind: str, **fields: Any) -> None:
         self.items.append({"id": effect_id(self.at, len(self.items)), "kind": kind, "at": self.at, **fields})
@@ -103,10 +105,12 @@ class Effects:
         self._add("evaluate", model=model, round=round_, file_id=stored.file_id, dataset=dataset,
                   file_ids=[stored.file_id])
 
-    def drop_local_files(self, before_round: int) -> str:
-        """Delete the training's updates and SWAG statistics of rounds before `before_round`; the effect's id."""
+    def drop_local_files(self, before_round: int, known_files: list[UUID] | None = None) -> None:
+        """Delete the training's updates and SWAG statistics of rounds before `before_round` (`known_files`: the
+        files of all those updates, when the step knows them, so that this process need not read them)."""
         self._add("drop_local", before_round=before_round)
-        return str(self.items[-1]["id"])
+        if known_files is not None:
+            self.local_files[self.items[-1]["id"]] = known_files
 
 
 class Outbox(Protocol):

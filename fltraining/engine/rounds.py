@@ -403,12 +403,10 @@ class RoundEngine:
         condition = {**self._pinned(training), "lease_owner": token}
         committed = await plans.write_step(training, condition, fields, effects)
         if committed is None:
-            for effect in effects.items:
-                self._local_files.pop(effect["id"], None)
             await self._drop(created)
             log.info("aggregation of round %d not committed: the training moved on", training.round)
             return False
-        self._remember_global_model(model, effects)
+        self._remember(model, effects)
         await self.apply_effects(committed)
         return True
 
@@ -420,13 +418,16 @@ class RoundEngine:
             return known[1]
         return Model.model_validate(await Model.get_pymongo_collection().find_one({"_id": training.model}))
 
-    def _remember_global_model(self, model: Model, effects: Effects) -> None:
-        """Remember the global model as a committed step's `sync_model` sets it (a model described since it was
-        stored: an older one is described when first read, which may change its format)."""
+    def _remember(self, model: Model, effects: Effects) -> None:
+        """Remember what a committed step's effects will need: the global model as its `sync_model` sets it (only
+        a described model: describing one stored before uploads were described may change its format), and the
+        files of the updates its `drop_local` deletes."""
+        if len(self._global_models) >= MAX_REMEMBERED_STEPS or len(self._local_files) >= MAX_REMEMBERED_STEPS:
+            self._global_models.clear()  # caches of steps whose effects another process applied
+            self._local_files.clear()
+        self._local_files.update(effects.local_files)
         for effect in effects.items:
             if effect["kind"] == "sync_model" and model.format is not None:
-                if len(self._global_models) >= MAX_REMEMBERED_STEPS:
-                    self._global_models.clear()
                 self._global_models[model.id] = (effect["round"], model.model_copy(
                     update={"round": effect["round"], **(effect["file"] or {})}))
 
@@ -579,12 +580,10 @@ class RoundEngine:
                     if replaced is not None:
                         effects.drop_file(replaced)
         if not keep:
-            dropping = effects.drop_local_files(new_round if aggregate else round_)
-            if period == 0:
-                # Every earlier round's updates were deleted when it was aggregated: this round's are all there are.
-                if len(self._local_files) >= MAX_REMEMBERED_STEPS:  # steps that never committed here
-                    self._local_files.clear()
-                self._local_files[dropping] = [update.file_id for update in updates]
+            # Without a daisy chain every earlier round's updates were deleted when it was aggregated: this
+            # round's are all there are.
+            known = [update.file_id for update in updates] if period == 0 else None
+            effects.drop_local_files(new_round if aggregate else round_, known)
 
     async def _aggregate_moments(
         self, training: Training, model: Model, fields: plans.Fields, effects: Effects, created: list[StoredFile],
