@@ -130,11 +130,11 @@ async def test_removing_a_steps_effects_clears_the_marker_unless_a_step_added_mo
     collection = Training.get_pymongo_collection()
     await collection.update_one({"_id": training.id}, {"$push": {"effects": later}})
     here = Effectors(_dropped, no_local_files, LaterOutbox())
-    await remove_applied(training, [first["id"], second["id"]], here)
+    await remove_applied(training, [first["id"], second["id"]], here, alone=True)
     stored = await collection.find_one({"_id": training.id})
     assert stored is not None and [effect["id"] for effect in stored["effects"]] == [later["id"]]
     assert stored["effects_pending"] is True
-    await remove_applied(Training.model_validate(stored), [later["id"]], here)
+    await remove_applied(Training.model_validate(stored), [later["id"]], here, alone=True)
     stored = await collection.find_one({"_id": training.id})
     assert stored is not None and stored["effects"] == [] and stored["effects_pending"] is False
 

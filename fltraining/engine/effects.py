@@ -340,17 +340,17 @@ async def apply_pending(training: Training, effectors: Effectors, cleanup: bool 
         effectors.applied.forget(ids)  # applied again at the next look, then removed
         raise
     if remove:
-        await remove_applied(training, ids, effectors)
+        await remove_applied(training, ids, effectors, alone=len(ids) == len(training.effects))
     return ids
 
 
-async def remove_applied(training: Training, ids: list[str], effectors: Effectors) -> None:
-    """Remove applied effects from the training: when they are all the snapshot lists, with one update that also
-    clears the pending marker if nothing was added since; otherwise pulled. A failure forgets them as applied."""
+async def remove_applied(training: Training, ids: list[str], effectors: Effectors, alone: bool) -> None:
+    """Remove applied effects from the training: when they are likely all it lists (`alone`), with one update that
+    also clears the pending marker if that holds; otherwise pulled. A failure forgets them as applied."""
     collection = Training.get_pymongo_collection()
     try:
-        if len(ids) == len(training.effects):
-            # Exactly these effects (ids are unique): no step pushed others since the snapshot.
+        if alone:
+            # Exactly these effects (ids are unique): no step pushed others since.
             emptied = await collection.update_one(
                 {"_id": training.id, "effects": {"$size": len(ids)}, "effects.id": {"$all": ids}},
                 {"$set": {"effects": [], "effects_pending": False}})

@@ -57,6 +57,7 @@ from fltraining.weights.signature import Signature, from_documents
 log = logging.getLogger(__name__)
 
 MAX_STEPS_PER_ADVANCE = 16
+MERGED_REMOVAL_MAX_PARTICIPANTS = 100
 MAX_REMEMBERED_STEPS = 1_000  # entries of the engine's per-step memories (files, global models): caches, cleared when full
 Action = Callable[[], Awaitable[bool]]
 
@@ -250,14 +251,17 @@ class RoundEngine:
 
     async def apply_effects(self, training: Training) -> None:
         """Apply a training's pending effects (clean-up in the background) and wake the notification delivery."""
-        # A clean-up started here removes the step's effects of both lanes with one update when it ends.
         clean_up = bool(pending(training, cleanup=True)) and training.id not in self._cleaning
-        applied = await apply_pending(training, self._effectors(), remove=not clean_up)
+        # A clean-up started here removes the step's effects of both lanes with one update when it ends; a
+        # large training's are removed at once, since every read of the training carries them until then (a
+        # round's notification lists each participant, its aggregation event each arrival).
+        merged = clean_up and len(training.participants) <= MERGED_REMOVAL_MAX_PARTICIPANTS
+        applied = await apply_pending(training, self._effectors(), remove=not merged)
         if training.state in RUNNING and training.phase in RECORDED_BY and training.round_participants:
             self.completion.expect(training.id, training.round, training.phase, len(plans.expected_users(training)))
         self.bell.ring(training.id)
         if clean_up:
-            self._cleaning[training.id] = asyncio.create_task(self._clean(training, applied),
+            self._cleaning[training.id] = asyncio.create_task(self._clean(training, applied if merged else []),
                                                               name=f"clean-{training.id}")
 
     def _effectors(self) -> Effectors:
@@ -265,12 +269,14 @@ class RoundEngine:
                          self._models.facts.remember_round_file, self._applied, self._local_files)
 
     async def _clean(self, training: Training, applied: list[str]) -> None:
-        """Apply the clean-up effects, then remove them and the main lane's `applied` ones from the training."""
+        """Apply the clean-up effects, then remove them and the main lane's `applied` ones (if not removed yet)
+        from the training."""
         effectors = self._effectors()
         try:
             cleaned = await apply_pending(training, effectors, cleanup=True, remove=False)
             if applied or cleaned:
-                await remove_applied(training, [*applied, *cleaned], effectors)
+                # The main lane's effects are removed by now, or among these: the rest is likely all there is.
+                await remove_applied(training, [*applied, *cleaned], effectors, alone=True)
         except BaseException as error:
             effectors.applied.forget(applied)  # applied again, then removed, at the next look
             if isinstance(error, PyMongoError):
