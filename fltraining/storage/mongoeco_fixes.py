@@ -63,11 +63,11 @@ def _holds_array(value: Any) -> bool:
     return isinstance(value, dict) and any(_holds_array(item) for item in value.values())
 
 
-def _array_facts(cache: dict[Any, Any], db_name: str, coll_name: str, documents: list[Any]) -> dict[Any, bool]:
+def _array_facts(cache: "_FactsCache", db_name: str, coll_name: str, documents: list[Any]) -> dict[Any, bool]:
     """The collection's cached array facts (held or awaiting a re-check), each mapped to whether `documents` may
     change it."""
     facts = {}
-    for key in [*cache, *getattr(cache, "awaiting", ())]:
+    for key in [*cache, *cache.awaiting]:
         if key[:2] == (db_name, coll_name) and key[2].startswith(_ARRAY_FACTS):
             top = key[2].split(":", 1)[1].split(".", 1)[0]
             facts[key] = any(_holds_array(document.get(top)) for document in documents)
